@@ -1,0 +1,289 @@
+"""TransitionDiffusion: fit an EDM on flat float rows [N, D] and sample new rows (the SynthER engine)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import SynthERConfig
+from .denoiser import ResidualMLPDenoiser, count_parameters
+from .edm import EDMPrecond, edm_loss, heun_sample, sigma_schedule
+from .normalizer import Normalizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "synther_buffer.TransitionDiffusion"
+FORMAT_VERSION = 1
+EMA_WARMUP = 100  # ema_pytorch's update_after_step: the EMA copies the weights until this step
+
+
+class DiffusionTrainingError(RuntimeError):
+    """A fit diverged (non-finite loss) or produced non-finite samples; the previous model is kept."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available (use 'auto' or 'cpu')")
+    return dev
+
+
+def ema_decay_at(step: int, max_decay: float, warmup: int = EMA_WARMUP) -> float:
+    """ema_pytorch's warm-up (the reference trainer): 0 until ``warmup``, then
+    min(max_decay, 1 - (1 + epoch)^(-2/3)) with epoch = step - warmup - 1."""
+    epoch = step - warmup - 1
+    if epoch <= 0:
+        return 0.0
+    return min(max_decay, 1.0 - (1.0 + epoch) ** (-2.0 / 3.0))
+
+
+class TransitionDiffusion:
+    """A diffusion model over transition vectors: ``fit(x)`` on real rows, ``sample(n)`` new ones.
+
+    Args:
+        dim: row width D, e.g. obs + action + reward + next_obs (+ terminal).
+        config: hyperparameters (``SynthERConfig.preset("paper")`` by default).
+        terminal_dims: columns holding 0/1 terminals (left raw, rounded at 0.5 on output).
+        skip_dims: columns left un-normalised (e.g. the reward, as in the reference DMC setup).
+
+    Every ``fit`` trains a fresh network from scratch (seed D.2), keeping an EMA of the weights that
+    ``sample`` uses. The previous network stays in place until the new fit succeeds.
+    """
+
+    def __init__(self, dim: int, config: Optional[SynthERConfig] = None, *,
+                 terminal_dims: Sequence[int] = (), skip_dims: Sequence[int] = ()):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.dim = int(dim)
+        self.config = config if config is not None else SynthERConfig.preset("paper")
+        if not isinstance(self.config, SynthERConfig):
+            raise ValueError(f"config must be a SynthERConfig, got {type(self.config).__name__}")
+        self.device = resolve_device(self.config.device)
+        self.normalizer = Normalizer(self.dim, terminal_dims, skip_dims)
+        self.model = self._build_network(self.config.seed)     # trained weights
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)  # weights used for sampling
+        self.fitted = False
+        self.fit_count = 0
+        self.sample_calls = 0
+        self.last_fit: dict = {}
+
+    # ------------------------------------------------------------------ construction
+    def _build_network(self, seed: int) -> EDMPrecond:
+        c = self.config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = ResidualMLPDenoiser(self.dim, c.width, c.depth, c.rff_dim, c.time_dim)
+        return EDMPrecond(net, c.sigma_data).to(self.device)
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters of the denoiser (~6M at the paper preset for D ~ 40)."""
+        return count_parameters(self.model)
+
+    # ------------------------------------------------------------------ training
+    def fit(self, x: np.ndarray, *, steps: Optional[int] = None, progress: Optional[bool] = None) -> dict:
+        """Normalise ``x`` [N, D], train a fresh denoiser for ``steps`` (default ``config.train_steps``).
+
+        Returns ``{"loss", "seconds", "steps", "batch_size"}`` (loss: mean over the last logging window).
+        Raises ``DiffusionTrainingError`` if the loss turns non-finite; the previous model is kept.
+        """
+        c = self.config
+        x = self._check_rows(x)
+        steps = c.train_steps if steps is None else int(steps)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        show = c.progress if progress is None else progress
+        t0 = time.perf_counter()
+
+        normalizer = copy.deepcopy(self.normalizer).fit(x)
+        data = torch.as_tensor(normalizer.normalize(x.astype(np.float32)), device=self.device)
+        n, bs = data.shape[0], c.batch_size_for(x.shape[0])
+        seed = c.seed + 7919 * self.fit_count
+        model = self._build_network(seed)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        params, ema_params = list(model.parameters()), list(ema.parameters())
+        opt = torch.optim.Adam(params, lr=c.lr, foreach=True)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+
+        log_every = max(1, min(200, steps // 20))
+        loss_sum = torch.zeros((), device=self.device)
+        window, last_loss = 0, float("nan")
+        bar = tqdm(total=steps, desc="diffusion fit", unit="step", disable=not show, leave=False)
+        model.train()
+        for step in range(1, steps + 1):
+            idx = torch.randint(n, (bs,), device=self.device, generator=gen)
+            loss = edm_loss(model, data[idx], c.p_mean, c.p_std, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()
+            window += 1
+            if step % c.ema_every == 0:
+                with torch.no_grad():  # ema <- decay * ema + (1 - decay) * params
+                    torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(step, c.ema_decay))
+            if step % log_every == 0 or step == steps:
+                last_loss = (loss_sum / window).item()  # the one host sync per logging window
+                loss_sum.zero_()
+                window = 0
+                bar.update(step - bar.n)
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+                if not np.isfinite(last_loss):
+                    bar.close()
+                    raise DiffusionTrainingError(
+                        f"diffusion loss became {last_loss} by step {step}/{steps}; previous model kept")
+        bar.close()
+        with torch.no_grad():  # buffers (RFF weights) are not parameters: copy them too
+            for b_ema, b in zip(ema.buffers(), model.buffers()):
+                b_ema.copy_(b)
+
+        self.model, self.ema, self.normalizer = model.eval(), ema.eval(), normalizer
+        self.fitted = True
+        self.fit_count += 1
+        self.last_fit = {"loss": last_loss, "seconds": time.perf_counter() - t0, "steps": steps,
+                         "batch_size": bs}
+        log.info("diffusion fit: %d steps, batch %d, loss %.4f, %.1fs", steps, bs, last_loss,
+                 self.last_fit["seconds"])
+        return dict(self.last_fit)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, n: int, *, batch_size: Optional[int] = None, seed: Optional[int] = None,
+               progress: Optional[bool] = None) -> np.ndarray:
+        """Draw ``n`` new rows, un-normalised, as float32 numpy [n, D] (terminal columns in {0, 1}).
+
+        Sampling runs in batches of ``batch_size`` (``config.sample_batch_size``; default 100K on
+        CUDA, 16K on CPU) so only one batch of intermediate states is alive at a time. ``seed``
+        fixes the noise; by default each call uses ``config.seed`` and a call counter.
+        Raises ``DiffusionTrainingError`` if the samples are not finite.
+        """
+        if not self.fitted:
+            raise RuntimeError("TransitionDiffusion.sample() called before fit() (or load())")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        c = self.config
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
+        bs = batch_size or c.sample_batch_size or (100_000 if self.device.type == "cuda" else 16_384)
+        show = c.progress if progress is None else progress
+        if seed is None:
+            seed = c.seed + 1_000_003 * (self.sample_calls + 1)
+        self.sample_calls += 1
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        sigmas = sigma_schedule(c.sample_steps, c.sigma_min, c.sigma_max, c.rho)
+        stochastic = c.sampler == "stochastic"
+        out = np.empty((n, self.dim), dtype=np.float32)
+        n_batches = -(-n // bs)
+        bar = tqdm(total=n_batches * c.sample_steps, desc="diffusion sample", unit="step",
+                   disable=not show, leave=False)
+        with torch.inference_mode():
+            for start in range(0, n, bs):
+                b = min(bs, n - start)
+                noise = torch.randn(b, self.dim, device=self.device, generator=gen)
+                x = heun_sample(self.ema, noise, sigmas,
+                                s_churn=c.s_churn if stochastic else 0.0,
+                                s_tmin=c.s_tmin, s_tmax=c.s_tmax, s_noise=c.s_noise,
+                                generator=gen, on_step=lambda _: bar.update(1))
+                out[start:start + b] = self.normalizer.unnormalize(x).cpu().numpy()
+                bar.set_postfix(rows=start + b)
+        bar.close()
+        if not np.isfinite(out).all():
+            raise DiffusionTrainingError("diffusion samples contain non-finite values")
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """Everything needed to sample again; tensors and plain python only (``weights_only`` safe)."""
+        return {"format": FORMAT, "version": FORMAT_VERSION, "dim": self.dim,
+                "config": self.config.to_dict(), "normalizer": self.normalizer.state_dict(),
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "fitted": self.fitted, "fit_count": self.fit_count, "sample_calls": self.sample_calls,
+                "last_fit": dict(self.last_fit)}
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write to ``path`` atomically (temp file + rename): a kill mid-save keeps the old file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: Optional[str] = None) -> "TransitionDiffusion":
+        """Rebuild from ``state_dict()``; ``device`` overrides the saved config's device."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError("not a synther_buffer TransitionDiffusion checkpoint")
+        if state.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported checkpoint version {state.get('version')!r}")
+        cfg = SynthERConfig.from_dict(state["config"])
+        if device is not None:
+            cfg = cfg.replace(device=device)
+        elif cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            log.warning("checkpoint was saved for %s; CUDA is not available, loading on CPU", cfg.device)
+            cfg = cfg.replace(device="cpu")
+        norm = Normalizer.from_state_dict(state["normalizer"])
+        if norm.dim != state["dim"]:
+            raise ValueError(f"normalizer dim {norm.dim} != model dim {state['dim']}")
+        obj = cls(state["dim"], cfg, terminal_dims=norm.terminal_dims, skip_dims=norm.skip_dims)
+        obj.normalizer = norm
+        obj.model.load_state_dict(state["model"])
+        obj.ema.load_state_dict(state["ema"])
+        obj.model.eval()
+        obj.ema.eval()
+        obj.fitted = bool(state["fitted"])
+        obj.fit_count = int(state["fit_count"])
+        obj.sample_calls = int(state["sample_calls"])
+        obj.last_fit = dict(state["last_fit"])
+        return obj
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "TransitionDiffusion":
+        """Load a file written by ``save``. Uses ``torch.load(weights_only=True)``: no arbitrary code runs.
+
+        A truncated, tampered or foreign file raises ``ValueError`` with the path.
+        """
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # pickle errors, zip errors, weights_only refusals
+            raise ValueError(f"could not load TransitionDiffusion from {path}: {type(e).__name__}: {e}") from None
+        try:
+            return cls.from_state_dict(state, device=device)
+        except (KeyError, TypeError, RuntimeError, AttributeError) as e:
+            raise ValueError(f"corrupt TransitionDiffusion checkpoint {path}: {type(e).__name__}: {e}") from None
+
+    # ------------------------------------------------------------------ helpers
+    def _check_rows(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape [N, {self.dim}], got {x.shape}")
+        if x.shape[0] < 2:
+            raise ValueError(f"x needs at least 2 rows to fit, got {x.shape[0]}")
+        if not np.issubdtype(x.dtype, np.number):
+            raise ValueError(f"x must be numeric, got dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x))[0]
+            raise ValueError(f"x has non-finite values (first at row {bad[0]}, column {bad[1]})")
+        return x
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"TransitionDiffusion(dim={self.dim}, width={c.width}, depth={c.depth}, "
+                f"params={self.num_params:,}, device={self.device}, fitted={self.fitted})")

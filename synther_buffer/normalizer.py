@@ -1,0 +1,100 @@
+"""Per-dimension standardisation of transition vectors (seed A), with raw terminal and skip dimensions."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+_MIN_STD = 1e-6
+
+
+class Normalizer:
+    """Maps rows to mean 0 / std 1 per dimension, fitted on real data at each retrain.
+
+    Args:
+        dim: row width D.
+        terminal_dims: columns holding 0/1 terminals: left raw, thresholded at 0.5 after sampling (seed A).
+        skip_dims: columns left un-normalised (the reference DMC setup skips the reward).
+
+    Constant columns get std 1 so they never divide by zero (they come back exactly at their mean).
+    """
+
+    def __init__(self, dim: int, terminal_dims: Sequence[int] = (), skip_dims: Sequence[int] = ()):
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.dim = int(dim)
+        self.terminal_dims = _check_dims("terminal_dims", terminal_dims, dim)
+        self.skip_dims = _check_dims("skip_dims", skip_dims, dim)
+        self.mean = np.zeros(dim, dtype=np.float32)
+        self.std = np.ones(dim, dtype=np.float32)
+        self.fitted = False
+
+    def fit(self, x: np.ndarray) -> "Normalizer":
+        """Fit mean/std on rows ``x`` [N, D] (float64 accumulation)."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected rows of shape [N, {self.dim}], got {x.shape}")
+        if x.shape[0] < 2:
+            raise ValueError(f"need at least 2 rows to fit a normalizer, got {x.shape[0]}")
+        mean = x.mean(axis=0, dtype=np.float64)
+        std = x.std(axis=0, dtype=np.float64)
+        std = np.where(std < _MIN_STD, 1.0, std)
+        raw = list(self.terminal_dims) + list(self.skip_dims)
+        mean[raw] = 0.0
+        std[raw] = 1.0
+        self.mean = mean.astype(np.float32)
+        self.std = std.astype(np.float32)
+        self.fitted = True
+        return self
+
+    def normalize(self, x):
+        """(x - mean) / std; numpy or torch in, same type out."""
+        mean, std = self._like(x)
+        return (x - mean) / std
+
+    def unnormalize(self, x):
+        """x * std + mean, then terminal columns rounded to {0, 1} at 0.5; numpy or torch in, same type out."""
+        mean, std = self._like(x)
+        y = x * std + mean
+        if self.terminal_dims:
+            idx = list(self.terminal_dims)
+            y[..., idx] = (y[..., idx] > 0.5).astype(y.dtype) if isinstance(y, np.ndarray) \
+                else (y[..., idx] > 0.5).to(y.dtype)
+        return y
+
+    def _like(self, x):
+        if isinstance(x, torch.Tensor):
+            return (torch.as_tensor(self.mean, device=x.device, dtype=x.dtype),
+                    torch.as_tensor(self.std, device=x.device, dtype=x.dtype))
+        return self.mean, self.std
+
+    def state_dict(self) -> dict:
+        """Tensors and plain lists only: loads with ``torch.load(weights_only=True)``."""
+        return {"dim": self.dim, "terminal_dims": list(self.terminal_dims), "skip_dims": list(self.skip_dims),
+                "mean": torch.from_numpy(self.mean.copy()), "std": torch.from_numpy(self.std.copy()),
+                "fitted": self.fitted}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "Normalizer":
+        """Rebuild from ``state_dict()``."""
+        n = cls(d["dim"], d["terminal_dims"], d["skip_dims"])
+        mean, std = d["mean"].numpy().astype(np.float32), d["std"].numpy().astype(np.float32)
+        if mean.shape != (n.dim,) or std.shape != (n.dim,):
+            raise ValueError(f"normalizer mean/std shapes {mean.shape}/{std.shape} != ({n.dim},)")
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("normalizer mean/std must be finite with std > 0")
+        n.mean, n.std = mean, std
+        n.fitted = bool(d["fitted"])
+        return n
+
+
+def _check_dims(name: str, dims: Sequence[int], dim: int) -> tuple:
+    out = tuple(int(d) for d in dims)
+    for d in out:
+        if not 0 <= d < dim:
+            raise ValueError(f"{name} entry {d} out of range for dim={dim}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} has duplicates: {out}")
+    return out

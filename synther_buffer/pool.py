@@ -1,0 +1,232 @@
+"""SyntheticPool: the retrain schedule, the diffusion model and the pool of synthetic transitions.
+
+Shared by ``GenerativeReplay`` (framework-free) and the stable-baselines3 ``GenerativeReplayBuffer``:
+whoever owns the real data calls ``step(n)`` as transitions arrive and ``retrain(rows)`` when due;
+``sample(k)`` draws synthetic rows. Row layout: concat(obs, action, reward, next_obs[, terminal]).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from .config import SynthERConfig
+from .diffusion import DiffusionTrainingError, TransitionDiffusion, resolve_device
+
+log = logging.getLogger(__name__)
+
+LogFn = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class TransitionLayout:
+    """Where each field sits in a transition row: concat(obs, action, reward, next_obs[, terminal])."""
+
+    obs_dim: int
+    action_dim: int
+    model_terminals: bool
+
+    def __post_init__(self):
+        for name in ("obs_dim", "action_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+    @property
+    def dim(self) -> int:
+        """Row width D."""
+        return 2 * self.obs_dim + self.action_dim + 1 + int(self.model_terminals)
+
+    @property
+    def reward_col(self) -> int:
+        return self.obs_dim + self.action_dim
+
+    @property
+    def terminal_dims(self) -> tuple:
+        return (self.dim - 1,) if self.model_terminals else ()
+
+    def join(self, obs, action, reward, next_obs, terminated) -> np.ndarray:
+        """Rows [B, D] float32 from batched fields ([B, ...] each; reward/terminated [B] or [B, 1])."""
+        b = obs.shape[0]
+        parts = [obs.reshape(b, -1), action.reshape(b, -1), reward.reshape(b, 1), next_obs.reshape(b, -1)]
+        if self.model_terminals:
+            parts.append(terminated.reshape(b, 1))
+        return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts], axis=1)
+
+    def split(self, rows):
+        """(obs, action, reward [B], next_obs, terminated [B]) views of rows (numpy or torch)."""
+        o, a = self.obs_dim, self.action_dim
+        r = o + a
+        obs, action, reward = rows[:, :o], rows[:, o:r], rows[:, r]
+        next_obs = rows[:, r + 1:r + 1 + o]
+        if self.model_terminals:
+            terminated = rows[:, -1]
+        else:
+            terminated = rows[:, 0] * 0  # never terminal (same type/device as rows)
+        return obs, action, reward, next_obs, terminated
+
+
+class SyntheticPool:
+    """The online SynthER schedule (seed D.2) around a ``TransitionDiffusion`` and a synthetic pool.
+
+    Args:
+        layout: row layout.
+        config: ``retrain_every``, ``synthetic_size``, ``num_generate``, ``min_real``,
+            ``normalize_reward``, ``outlier_std`` and the diffusion hyperparameters.
+        log_fn: ``log_fn(key, value)`` called with the retrain metrics (SB3's logger.record, say).
+    """
+
+    def __init__(self, layout: TransitionLayout, config: SynthERConfig, log_fn: Optional[LogFn] = None):
+        self.layout = layout
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.log_fn = log_fn
+        self.model: Optional[TransitionDiffusion] = None
+        self.pool: Optional[torch.Tensor] = None   # [num_synthetic, D] on self.device
+        self.env_steps = 0
+        self.next_retrain = config.retrain_every
+        self.retrain_count = 0
+        self.failed_retrains = 0
+        self.num_filtered = 0
+        self.last_train_loss = float("nan")
+        self.last_fit_seconds = 0.0
+        self.last_generate_seconds = 0.0
+        self.rng = np.random.default_rng(config.seed)
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def num_synthetic(self) -> int:
+        return 0 if self.pool is None else int(self.pool.shape[0])
+
+    def step(self, n: int) -> None:
+        """Count ``n`` env steps (transitions added)."""
+        self.env_steps += int(n)
+
+    def due(self, num_real: int) -> bool:
+        """True when ``retrain_every`` env steps have passed since the last retrain and data suffices."""
+        return self.env_steps >= self.next_retrain and num_real >= self.config.min_real
+
+    def retrain(self, rows: np.ndarray) -> bool:
+        """Fit a fresh model on ``rows`` (all real data), then regenerate the pool (replacing it).
+
+        Returns True on success. A diverging fit or non-finite samples keeps the previous model and
+        pool, logs a warning and returns False: the agent keeps training on the old pool.
+        """
+        c, lay = self.config, self.layout
+        # Schedule moves on whether or not this retrain succeeds (no retry storm on every add()).
+        while self.next_retrain <= self.env_steps:
+            self.next_retrain += c.retrain_every
+        skip = () if c.normalize_reward else (lay.reward_col,)
+        model = TransitionDiffusion(lay.dim, c.replace(seed=c.seed + self.retrain_count),
+                                    terminal_dims=lay.terminal_dims, skip_dims=skip)
+        try:
+            fit = model.fit(rows)
+            t0 = time.perf_counter()
+            synth = model.sample(min(c.num_generate, c.synthetic_size))
+            gen_seconds = time.perf_counter() - t0
+        except DiffusionTrainingError as e:
+            self.failed_retrains += 1
+            log.warning("SynthER retrain at env step %d failed (%s); keeping the previous pool",
+                        self.env_steps, e)
+            self._log("synther/failed_retrains", self.failed_retrains)
+            return False
+        keep = self._in_range(synth, rows)
+        self.num_filtered += int((~keep).sum())
+        synth = synth[keep]
+        # Atomic swap: readers see either the old pool or the complete new one.
+        self.model, self.pool = model, torch.from_numpy(synth).to(self.device)
+        self.retrain_count += 1
+        self.last_train_loss = fit["loss"]
+        self.last_fit_seconds = fit["seconds"]
+        self.last_generate_seconds = gen_seconds
+        for k, v in (("diffusion_loss", fit["loss"]), ("fit_seconds", fit["seconds"]),
+                     ("generate_seconds", gen_seconds), ("num_synthetic", self.num_synthetic),
+                     ("num_real", rows.shape[0]), ("retrain_count", self.retrain_count),
+                     ("num_filtered", self.num_filtered)):
+            self._log(f"synther/{k}", v)
+        log.info("SynthER retrain %d at env step %d: loss %.4f, fit %.1fs, generate %.1fs, pool %d",
+                 self.retrain_count, self.env_steps, fit["loss"], fit["seconds"], gen_seconds,
+                 self.num_synthetic)
+        return True
+
+    def _in_range(self, synth: np.ndarray, real: np.ndarray) -> np.ndarray:
+        """Mask of synthetic rows within ``outlier_std`` real stds of the real mean on every dim."""
+        k = self.config.outlier_std
+        if k is None:
+            return np.ones(len(synth), dtype=bool)
+        mean = real.mean(axis=0, dtype=np.float64)
+        std = np.maximum(real.std(axis=0, dtype=np.float64), 1e-6)
+        z = np.abs((synth - mean) / std)
+        if self.layout.model_terminals:
+            z[:, -1] = 0.0
+        return (z <= k).all(axis=1)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, k: int) -> torch.Tensor:
+        """``k`` synthetic rows [k, D] on the pool's device (uniform with replacement)."""
+        if self.pool is None or self.num_synthetic == 0:
+            raise RuntimeError("the synthetic pool is empty (no retrain yet)")
+        idx = torch.from_numpy(self.rng.integers(0, self.num_synthetic, size=k)).to(self.device)
+        return self.pool[idx]
+
+    def split_batch(self, batch_size: int) -> tuple:
+        """(n_real, n_synthetic) for a batch: n_real = floor(real_ratio * B + 0.5); all real before any pool."""
+        if self.num_synthetic == 0:
+            return batch_size, 0
+        n_real = int(np.floor(self.config.real_ratio * batch_size + 0.5))
+        return n_real, batch_size - n_real
+
+    # ------------------------------------------------------------------ bookkeeping
+    def stats(self) -> Dict[str, float]:
+        """Schedule counters and the last retrain's metrics."""
+        return {"env_steps": self.env_steps, "num_synthetic": self.num_synthetic,
+                "retrain_count": self.retrain_count, "failed_retrains": self.failed_retrains,
+                "num_filtered": self.num_filtered, "next_retrain": self.next_retrain,
+                "last_train_loss": self.last_train_loss, "last_fit_seconds": self.last_fit_seconds,
+                "last_generate_seconds": self.last_generate_seconds, "real_ratio": self.config.real_ratio}
+
+    def _log(self, key: str, value: float) -> None:
+        if self.log_fn is not None:
+            self.log_fn(key, value)
+
+    _COUNTERS = ("env_steps", "next_retrain", "retrain_count", "failed_retrains", "num_filtered",
+                 "last_train_loss", "last_fit_seconds", "last_generate_seconds")
+
+    def state_dict(self) -> dict:
+        """Counters, model weights and pool as CPU tensors / plain python (``weights_only`` safe)."""
+        state = {k: getattr(self, k) for k in self._COUNTERS}
+        state["rng"] = json.dumps(self.rng.bit_generator.state)
+        state["model"] = None if self.model is None else _to_cpu(self.model.state_dict())
+        state["pool"] = None if self.pool is None else self.pool.cpu()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``; the model and pool move to this pool's device."""
+        for k in self._COUNTERS:
+            setattr(self, k, state[k])
+        self.rng.bit_generator.state = json.loads(state["rng"])
+        self.model = None if state["model"] is None else \
+            TransitionDiffusion.from_state_dict(state["model"], device=str(self.device))
+        self.pool = None if state["pool"] is None else state["pool"].to(self.device)
+
+    def __getstate__(self) -> dict:
+        """Pickle-safe (SB3's save_replay_buffer): weights and pool on CPU, no callbacks."""
+        return {"layout": self.layout, "config": self.config, "state": self.state_dict()}
+
+    def __setstate__(self, d: dict) -> None:
+        self.__init__(d["layout"], d["config"])
+        self.load_state_dict(d["state"])
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,321 @@
+"""GenerativeReplay: a framework-free SynthER replay buffer (real ring buffer + synthetic pool + mixed batches).
+
+For custom training loops (CleanRL / REDQ style). No RL framework is imported here.
+
+    buf = GenerativeReplay(obs_dim, action_dim, capacity=1_000_000, config=cfg, model_terminals=True)
+    buf.add(obs, action, reward, next_obs, terminated)   # one transition or a batch [B, ...]
+    batch = buf.sample(256)                              # ReplaySamples of torch tensors
+
+A loop that already owns a buffer keeps it and wraps it with ``WrappedReplay`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .config import SynthERConfig
+from .pool import LogFn, SyntheticPool, TransitionLayout
+
+log = logging.getLogger(__name__)
+
+ON_INVALID = ("raise", "drop")
+CHECKPOINT_VERSION = 1
+
+
+class ReplaySamples(NamedTuple):
+    """A mixed batch: the first ``n_real`` rows are real, the rest synthetic. All on the buffer's device."""
+
+    obs: torch.Tensor          # [B, obs_dim] float32
+    action: torch.Tensor       # [B, action_dim] float32
+    reward: torch.Tensor       # [B] float32
+    next_obs: torch.Tensor     # [B, obs_dim] float32
+    terminated: torch.Tensor   # [B] float32 in {0, 1}; truncations are not terminals
+
+
+def _log_to_logging(key: str, value: float) -> None:
+    log.debug("%s = %s", key, value)
+
+
+class _Mixer:
+    """Shared logic: a SyntheticPool plus how to stitch real and synthetic rows into ReplaySamples."""
+
+    def __init__(self, obs_dim: int, action_dim: int, config: Optional[SynthERConfig], model_terminals: bool,
+                 log_fn: Optional[LogFn]):
+        self.config = config if config is not None else SynthERConfig.preset("paper")
+        if not isinstance(self.config, SynthERConfig):
+            raise ValueError(f"config must be a SynthERConfig, got {type(self.config).__name__}")
+        # Real rows always store the terminal; the model sees it only if model_terminals.
+        self.store_layout = TransitionLayout(obs_dim, action_dim, model_terminals=True)
+        self.layout = TransitionLayout(obs_dim, action_dim, model_terminals=bool(model_terminals))
+        self.pool = SyntheticPool(self.layout, self.config, log_fn or _log_to_logging)
+        self.device = self.pool.device
+
+    @property
+    def model(self):
+        """The current ``TransitionDiffusion`` (None before the first retrain)."""
+        return self.pool.model
+
+    def _retrain_on(self, store_rows: np.ndarray) -> bool:
+        rows = store_rows if self.layout.model_terminals else store_rows[:, :-1]
+        return self.pool.retrain(np.ascontiguousarray(rows))
+
+    def _mix(self, real: torch.Tensor, n_syn: int) -> ReplaySamples:
+        """real: [n_real, D_store] on device. Appends n_syn synthetic rows and splits into fields."""
+        if n_syn:
+            syn = self.pool.sample(n_syn)
+            if not self.layout.model_terminals:
+                syn = torch.cat([syn, syn.new_zeros(n_syn, 1)], dim=1)
+            real = torch.cat([real, syn], dim=0)
+        return ReplaySamples(*self.store_layout.split(real))
+
+
+class GenerativeReplay(_Mixer):
+    """SynthER replay buffer without any RL framework.
+
+    Args:
+        obs_dim: flat observation size.
+        action_dim: flat action size.
+        capacity: real transitions kept (FIFO ring buffer, like SB3: the oldest are overwritten).
+        config: ``SynthERConfig`` (default: the paper preset).
+        model_terminals: model the terminal flag (only where the env can terminate; seed A).
+        on_invalid: ``"raise"`` rejects NaN/inf transitions with a ValueError; ``"drop"`` counts
+            and drops them (``stats()["num_dropped"]``). Never stored either way.
+        log_fn: ``log_fn(key, value)`` for retrain metrics (default: the ``logging`` module, debug level).
+
+    Every ``config.retrain_every`` env steps (transitions added) the diffusion model is retrained
+    from scratch on all real transitions and the synthetic pool is regenerated. ``sample(B)`` draws
+    ``floor(real_ratio * B + 0.5)`` real rows and the rest synthetic (all real before the first retrain).
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, capacity: int = 1_000_000,
+                 config: Optional[SynthERConfig] = None, model_terminals: bool = True,
+                 on_invalid: str = "raise", log_fn: Optional[LogFn] = None):
+        super().__init__(obs_dim, action_dim, config, model_terminals, log_fn)
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        if on_invalid not in ON_INVALID:
+            raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+        self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
+        self.capacity = int(capacity)
+        self.on_invalid = on_invalid
+        self._rows = np.zeros((self.capacity, self.store_layout.dim), dtype=np.float32)
+        self.pos = 0
+        self.full = False
+        self.num_dropped = 0
+        self.rng = np.random.default_rng(self.config.seed + 1)
+
+    # ------------------------------------------------------------------ adding
+    def __len__(self) -> int:
+        return self.capacity if self.full else self.pos
+
+    @property
+    def env_steps(self) -> int:
+        """Transitions added so far (dropped invalid ones included), as SB3's num_timesteps counts."""
+        return self.pool.env_steps
+
+    def add(self, obs, action, reward, next_obs, terminated) -> None:
+        """Store one transition (obs [obs_dim]) or a batch (obs [B, obs_dim]); retrain when due.
+
+        ``terminated`` is the true terminal flag (not ``truncated``): time-limit ends are not terminals.
+        """
+        rows = self._validated_rows(obs, action, reward, next_obs, terminated)
+        b = rows.shape[0]
+        self.pool.step(b)
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            if self.on_invalid == "raise":
+                bad = int(np.argmin(finite))
+                raise ValueError(f"transition {bad} of the batch has NaN/inf values; pass "
+                                 f"on_invalid='drop' to count and drop such transitions instead")
+            self.num_dropped += int((~finite).sum())
+            rows = rows[finite]
+        self._write(rows)
+        if self.pool.due(len(self)):
+            self.retrain()
+
+    def _write(self, rows: np.ndarray) -> None:
+        b = rows.shape[0]
+        if b >= self.capacity:  # only the newest `capacity` rows survive
+            rows, b = rows[-self.capacity:], self.capacity
+        idx = (self.pos + np.arange(b)) % self.capacity
+        self._rows[idx] = rows
+        if self.pos + b >= self.capacity:
+            self.full = True
+        self.pos = (self.pos + b) % self.capacity
+
+    def _validated_rows(self, obs, action, reward, next_obs, terminated) -> np.ndarray:
+        obs = _as_array("obs", obs)
+        single = obs.ndim == 1
+        b = 1 if single else (obs.shape[0] if obs.ndim >= 1 else -1)
+        fields = (("obs", obs, (self.obs_dim,)), ("action", action, (self.action_dim,)),
+                  ("reward", reward, ()), ("next_obs", next_obs, (self.obs_dim,)),
+                  ("terminated", terminated, ()))
+        out = []
+        for name, value, shape in fields:
+            arr = _as_array(name, value)
+            expected = shape if single else (b,) + shape
+            ok = arr.shape == expected or (not single and not shape and arr.shape == (b, 1))
+            if not ok:
+                raise ValueError(f"{name} has shape {arr.shape}, expected {expected}"
+                                 f"{' or (B, 1)' if not shape and not single else ''} "
+                                 f"(obs_dim={self.obs_dim}, action_dim={self.action_dim})")
+            out.append(arr.reshape(1 if single else b, -1))
+        return self.store_layout.join(*out)
+
+    # ------------------------------------------------------------------ retraining and sampling
+    def real_rows(self) -> np.ndarray:
+        """All stored real transitions as rows [num_real, D_store] (concat(obs, action, reward, next_obs, terminal))."""
+        return self._rows[:len(self)]
+
+    def retrain(self) -> bool:
+        """Retrain the diffusion model on all real data now and regenerate the pool. True on success."""
+        if len(self) < 2:
+            raise RuntimeError(f"need at least 2 real transitions to retrain, have {len(self)}")
+        return self._retrain_on(self.real_rows())
+
+    def sample(self, batch_size: int) -> ReplaySamples:
+        """A mixed batch of ``batch_size`` transitions: real rows first, then synthetic rows."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if len(self) == 0:
+            raise RuntimeError("cannot sample from an empty GenerativeReplay: add() transitions first")
+        n_real, n_syn = self.pool.split_batch(int(batch_size))
+        idx = self.rng.integers(0, len(self), size=n_real)
+        real = torch.from_numpy(self._rows[idx]).to(self.device, non_blocking=True)
+        return self._mix(real, n_syn)
+
+    def stats(self) -> dict:
+        """env_steps, num_real, num_synthetic, retrain_count, last_train_loss, last_fit_seconds,
+        last_generate_seconds, real_ratio, plus failed_retrains, num_filtered, num_dropped, next_retrain."""
+        s = self.pool.stats()
+        s.update(num_real=len(self), num_dropped=self.num_dropped, capacity=self.capacity)
+        return s
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write real data, synthetic pool, model, normalizer and schedule counters to directory ``path``.
+
+        Written to a temporary sibling directory first and swapped in, so a kill mid-save leaves the
+        previous checkpoint intact. Everything loads with ``torch.load(weights_only=True)``.
+        """
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "real.npy", self._rows[:len(self)] if not self.full else self._rows)
+        state = {"version": CHECKPOINT_VERSION, "obs_dim": self.obs_dim, "action_dim": self.action_dim,
+                 "capacity": self.capacity, "model_terminals": self.layout.model_terminals,
+                 "on_invalid": self.on_invalid, "pos": self.pos, "full": self.full,
+                 "num_dropped": self.num_dropped, "config": self.config.to_dict(),
+                 "rng": json.dumps(self.rng.bit_generator.state), "pool": self.pool.state_dict()}
+        torch.save(state, tmp / "state.pt")
+        old = path.with_name(path.name + ".old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], log_fn: Optional[LogFn] = None,
+             device: Optional[str] = None) -> "GenerativeReplay":
+        """Restore a buffer saved with ``save``; the schedule continues where it stopped."""
+        path = Path(path)
+        if not path.is_dir() and path.with_name(path.name + ".old").is_dir():
+            path = path.with_name(path.name + ".old")  # killed between the two renames of save()
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            real = np.load(path / "real.npy", allow_pickle=False)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            raise ValueError(f"could not load GenerativeReplay checkpoint {path}: {type(e).__name__}: {e}") from None
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path} is not a GenerativeReplay checkpoint of version {CHECKPOINT_VERSION}")
+        cfg = SynthERConfig.from_dict(state["config"])
+        if device is not None:
+            cfg = cfg.replace(device=device)
+        buf = cls(state["obs_dim"], state["action_dim"], state["capacity"], cfg, state["model_terminals"],
+                  state["on_invalid"], log_fn)
+        if real.shape[1] != buf.store_layout.dim or real.shape[0] > buf.capacity:
+            raise ValueError(f"{path}/real.npy has shape {real.shape}, inconsistent with the saved state")
+        buf._rows[:real.shape[0]] = real
+        buf.pos, buf.full, buf.num_dropped = state["pos"], state["full"], state["num_dropped"]
+        buf.rng.bit_generator.state = json.loads(state["rng"])
+        buf.pool.load_state_dict(state["pool"])
+        return buf
+
+
+class WrappedReplay(_Mixer):
+    """SynthER for a training loop that already owns its replay buffer (no rewrite of the loop).
+
+    Your buffer keeps storing and sampling real data; this object counts env steps, retrains on
+    your buffer's contents when due, and mixes synthetic rows into each batch.
+
+    Args:
+        sample_real: ``sample_real(n)`` -> (obs, action, reward, next_obs, terminated) for ``n`` real
+            transitions (numpy arrays or tensors; reward/terminated [n] or [n, 1]).
+        real_data: ``real_data()`` -> the same five fields for *all* stored real transitions.
+        obs_dim, action_dim, config, model_terminals, log_fn: as in ``GenerativeReplay``.
+
+    Loop::
+
+        synth = WrappedReplay(my_buf.sample_fields, my_buf.all_fields, obs_dim, act_dim, cfg)
+        ... my_buf.store(...); synth.step()            # after each env step
+        batch = synth.sample(256)                       # ReplaySamples, real_ratio real
+    """
+
+    def __init__(self, sample_real: Callable[[int], Sequence], real_data: Callable[[], Sequence],
+                 obs_dim: int, action_dim: int, config: Optional[SynthERConfig] = None,
+                 model_terminals: bool = True, log_fn: Optional[LogFn] = None):
+        super().__init__(obs_dim, action_dim, config, model_terminals, log_fn)
+        self.sample_real, self.real_data = sample_real, real_data
+
+    def _rows(self, fields: Sequence) -> np.ndarray:
+        if len(fields) != 5:
+            raise ValueError(f"expected 5 fields (obs, action, reward, next_obs, terminated), got {len(fields)}")
+        arrays = [f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f) for f in fields]
+        return self.store_layout.join(*arrays)
+
+    def step(self, n: int = 1) -> bool:
+        """Count ``n`` env steps; retrain on ``real_data()`` when due. True if a retrain ran."""
+        self.pool.step(n)
+        if self.pool.env_steps < self.pool.next_retrain:
+            return False
+        rows = self._rows(self.real_data())
+        if rows.shape[0] < self.config.min_real:
+            return False
+        return self._retrain_on(rows)
+
+    def retrain(self) -> bool:
+        """Retrain now on ``real_data()``."""
+        return self._retrain_on(self._rows(self.real_data()))
+
+    def sample(self, batch_size: int) -> ReplaySamples:
+        """``floor(real_ratio * B + 0.5)`` rows from your buffer, the rest synthetic."""
+        n_real, n_syn = self.pool.split_batch(int(batch_size))
+        real = torch.from_numpy(self._rows(self.sample_real(n_real))).to(self.device)
+        return self._mix(real, n_syn)
+
+    def stats(self) -> dict:
+        """As ``GenerativeReplay.stats()`` (num_real is not known here)."""
+        return self.pool.stats()
+
+
+def _as_array(name: str, value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{name} must be real-valued, got dtype {arr.dtype}")
+    return arr

@@ -1,0 +1,181 @@
+"""GenerativeReplayBuffer: SynthER as a stable-baselines3 ReplayBuffer (one argument to SAC/TD3).
+
+    SAC("MlpPolicy", env, train_freq=1, gradient_steps=20,                 # UTD = 20
+        replay_buffer_class=GenerativeReplayBuffer,
+        replay_buffer_kwargs=dict(config=SynthERConfig.preset("paper")))
+
+Real transitions live in SB3's own storage ([buffer_size, n_envs, ...]); the diffusion model, the
+retrain schedule and the synthetic pool live in a ``SyntheticPool``. Pass ``SynthERLogCallback()``
+to ``learn`` to see the diffusion metrics in SB3's logger (TensorBoard included).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from stable_baselines3.common.vec_env import VecNormalize
+
+from .config import SynthERConfig
+from .pool import SyntheticPool, TransitionLayout
+
+log = logging.getLogger(__name__)
+
+
+class GenerativeReplayBuffer(ReplayBuffer):
+    """A stable-baselines3 ``ReplayBuffer`` whose batches mix real and SynthER-generated transitions.
+
+    :param buffer_size: max number of real transitions (split across ``n_envs`` as in SB3).
+    :param observation_space: a flat ``Box`` (Dict spaces: flatten first, e.g. ``synther_buffer.envs.make_env``).
+    :param action_space: a ``Box``.
+    :param device: where sampled tensors go (SB3 passes the policy's device).
+    :param n_envs: number of parallel envs.
+    :param optimize_memory_usage: SB3's memory-saving variant (obs and next_obs share one array).
+    :param handle_timeout_termination: time-limit truncations are not terminals (SB3 default True).
+    :param config: ``SynthERConfig`` (default: the paper preset). ``retrain_every`` counts
+        transitions added (a vector step adds ``n_envs``), like SB3's ``num_timesteps``.
+    :param model_terminals: model the terminal flag. ``"auto"`` (default): decided at the first
+        retrain, True iff a real terminal (not a timeout) has been stored by then.
+
+    Batches hold ``floor(real_ratio * B + 0.5)`` real rows first, then synthetic rows (all real
+    before the first retrain). VecNormalize (``env`` argument of ``sample``) is applied to both.
+    Pickling (``save_replay_buffer``) keeps the real data, the diffusion weights, the normaliser,
+    the synthetic pool and the schedule counters; they load back onto this buffer's config device.
+    """
+
+    def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
+                 device: Union[torch.device, str] = "auto", n_envs: int = 1,
+                 optimize_memory_usage: bool = False, handle_timeout_termination: bool = True,
+                 config: Optional[SynthERConfig] = None, model_terminals: Union[bool, str] = "auto"):
+        if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) != 1:
+            raise ValueError(
+                f"GenerativeReplayBuffer needs a flat Box observation space, got {observation_space}. "
+                "Flatten Dict observations first: gymnasium.wrappers.FlattenObservation, or "
+                "synther_buffer.envs.make_env(env_id) which returns flat float32 observations.")
+        if not isinstance(action_space, spaces.Box):
+            raise ValueError(f"GenerativeReplayBuffer needs a Box action space, got {action_space}")
+        if model_terminals not in (True, False, "auto"):
+            raise ValueError(f"model_terminals must be True, False or 'auto', got {model_terminals!r}")
+        super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs,
+                         optimize_memory_usage=optimize_memory_usage,
+                         handle_timeout_termination=handle_timeout_termination)
+        self.config = config if config is not None else SynthERConfig.preset("paper")
+        if not isinstance(self.config, SynthERConfig):
+            raise ValueError(f"config must be a SynthERConfig, got {type(self.config).__name__}")
+        self.model_terminals = model_terminals
+        self.obs_size = int(observation_space.shape[0])
+        self.pool = self._make_pool(model_terminals is True)
+
+    def _make_pool(self, model_terminals: bool) -> SyntheticPool:
+        layout = TransitionLayout(self.obs_size, self.action_dim, model_terminals)
+        return SyntheticPool(layout, self.config)
+
+    # ------------------------------------------------------------------ adding
+    def add(self, obs: np.ndarray, next_obs: np.ndarray, action: np.ndarray, reward: np.ndarray,
+            done: np.ndarray, infos: List[Dict[str, Any]]) -> None:
+        """SB3's add (one vector step: ``n_envs`` transitions), then retrain when due."""
+        super().add(obs, next_obs, action, reward, done, infos)
+        self.pool.step(self.n_envs)
+        if self.pool.due(self.size() * self.n_envs):
+            self.retrain()
+
+    def real_rows(self) -> np.ndarray:
+        """All stored real transitions as rows concat(obs, action, reward, next_obs, terminal) [N, D].
+
+        The terminal is ``done * (1 - timeout)`` (truncations are not terminals).
+        """
+        upper = self.buffer_size if self.full else self.pos
+        idx = np.arange(upper)
+        if self.optimize_memory_usage and self.full:
+            idx = idx[idx != self.pos]  # SB3 never samples it: its next_obs slot was overwritten
+        obs = self.observations[idx]
+        if self.optimize_memory_usage:
+            next_obs = self.observations[(idx + 1) % self.buffer_size]
+        else:
+            next_obs = self.next_observations[idx]
+        term = self.dones[idx] * (1 - self.timeouts[idx])
+        flat = lambda a: a.reshape(len(idx) * self.n_envs, -1)  # noqa: E731
+        layout = TransitionLayout(self.obs_size, self.action_dim, True)
+        return layout.join(flat(obs), flat(self.actions[idx]), flat(self.rewards[idx]), flat(next_obs), flat(term))
+
+    def retrain(self) -> bool:
+        """Retrain the diffusion model on all real data now and regenerate the pool. True on success."""
+        rows = self.real_rows()
+        if rows.shape[0] < 2:
+            raise RuntimeError(f"need at least 2 real transitions to retrain, have {rows.shape[0]}")
+        if self.model_terminals == "auto" and self.pool.retrain_count == 0:
+            has_terminals = bool(rows[:, -1].any())
+            if has_terminals != self.pool.layout.model_terminals:
+                old = self.pool
+                self.pool = self._make_pool(has_terminals)
+                self.pool.env_steps, self.pool.log_fn = old.env_steps, old.log_fn
+            log.info("GenerativeReplayBuffer: model_terminals='auto' -> %s", has_terminals)
+        if not self.pool.layout.model_terminals:
+            rows = rows[:, :-1]
+        return self.pool.retrain(np.ascontiguousarray(rows))
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, batch_size: int, env: Optional[VecNormalize] = None) -> ReplayBufferSamples:
+        """``floor(real_ratio * B + 0.5)`` real transitions (SB3's sampling) then synthetic ones."""
+        n_real, n_syn = self.pool.split_batch(batch_size)
+        real = super().sample(n_real, env=env) if n_real else None
+        if not n_syn:
+            return real
+        syn = self._synthetic_samples(n_syn, env)
+        if real is None:
+            return syn
+        return ReplayBufferSamples(*(torch.cat([r, s], dim=0) for r, s in zip(real[:5], syn[:5])))
+
+    def _synthetic_samples(self, n: int, env: Optional[VecNormalize]) -> ReplayBufferSamples:
+        rows = self.pool.sample(n)
+        obs, action, reward, next_obs, terminated = self.pool.layout.split(rows)
+        reward, terminated = reward.reshape(-1, 1), terminated.reshape(-1, 1)
+        if env is not None:  # VecNormalize works on numpy, as in SB3's own _get_samples
+            obs = self.to_torch(self._normalize_obs(obs.cpu().numpy(), env))
+            next_obs = self.to_torch(self._normalize_obs(next_obs.cpu().numpy(), env))
+            reward = self.to_torch(self._normalize_reward(reward.cpu().numpy(), env))
+        dev = self.device
+        return ReplayBufferSamples(obs.to(dev), action.to(dev), next_obs.to(dev), terminated.to(dev),
+                                   reward.to(dev))
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> Dict[str, float]:
+        """env_steps, num_real, num_synthetic, retrain_count, last_train_loss, last_fit_seconds,
+        last_generate_seconds, real_ratio (and failed_retrains, num_filtered, next_retrain)."""
+        s = self.pool.stats()
+        s["num_real"] = self.size() * self.n_envs
+        return s
+
+    @property
+    def model(self):
+        """The current ``TransitionDiffusion`` (None before the first retrain)."""
+        return self.pool.model
+
+
+class SynthERLogCallback(BaseCallback):
+    """Sends SynthER metrics to SB3's logger (stdout / CSV / TensorBoard).
+
+    Retrain metrics (``synther/diffusion_loss``, ``synther/fit_seconds``, ``synther/generate_seconds``,
+    ``synther/num_synthetic``, ...) are recorded when a retrain happens; pool sizes at each rollout end.
+    """
+
+    def _on_training_start(self) -> None:
+        buf = self.model.replay_buffer
+        if not isinstance(buf, GenerativeReplayBuffer):
+            raise ValueError("SynthERLogCallback needs a model using GenerativeReplayBuffer")
+        buf.pool.log_fn = self.logger.record
+
+    def _on_rollout_end(self) -> None:
+        s = self.model.replay_buffer.stats()
+        self.logger.record("synther/num_real", s["num_real"])
+        self.logger.record("synther/num_synthetic", s["num_synthetic"])
+        self.logger.record("synther/retrain_count", s["retrain_count"])
+
+    def _on_step(self) -> bool:
+        return True
