@@ -1,0 +1,215 @@
+"""The ``synther`` command.
+
+    synther upsample DATASET --num-samples 5000000 --out OUT.npz [--preset paper|fast|tiny] [--mix 0.5]
+                     [--seed S] [--device D] [--train-steps N] [--save-model PATH] [--load-model PATH]
+                     [--chunk-size ROWS] [--threads N] [--quiet]
+    synther report DATASET SYNTHETIC [--out report.png] [--env-id ID] [--max-rows N]
+    synther train ...   (delegates to synther_buffer.train: add_arguments(parser) / run(args))
+    synther bench ...   (delegates to synther_buffer.bench, else benchmarks.bench: add_arguments / run)
+
+``upsample`` and ``report`` are implemented in ``synther_buffer.offline`` (see its docstring for the
+file formats, the streaming writers and the exact meaning of ``--mix``). ``train`` and ``bench``
+import their module only when that subcommand is used, so ``upsample`` never pays for an RL stack.
+
+``main(argv)`` returns the exit status: 0 on success, 2 for bad arguments or inputs (the message
+goes to stderr), 1 if a delegate module is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+# subcommand -> candidate modules providing ``add_arguments(parser)`` and ``run(args)``
+DELEGATES: Dict[str, Tuple[str, ...]] = {
+    "train": ("synther_buffer.train",),
+    "bench": ("synther_buffer.bench", "benchmarks.bench"),
+}
+_HELP = {
+    "upsample": "fit SynthER on an offline dataset and write millions of synthetic transitions",
+    "report": "compare a synthetic dataset with the real one (histograms, mean/std, terminal rate)",
+    "train": "online RL training with a SynthER replay buffer",
+    "bench": "benchmarks (fidelity, throughput, UTD runs)",
+}
+
+
+def _add_upsample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("upsample", help=_HELP["upsample"], description=_HELP["upsample"] + (
+        ". DATASET: .npz / D4RL .hdf5 / Minari directory (transition keys), or a plain [N, D] .npy array."))
+    p.add_argument("dataset", help="input: .npz, .hdf5/.h5 (D4RL or Minari), Minari dataset dir, or .npy array")
+    p.add_argument("--out", required=True, help="output .npz, .hdf5/.h5 (transition keys) or .npy (raw rows)")
+    p.add_argument("--num-samples", type=int, default=5_000_000,
+                   help="rows in the output (default 5M, seed C.1)")
+    p.add_argument("--preset", choices=("paper", "fast", "tiny"), default=None,
+                   help="SynthERConfig preset (default: paper on CUDA, fast on CPU)")
+    p.add_argument("--mix", type=float, default=0.0,
+                   help="fraction of real rows in the output, in [0, 1): round(mix * num_samples) real rows, "
+                        "the rest synthetic (seed E.2 uses 0.5); default 0 = purely synthetic")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the preset's, 0)")
+    p.add_argument("--device", default=None, help="'auto' (default), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--train-steps", type=int, default=None, help="override the preset's training steps")
+    p.add_argument("--save-model", default=None, help="save the fitted model here (.pt)")
+    p.add_argument("--load-model", default=None,
+                   help="sample from this saved model instead of fitting one (its width must match the data)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="rows generated and written per chunk (default: the sampler batch, 16K on CPU, 100K on CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (torch.set_num_threads); 1 avoids thread oversubscription on a "
+                        "busy machine, where 2 threads on 2 shared cores can run >10x slower")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help=_HELP["report"], description=_HELP["report"] + " (seed Figure 8).")
+    p.add_argument("dataset", help="the real dataset (any format `upsample` reads)")
+    p.add_argument("synthetic", help="the synthetic dataset (e.g. the output of `synther upsample`)")
+    p.add_argument("--out", default=None,
+                   help="histogram PNG (default: SYNTHETIC's name + '.report.png'); the stats JSON goes "
+                        "beside it with suffix .json")
+    p.add_argument("--env-id", default=None,
+                   help="score dynamics fidelity in this environment (needs the benchmarks.fidelity module)")
+    p.add_argument("--max-rows", type=int, default=200_000, help="rows of each set used for the histograms")
+
+
+def _add_delegate(sub: argparse._SubParsersAction, name: str, load: bool) -> None:
+    """Register ``name``; import its module and let it add its arguments only when ``load``."""
+    if not load:
+        sub.add_parser(name, help=_HELP[name], add_help=False)
+        return
+    errors: List[str] = []
+    for modname in DELEGATES[name]:
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError as e:
+            missing = getattr(e, "name", None)
+            if missing and (modname == missing or modname.startswith(missing + ".")):
+                errors.append(f"{modname} is not available")
+            else:
+                errors.append(f"{modname} needs a missing dependency ({type(e).__name__}: {e})")
+            continue
+        p = sub.add_parser(name, help=_HELP[name])
+        mod.add_arguments(p)
+        p.set_defaults(_delegate=mod.run)
+        return
+    p = sub.add_parser(name, help=_HELP[name], add_help=False)  # any arguments: see main()
+    p.set_defaults(_missing=f"`synther {name}` is not available: " + "; ".join(errors))
+
+
+def _command(argv: Sequence[str]) -> Optional[str]:
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The argparse parser; the ``train`` / ``bench`` modules are imported only if ``argv`` selects them."""
+    parser = argparse.ArgumentParser(prog="synther", description="SynthER: diffusion-upsampled experience replay")
+    sub = parser.add_subparsers(dest="command", metavar="{upsample,report,train,bench}")
+    sub.required = True
+    _add_upsample(sub)
+    _add_report(sub)
+    cmd = _command(argv)
+    for name in DELEGATES:
+        _add_delegate(sub, name, load=(cmd == name))
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from .config import SynthERConfig
+    from .diffusion import resolve_device
+
+    preset = args.preset
+    if preset is None:
+        dev = resolve_device(args.device or "auto")
+        preset = "paper" if dev.type == "cuda" else "fast"
+    cfg = SynthERConfig.preset(preset)
+    if args.device is not None:
+        cfg = cfg.replace(device=args.device)
+    return cfg, preset
+
+
+def cmd_upsample(args: argparse.Namespace) -> int:
+    """``synther upsample``: fit, stream the output, print and save the compression report."""
+    from . import offline
+    from .diffusion import TransitionDiffusion
+
+    offline.output_kind(args.out)  # fail before loading or training
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
+    cfg, preset = _config(args)
+    model = None
+    if args.load_model:
+        model = TransitionDiffusion.load(args.load_model, device=args.device)
+    print(f"synther upsample: {args.dataset} -> {args.out}  ({args.num_samples:,} rows, mix {args.mix}, "
+          + (f"model {args.load_model}" if model else f"preset {preset}") + ")", flush=True)
+    s = offline.upsample(args.dataset, args.out, num_samples=args.num_samples, config=cfg, mix=args.mix,
+                         seed=args.seed, train_steps=args.train_steps, save_model=args.save_model, model=model,
+                         chunk_size=args.chunk_size, progress=not args.quiet)
+    fit = s["fit"]
+    print(f"data: {s['dataset_rows']:,} rows x {s['dim']} dims"
+          + (" (terminals modelled)" if s["model_terminals"] else ""))
+    if not fit.get("reused"):
+        print(f"fit: {fit['steps']:,} steps, batch {fit['batch_size']}, loss {fit['loss']:.4f}, "
+              f"{s['fit_seconds']:.1f}s on {s['device']}")
+    rate = s["synthetic_rows_per_second"]
+    print(f"wrote {s['num_samples']:,} rows ({s['num_real']:,} real, {s['num_synthetic']:,} synthetic) in "
+          f"{s['chunks']} chunks, {s['generate_seconds']:.1f}s"
+          + (f" ({rate:,.0f} synthetic rows/s)" if rate else "") + f" -> {s['out']} "
+          f"({s['output_bytes'] / 1024 ** 2:.1f} MiB; {s['writer']})")
+    print(offline.format_compression(s["compression"]))
+    print(f"total {s['total_seconds']:.1f}s; summary JSON: {s.get('json')}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``synther report``: histograms PNG, mean/std table (printed + JSON), terminal rate, optional fidelity."""
+    from pathlib import Path
+
+    from . import offline
+
+    out = args.out
+    if out is None:
+        syn = Path(args.synthetic)
+        out = syn.parent / ((syn.stem if syn.is_file() else syn.name) + ".report.png")
+    r = offline.report(args.dataset, args.synthetic, out_png=out, env_id=args.env_id, max_hist_rows=args.max_rows)
+    print(offline.format_stats(r))
+    if args.env_id is not None:
+        if r.get("fidelity") is not None:
+            print(f"fidelity ({args.env_id}): {r['fidelity']}")
+        else:
+            print(r.get("fidelity_note", "fidelity scoring unavailable"))
+    print(f"histograms: {r['png']}\nstats JSON: {r['json']}")
+    return 0
+
+
+COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {"upsample": cmd_upsample, "report": cmd_report}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``synther`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "_missing", None):
+        print(f"synther: {args._missing}", file=sys.stderr)
+        return 1
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "_delegate", None) is not None:
+        rc = args._delegate(args)
+        return int(rc) if isinstance(rc, int) else 0
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"synther {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The ``synther`` command: upsample / report end to end on a tiny dataset, delegates, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from importlib import metadata
+
+import numpy as np
+import pytest
+
+from synther_buffer import cli
+from synther_buffer.offline import load_transitions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """2 torch threads on 2 shared, busy cores can run >10x slower (spin-waits); 1 thread is steady."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    n = 200
+    obs = rng.standard_normal((n, 3)).astype(np.float32)
+    np.savez(d / "real.npz", observations=obs, actions=rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+             rewards=rng.standard_normal(n).astype(np.float32), next_observations=obs + 0.1,
+             terminals=(np.arange(n) % 20 == 0).astype(np.float32))
+    return d
+
+
+TINY = ["--preset", "tiny", "--train-steps", "100", "--quiet"]
+
+
+def test_upsample_then_report_end_to_end(dataset, capsys, monkeypatch):
+    out, model = dataset / "syn.npz", dataset / "m.pt"
+    rc = cli.main(["upsample", str(dataset / "real.npz"), "--num-samples", "50", "--out", str(out),
+                   "--chunk-size", "16", "--save-model", str(model), "--seed", "1", "--device", "cpu"] + TINY)
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "compression (seed Table 5)" in text and "200 rows x 10 dims" in text and "4 chunks" in text
+    got = load_transitions(out)
+    assert len(got["observations"]) == 50 and model.exists()
+    js = json.loads((dataset / "syn.compression.json").read_text())
+    assert js["compression"]["original_floats"] == 2000 and js["config"]["seed"] == 1
+    assert js["config"]["train_steps"] == 100 and js["model_terminals"]
+
+    # a 50-50 mixture from the saved model (no refit), written as HDF5
+    rc = cli.main(["upsample", str(dataset / "real.npz"), "--num-samples", "40", "--out", str(dataset / "mix.h5"),
+                   "--load-model", str(model), "--mix", "0.5", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "20 real, 20 synthetic" in text
+
+    monkeypatch.setitem(sys.modules, "benchmarks.fidelity", None)
+    rc = cli.main(["report", str(dataset / "real.npz"), str(out), "--env-id", "Hopper-v5"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert (dataset / "syn.report.png").exists() and (dataset / "syn.report.json").exists()
+    assert "terminal rate: real 0.050000" in text and "reward" in text
+    assert "fidelity scoring for --env-id needs the benchmark module" in text
+
+
+def test_report_custom_out(dataset, capsys):
+    rc = cli.main(["report", str(dataset / "real.npz"), str(dataset / "real.npz"), "--out",
+                   str(dataset / "sub" / "r.png")])
+    assert rc == 0 and (dataset / "sub" / "r.png").exists() and (dataset / "sub" / "r.json").exists()
+    assert "max |dmean|/std 0.000" in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_2(dataset, capsys, tmp_path):
+    rc = cli.main(["upsample", str(dataset / "real.npz"), "--out", str(tmp_path / "o.csv")] + TINY)
+    assert rc == 2 and "unknown output type" in capsys.readouterr().err
+    rc = cli.main(["upsample", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o.npz")] + TINY)
+    assert rc == 2 and "not found" in capsys.readouterr().err
+    rc = cli.main(["upsample", str(dataset / "real.npz"), "--out", str(tmp_path / "o.npz"), "--mix", "1.5"] + TINY)
+    assert rc == 2 and "mix" in capsys.readouterr().err
+    rc = cli.main(["upsample", str(dataset / "real.npz"), "--out", str(tmp_path / "o.npz"), "--threads", "0"] + TINY)
+    assert rc == 2 and "--threads" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["upsample", str(dataset / "real.npz")])          # --out is required
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        cli.main(["upsample", str(dataset / "real.npz"), "--out", str(tmp_path / "o.npz"), "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("upsample", "report", "train", "bench"):
+        assert name in text
+
+
+def test_missing_delegate_is_reported(monkeypatch, capsys):
+    monkeypatch.setitem(cli.DELEGATES, "train", ("synther_buffer._no_such_train_module",))
+    assert cli.main(["train", "--anything"]) == 1
+    assert "`synther train` is not available" in capsys.readouterr().err
+
+
+def test_delegate_gets_its_arguments(monkeypatch):
+    fake = types.ModuleType("fake_bench")
+    seen = {}
+    fake.add_arguments = lambda p: p.add_argument("--env", default="x")
+    fake.run = lambda args: seen.setdefault("env", args.env) and 0
+    monkeypatch.setitem(sys.modules, "fake_bench", fake)
+    monkeypatch.setitem(cli.DELEGATES, "bench", ("fake_bench",))
+    assert cli.main(["bench", "--env", "cheetah-run"]) == 0
+    assert seen == {"env": "cheetah-run"}
+    # other subcommands never import the delegate
+    monkeypatch.setitem(cli.DELEGATES, "bench", ("synther_buffer._must_not_be_imported",))
+    cli.build_parser(["report", "a", "b"])
+
+
+def test_console_script_declared():
+    eps = [e for e in metadata.entry_points(group="console_scripts") if e.name == "synther"]
+    assert eps and eps[0].value == "synther_buffer.cli:main"
