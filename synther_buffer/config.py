@@ -52,6 +52,9 @@ class SynthERConfig:
         normalize_reward: standardise the reward column (the official DMC config does not).
         outlier_std: synthetic rows farther than this many real stds from the real mean on any
             dimension are dropped (and counted); ``None`` keeps everything.
+        async_retrain: retrain in a background thread while the agent keeps stepping and training on
+            the previous pool; the new pool is swapped in atomically when ready. ``False`` (default)
+            is the paper's synchronous schedule (reproducible).
     Misc:
         device: ``"auto"`` (CUDA when available, else CPU), or any torch device string.
         seed: seeds weight init, training batches and sampling noise.
@@ -93,6 +96,7 @@ class SynthERConfig:
     min_real: int = 1_000
     normalize_reward: bool = True
     outlier_std: Optional[float] = 10.0
+    async_retrain: bool = False
     # misc
     device: str = "auto"
     seed: int = 0
@@ -138,6 +142,8 @@ class SynthERConfig:
             raise ValueError(f"SynthERConfig.real_ratio must be in [0, 1], got {self.real_ratio!r}")
         if self.outlier_std is not None and (not _is_real(self.outlier_std) or self.outlier_std <= 0):
             raise ValueError(f"SynthERConfig.outlier_std must be None or > 0, got {self.outlier_std!r}")
+        if not isinstance(self.async_retrain, bool):
+            raise ValueError(f"SynthERConfig.async_retrain must be a bool, got {self.async_retrain!r}")
         if not isinstance(self.normalize_reward, bool):
             raise ValueError(f"SynthERConfig.normalize_reward must be a bool, got {self.normalize_reward!r}")
         if self.sampler not in SAMPLERS:

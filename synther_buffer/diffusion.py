@@ -169,7 +169,8 @@ class TransitionDiffusion:
 
         Sampling runs in batches of ``batch_size`` (``config.sample_batch_size``; default 100K on
         CUDA, 16K on CPU) so only one batch of intermediate states is alive at a time. ``seed``
-        fixes the noise; by default each call uses ``config.seed`` and a call counter.
+        fixes the noise; by default each call uses ``config.seed`` and a call counter. Out of
+        memory halves the batch size and retries.
         Raises ``DiffusionTrainingError`` if the samples are not finite.
         """
         if not self.fitted:
@@ -192,16 +193,27 @@ class TransitionDiffusion:
         n_batches = -(-n // bs)
         bar = tqdm(total=n_batches * c.sample_steps, desc="diffusion sample", unit="step",
                    disable=not show, leave=False)
+        start = 0
         with torch.inference_mode():
-            for start in range(0, n, bs):
+            while start < n:
                 b = min(bs, n - start)
                 noise = torch.randn(b, self.dim, device=self.device, generator=gen)
-                x = heun_sample(self.ema, noise, sigmas,
-                                s_churn=c.s_churn if stochastic else 0.0,
-                                s_tmin=c.s_tmin, s_tmax=c.s_tmax, s_noise=c.s_noise,
-                                generator=gen, on_step=lambda _: bar.update(1))
+                try:
+                    x = heun_sample(self.ema, noise, sigmas,
+                                    s_churn=c.s_churn if stochastic else 0.0,
+                                    s_tmin=c.s_tmin, s_tmax=c.s_tmax, s_noise=c.s_noise,
+                                    generator=gen, on_step=lambda _: bar.update(1))
+                except torch.OutOfMemoryError:
+                    if bs == 1:
+                        raise
+                    bs = max(1, bs // 2)  # fall back to smaller batches and retry this one
+                    log.warning("out of memory while sampling; retrying with batch size %d", bs)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 out[start:start + b] = self.normalizer.unnormalize(x).cpu().numpy()
-                bar.set_postfix(rows=start + b)
+                start += b
+                bar.set_postfix(rows=start)
         bar.close()
         if not np.isfinite(out).all():
             raise DiffusionTrainingError("diffusion samples contain non-finite values")

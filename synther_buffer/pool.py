@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -98,6 +99,18 @@ class SyntheticPool:
         self.last_fit_seconds = 0.0
         self.last_generate_seconds = 0.0
         self.rng = np.random.default_rng(config.seed)
+        self.action_low: Optional[np.ndarray] = None    # synthetic actions are clipped to these
+        self.action_high: Optional[np.ndarray] = None
+        self._worker: Optional[threading.Thread] = None
+        self._job: Optional[dict] = None
+
+    def set_action_bounds(self, low, high) -> None:
+        """Clip the action columns of generated rows to [low, high] (e.g. the env's action space)."""
+        low = np.broadcast_to(np.asarray(low, dtype=np.float32), (self.layout.action_dim,)).copy()
+        high = np.broadcast_to(np.asarray(high, dtype=np.float32), (self.layout.action_dim,)).copy()
+        if not (low <= high).all():
+            raise ValueError(f"action bounds need low <= high, got {low} and {high}")
+        self.action_low, self.action_high = low, high
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -109,21 +122,74 @@ class SyntheticPool:
         self.env_steps += int(n)
 
     def due(self, num_real: int) -> bool:
-        """True when ``retrain_every`` env steps have passed since the last retrain and data suffices."""
-        return self.env_steps >= self.next_retrain and num_real >= self.config.min_real
+        """True when ``retrain_every`` env steps have passed since the last retrain and data suffices
+        (never while a background retrain is in flight)."""
+        self.poll()
+        return (self._worker is None and self.env_steps >= self.next_retrain
+                and num_real >= self.config.min_real)
 
-    def retrain(self, rows: np.ndarray) -> bool:
+    def retrain(self, rows: np.ndarray, background: Optional[bool] = None) -> bool:
         """Fit a fresh model on ``rows`` (all real data), then regenerate the pool (replacing it).
 
-        Returns True on success. A diverging fit or non-finite samples keeps the previous model and
-        pool, logs a warning and returns False: the agent keeps training on the old pool.
+        Synchronous (default, the paper's schedule): returns True on success. A diverging fit or
+        non-finite samples keeps the previous model and pool, logs a warning and returns False: the
+        agent keeps training on the old pool. With ``background`` (default ``config.async_retrain``)
+        the work runs in a thread on a copy of ``rows`` and this returns True at once; the new pool
+        is swapped in by ``poll()`` (called from ``due``/``sample``/``stats``). An unexpected error
+        in the worker is raised by the next ``poll()``.
         """
-        c, lay = self.config, self.layout
+        self.poll()
+        if self._worker is not None:
+            raise RuntimeError("a background retrain is already running; call wait() first")
         # Schedule moves on whether or not this retrain succeeds (no retry storm on every add()).
         while self.next_retrain <= self.env_steps:
-            self.next_retrain += c.retrain_every
+            self.next_retrain += self.config.retrain_every
+        background = self.config.async_retrain if background is None else background
+        if not background:
+            return self._install(self._build(rows, self.retrain_count, self.env_steps))
+        job = {"rows": np.array(rows, copy=True), "result": None, "error": None}
+
+        def work():
+            try:
+                job["result"] = self._build(job.pop("rows"), self.retrain_count, self.env_steps)
+            except BaseException as e:  # re-raised in the caller by poll()
+                job["error"] = e
+
+        self._job = job
+        self._worker = threading.Thread(target=work, name="synther-retrain", daemon=True)
+        self._worker.start()
+        return True
+
+    @property
+    def retraining(self) -> bool:
+        """True while a background retrain is running."""
+        return self._worker is not None and self._worker.is_alive()
+
+    def poll(self) -> bool:
+        """Install a finished background retrain (atomic swap). True if a new pool was installed."""
+        if self._worker is None or self._worker.is_alive():
+            return False
+        return self._finish()
+
+    def wait(self) -> bool:
+        """Block until an in-flight background retrain finishes and install it."""
+        if self._worker is None:
+            return False
+        self._worker.join()
+        return self._finish()
+
+    def _finish(self) -> bool:
+        self._worker.join()
+        job, self._worker, self._job = self._job, None, None
+        if job["error"] is not None:
+            raise RuntimeError("SynthER background retrain crashed") from job["error"]
+        return self._install(job["result"])
+
+    def _build(self, rows: np.ndarray, retrain_index: int, env_step: int) -> dict:
+        """Fit + generate + filter, touching no shared state (safe in a worker thread)."""
+        c, lay = self.config, self.layout
         skip = () if c.normalize_reward else (lay.reward_col,)
-        model = TransitionDiffusion(lay.dim, c.replace(seed=c.seed + self.retrain_count),
+        model = TransitionDiffusion(lay.dim, c.replace(seed=c.seed + retrain_index),
                                     terminal_dims=lay.terminal_dims, skip_dims=skip)
         try:
             fit = model.fit(rows)
@@ -131,27 +197,38 @@ class SyntheticPool:
             synth = model.sample(min(c.num_generate, c.synthetic_size))
             gen_seconds = time.perf_counter() - t0
         except DiffusionTrainingError as e:
+            return {"error": e, "env_step": env_step}
+        if self.action_low is not None:
+            a0 = lay.obs_dim
+            np.clip(synth[:, a0:a0 + lay.action_dim], self.action_low, self.action_high,
+                    out=synth[:, a0:a0 + lay.action_dim])
+        keep = self._in_range(synth, rows)
+        return {"error": None, "env_step": env_step, "model": model, "pool": synth[keep],
+                "filtered": int((~keep).sum()), "fit": fit, "gen_seconds": gen_seconds,
+                "num_real": rows.shape[0]}
+
+    def _install(self, result: dict) -> bool:
+        if result["error"] is not None:
             self.failed_retrains += 1
             log.warning("SynthER retrain at env step %d failed (%s); keeping the previous pool",
-                        self.env_steps, e)
+                        result["env_step"], result["error"])
             self._log("synther/failed_retrains", self.failed_retrains)
             return False
-        keep = self._in_range(synth, rows)
-        self.num_filtered += int((~keep).sum())
-        synth = synth[keep]
+        fit, gen_seconds = result["fit"], result["gen_seconds"]
+        self.num_filtered += result["filtered"]
         # Atomic swap: readers see either the old pool or the complete new one.
-        self.model, self.pool = model, torch.from_numpy(synth).to(self.device)
+        self.model, self.pool = result["model"], torch.from_numpy(result["pool"]).to(self.device)
         self.retrain_count += 1
         self.last_train_loss = fit["loss"]
         self.last_fit_seconds = fit["seconds"]
         self.last_generate_seconds = gen_seconds
         for k, v in (("diffusion_loss", fit["loss"]), ("fit_seconds", fit["seconds"]),
                      ("generate_seconds", gen_seconds), ("num_synthetic", self.num_synthetic),
-                     ("num_real", rows.shape[0]), ("retrain_count", self.retrain_count),
+                     ("num_real", result["num_real"]), ("retrain_count", self.retrain_count),
                      ("num_filtered", self.num_filtered)):
             self._log(f"synther/{k}", v)
-        log.info("SynthER retrain %d at env step %d: loss %.4f, fit %.1fs, generate %.1fs, pool %d",
-                 self.retrain_count, self.env_steps, fit["loss"], fit["seconds"], gen_seconds,
+        log.info("SynthER retrain %d (data up to env step %d): loss %.4f, fit %.1fs, generate %.1fs, pool %d",
+                 self.retrain_count, result["env_step"], fit["loss"], fit["seconds"], gen_seconds,
                  self.num_synthetic)
         return True
 
@@ -170,6 +247,7 @@ class SyntheticPool:
     # ------------------------------------------------------------------ sampling
     def sample(self, k: int) -> torch.Tensor:
         """``k`` synthetic rows [k, D] on the pool's device (uniform with replacement)."""
+        self.poll()
         if self.pool is None or self.num_synthetic == 0:
             raise RuntimeError("the synthetic pool is empty (no retrain yet)")
         idx = torch.from_numpy(self.rng.integers(0, self.num_synthetic, size=k)).to(self.device)
@@ -177,6 +255,7 @@ class SyntheticPool:
 
     def split_batch(self, batch_size: int) -> tuple:
         """(n_real, n_synthetic) for a batch: n_real = floor(real_ratio * B + 0.5); all real before any pool."""
+        self.poll()
         if self.num_synthetic == 0:
             return batch_size, 0
         n_real = int(np.floor(self.config.real_ratio * batch_size + 0.5))
@@ -185,11 +264,13 @@ class SyntheticPool:
     # ------------------------------------------------------------------ bookkeeping
     def stats(self) -> Dict[str, float]:
         """Schedule counters and the last retrain's metrics."""
+        self.poll()
         return {"env_steps": self.env_steps, "num_synthetic": self.num_synthetic,
                 "retrain_count": self.retrain_count, "failed_retrains": self.failed_retrains,
                 "num_filtered": self.num_filtered, "next_retrain": self.next_retrain,
                 "last_train_loss": self.last_train_loss, "last_fit_seconds": self.last_fit_seconds,
-                "last_generate_seconds": self.last_generate_seconds, "real_ratio": self.config.real_ratio}
+                "last_generate_seconds": self.last_generate_seconds, "real_ratio": self.config.real_ratio,
+                "retraining": self.retraining}
 
     def _log(self, key: str, value: float) -> None:
         if self.log_fn is not None:
@@ -199,8 +280,13 @@ class SyntheticPool:
                  "last_train_loss", "last_fit_seconds", "last_generate_seconds")
 
     def state_dict(self) -> dict:
-        """Counters, model weights and pool as CPU tensors / plain python (``weights_only`` safe)."""
+        """Counters, model weights and pool as CPU tensors / plain python (``weights_only`` safe).
+
+        Waits for an in-flight background retrain first, so no finished work is lost."""
+        self.wait()
         state = {k: getattr(self, k) for k in self._COUNTERS}
+        state["action_bounds"] = None if self.action_low is None else \
+            [self.action_low.tolist(), self.action_high.tolist()]
         state["rng"] = json.dumps(self.rng.bit_generator.state)
         state["model"] = None if self.model is None else _to_cpu(self.model.state_dict())
         state["pool"] = None if self.pool is None else self.pool.cpu()
@@ -211,6 +297,8 @@ class SyntheticPool:
         for k in self._COUNTERS:
             setattr(self, k, state[k])
         self.rng.bit_generator.state = json.loads(state["rng"])
+        if state.get("action_bounds") is not None:
+            self.set_action_bounds(*state["action_bounds"])
         self.model = None if state["model"] is None else \
             TransitionDiffusion.from_state_dict(state["model"], device=str(self.device))
         self.pool = None if state["pool"] is None else state["pool"].to(self.device)

@@ -48,7 +48,7 @@ class _Mixer:
     """Shared logic: a SyntheticPool plus how to stitch real and synthetic rows into ReplaySamples."""
 
     def __init__(self, obs_dim: int, action_dim: int, config: Optional[SynthERConfig], model_terminals: bool,
-                 log_fn: Optional[LogFn]):
+                 log_fn: Optional[LogFn], action_bounds: Optional[tuple] = None):
         self.config = config if config is not None else SynthERConfig.preset("paper")
         if not isinstance(self.config, SynthERConfig):
             raise ValueError(f"config must be a SynthERConfig, got {type(self.config).__name__}")
@@ -56,7 +56,13 @@ class _Mixer:
         self.store_layout = TransitionLayout(obs_dim, action_dim, model_terminals=True)
         self.layout = TransitionLayout(obs_dim, action_dim, model_terminals=bool(model_terminals))
         self.pool = SyntheticPool(self.layout, self.config, log_fn or _log_to_logging)
+        if action_bounds is not None:
+            self.pool.set_action_bounds(*action_bounds)
         self.device = self.pool.device
+
+    def wait(self) -> bool:
+        """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
+        return self.pool.wait()
 
     @property
     def model(self):
@@ -89,6 +95,7 @@ class GenerativeReplay(_Mixer):
         on_invalid: ``"raise"`` rejects NaN/inf transitions with a ValueError; ``"drop"`` counts
             and drops them (``stats()["num_dropped"]``). Never stored either way.
         log_fn: ``log_fn(key, value)`` for retrain metrics (default: the ``logging`` module, debug level).
+        action_bounds: optional ``(low, high)``; synthetic actions are clipped to them.
 
     Every ``config.retrain_every`` env steps (transitions added) the diffusion model is retrained
     from scratch on all real transitions and the synthetic pool is regenerated. ``sample(B)`` draws
@@ -97,8 +104,9 @@ class GenerativeReplay(_Mixer):
 
     def __init__(self, obs_dim: int, action_dim: int, capacity: int = 1_000_000,
                  config: Optional[SynthERConfig] = None, model_terminals: bool = True,
-                 on_invalid: str = "raise", log_fn: Optional[LogFn] = None):
-        super().__init__(obs_dim, action_dim, config, model_terminals, log_fn)
+                 on_invalid: str = "raise", log_fn: Optional[LogFn] = None,
+                 action_bounds: Optional[tuple] = None):
+        super().__init__(obs_dim, action_dim, config, model_terminals, log_fn, action_bounds)
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         if on_invalid not in ON_INVALID:
@@ -264,7 +272,7 @@ class WrappedReplay(_Mixer):
         sample_real: ``sample_real(n)`` -> (obs, action, reward, next_obs, terminated) for ``n`` real
             transitions (numpy arrays or tensors; reward/terminated [n] or [n, 1]).
         real_data: ``real_data()`` -> the same five fields for *all* stored real transitions.
-        obs_dim, action_dim, config, model_terminals, log_fn: as in ``GenerativeReplay``.
+        obs_dim, action_dim, config, model_terminals, log_fn, action_bounds: as in ``GenerativeReplay``.
 
     Loop::
 
@@ -275,8 +283,9 @@ class WrappedReplay(_Mixer):
 
     def __init__(self, sample_real: Callable[[int], Sequence], real_data: Callable[[], Sequence],
                  obs_dim: int, action_dim: int, config: Optional[SynthERConfig] = None,
-                 model_terminals: bool = True, log_fn: Optional[LogFn] = None):
-        super().__init__(obs_dim, action_dim, config, model_terminals, log_fn)
+                 model_terminals: bool = True, log_fn: Optional[LogFn] = None,
+                 action_bounds: Optional[tuple] = None):
+        super().__init__(obs_dim, action_dim, config, model_terminals, log_fn, action_bounds)
         self.sample_real, self.real_data = sample_real, real_data
 
     def _rows(self, fields: Sequence) -> np.ndarray:
@@ -288,7 +297,7 @@ class WrappedReplay(_Mixer):
     def step(self, n: int = 1) -> bool:
         """Count ``n`` env steps; retrain on ``real_data()`` when due. True if a retrain ran."""
         self.pool.step(n)
-        if self.pool.env_steps < self.pool.next_retrain:
+        if not self.pool.due(self.config.min_real):  # counts only; the real count is checked below
             return False
         rows = self._rows(self.real_data())
         if rows.shape[0] < self.config.min_real:

@@ -43,6 +43,8 @@ class GenerativeReplayBuffer(ReplayBuffer):
     :param model_terminals: model the terminal flag. ``"auto"`` (default): decided at the first
         retrain, True iff a real terminal (not a timeout) has been stored by then.
 
+    Synthetic actions are clipped to the action space's bounds.
+
     Batches hold ``floor(real_ratio * B + 0.5)`` real rows first, then synthetic rows (all real
     before the first retrain). VecNormalize (``env`` argument of ``sample``) is applied to both.
     Pickling (``save_replay_buffer``) keeps the real data, the diffusion weights, the normaliser,
@@ -74,7 +76,13 @@ class GenerativeReplayBuffer(ReplayBuffer):
 
     def _make_pool(self, model_terminals: bool) -> SyntheticPool:
         layout = TransitionLayout(self.obs_size, self.action_dim, model_terminals)
-        return SyntheticPool(layout, self.config)
+        pool = SyntheticPool(layout, self.config)
+        pool.set_action_bounds(self.action_space.low, self.action_space.high)
+        return pool
+
+    def wait(self) -> bool:
+        """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
+        return self.pool.wait()
 
     # ------------------------------------------------------------------ adding
     def add(self, obs: np.ndarray, next_obs: np.ndarray, action: np.ndarray, reward: np.ndarray,

@@ -1,0 +1,119 @@
+"""Background retraining, worker crashes, OOM fallback and action clipping (pool.py, diffusion.py)."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import synther_buffer.diffusion as diffusion_mod
+from synther_buffer import GenerativeReplay, TransitionDiffusion
+
+
+def _feed(buf: GenerativeReplay, n: int, rng: np.random.Generator, on_add=None) -> None:
+    for _ in range(n):
+        o = rng.standard_normal(3).astype(np.float32)
+        a = rng.uniform(-1, 1, 1).astype(np.float32)
+        buf.add(o, a, float(o.sum()), o + 0.1 * a, False)
+        if on_add is not None:
+            on_add()
+
+
+@pytest.fixture
+def async_cfg(tiny_cfg):
+    return tiny_cfg.replace(async_retrain=True, retrain_every=200, min_real=100, train_steps=600,
+                            num_generate=500, synthetic_size=500)
+
+
+def test_env_keeps_stepping_during_background_retrain(async_cfg, rng):
+    buf = GenerativeReplay(3, 1, capacity=5000, config=async_cfg, model_terminals=False)
+    during = {"adds": 0, "all_real_batches": 0}
+
+    def on_add():
+        if buf.pool.retraining:
+            during["adds"] += 1
+            # before the first pool lands, batches are all real and sampling never blocks
+            if buf.pool.num_synthetic == 0 and buf.sample(16).obs.shape[0] == 16:
+                during["all_real_batches"] += 1
+            time.sleep(0.002)
+
+    _feed(buf, 200, rng)                 # the 200th add starts the retrain and returns at once
+    assert buf.pool.retraining and buf.stats()["retrain_count"] == 0
+    _feed(buf, 150, rng, on_add)
+    assert during["adds"] > 0, "no env step happened while the model retrained"
+    assert during["all_real_batches"] > 0
+    buf.wait()
+    s = buf.stats()
+    assert s["retrain_count"] == 1 and s["num_synthetic"] == 500 and not s["retraining"]
+    assert s["env_steps"] == 350
+
+
+def test_background_pool_swap_is_atomic(async_cfg, rng):
+    buf = GenerativeReplay(3, 1, capacity=5000, config=async_cfg, model_terminals=False)
+    _feed(buf, 200, rng)
+    buf.wait()
+    old_pool = buf.pool.pool
+    _feed(buf, 200, rng)                 # second retrain starts at 400
+    assert buf.pool.retraining
+    assert buf.pool.pool is old_pool     # the old pool serves until the new one is complete
+    buf.wait()
+    assert buf.pool.pool is not old_pool and buf.pool.pool.shape[0] == 500
+
+
+def test_worker_crash_is_raised_at_next_add(async_cfg, rng, monkeypatch):
+    buf = GenerativeReplay(3, 1, capacity=5000, config=async_cfg, model_terminals=False)
+
+    def boom(*args, **kwargs):
+        raise ValueError("injected worker failure")
+
+    monkeypatch.setattr(buf.pool, "_build", boom)
+    _feed(buf, 200, rng)
+    buf.pool._worker.join()
+    with pytest.raises(RuntimeError, match="background retrain crashed") as info:
+        _feed(buf, 1, rng)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_save_and_pickle_wait_for_inflight_retrain(async_cfg, rng, tmp_path):
+    buf = GenerativeReplay(3, 1, capacity=5000, config=async_cfg, model_terminals=False)
+    _feed(buf, 200, rng)
+    assert buf.pool.retraining
+    clone = pickle.loads(pickle.dumps(buf))
+    assert clone.stats()["retrain_count"] == 1 and clone.stats()["num_synthetic"] == 500
+    buf.save(tmp_path / "ck")
+    assert GenerativeReplay.load(tmp_path / "ck").stats()["retrain_count"] == 1
+
+
+def test_sampling_falls_back_to_smaller_batches_on_oom(tiny_cfg, monkeypatch):
+    x = np.random.default_rng(0).standard_normal((500, 3)).astype(np.float32)
+    model = TransitionDiffusion(3, tiny_cfg.replace(train_steps=50))
+    model.fit(x)
+    real_heun = diffusion_mod.heun_sample
+    seen = []
+
+    def heun_with_memory_limit(denoise, x_init, *args, **kwargs):
+        seen.append(x_init.shape[0])
+        if x_init.shape[0] > 64:
+            raise torch.OutOfMemoryError("injected: batch too large")
+        return real_heun(denoise, x_init, *args, **kwargs)
+
+    monkeypatch.setattr(diffusion_mod, "heun_sample", heun_with_memory_limit)
+    y = model.sample(300, batch_size=256)
+    assert y.shape == (300, 3) and np.isfinite(y).all()
+    assert seen[:3] == [256, 128, 64] and max(seen[3:]) <= 64
+
+
+def test_synthetic_actions_are_clipped_to_bounds(tiny_cfg, rng):
+    cfg = tiny_cfg.replace(retrain_every=300, min_real=100, train_steps=100, num_generate=2000,
+                           synthetic_size=2000)
+    buf = GenerativeReplay(3, 1, capacity=5000, config=cfg, model_terminals=False,
+                           action_bounds=(-0.5, 0.5))
+    _feed(buf, 300, rng)   # real actions span [-1, 1], so an unclipped model exceeds the bounds
+    actions = buf.pool.pool[:, 3].numpy()
+    assert actions.min() >= -0.5 and actions.max() <= 0.5
+    assert (np.abs(actions) == 0.5).mean() > 0.1   # clipping really happened
+    with pytest.raises(ValueError, match="low <= high"):
+        buf.pool.set_action_bounds(1.0, -1.0)
