@@ -55,7 +55,8 @@ class TransitionLayout:
     def join(self, obs, action, reward, next_obs, terminated) -> np.ndarray:
         """Rows [B, D] float32 from batched fields ([B, ...] each; reward/terminated [B] or [B, 1])."""
         b = obs.shape[0]
-        parts = [obs.reshape(b, -1), action.reshape(b, -1), reward.reshape(b, 1), next_obs.reshape(b, -1)]
+        parts = [obs.reshape(b, self.obs_dim), action.reshape(b, self.action_dim), reward.reshape(b, 1),
+                 next_obs.reshape(b, self.obs_dim)]
         if self.model_terminals:
             parts.append(terminated.reshape(b, 1))
         return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts], axis=1)
@@ -93,12 +94,14 @@ class SyntheticPool:
         self.env_steps = 0
         self.next_retrain = config.retrain_every
         self.retrain_count = 0
+        self.last_retrain_env_step = -1   # env step whose data the current pool was trained on
         self.failed_retrains = 0
         self.num_filtered = 0
         self.last_train_loss = float("nan")
         self.last_fit_seconds = 0.0
         self.last_generate_seconds = 0.0
         self.rng = np.random.default_rng(config.seed)
+        self.min_real = config.min_real   # owners clamp this to their capacity
         self.action_low: Optional[np.ndarray] = None    # synthetic actions are clipped to these
         self.action_high: Optional[np.ndarray] = None
         self._worker: Optional[threading.Thread] = None
@@ -126,7 +129,7 @@ class SyntheticPool:
         (never while a background retrain is in flight)."""
         self.poll()
         return (self._worker is None and self.env_steps >= self.next_retrain
-                and num_real >= self.config.min_real)
+                and num_real >= self.min_real)
 
     def retrain(self, rows: np.ndarray, background: Optional[bool] = None) -> bool:
         """Fit a fresh model on ``rows`` (all real data), then regenerate the pool (replacing it).
@@ -219,6 +222,7 @@ class SyntheticPool:
         # Atomic swap: readers see either the old pool or the complete new one.
         self.model, self.pool = result["model"], torch.from_numpy(result["pool"]).to(self.device)
         self.retrain_count += 1
+        self.last_retrain_env_step = result["env_step"]
         self.last_train_loss = fit["loss"]
         self.last_fit_seconds = fit["seconds"]
         self.last_generate_seconds = gen_seconds
@@ -238,8 +242,10 @@ class SyntheticPool:
         if k is None:
             return np.ones(len(synth), dtype=bool)
         mean = real.mean(axis=0, dtype=np.float64)
-        std = np.maximum(real.std(axis=0, dtype=np.float64), 1e-6)
-        z = np.abs((synth - mean) / std)
+        std = real.std(axis=0, dtype=np.float64)
+        constant = std < 1e-6  # the model never reproduces a constant exactly: don't judge those
+        z = np.abs((synth - mean) / np.where(constant, 1.0, std))
+        z[:, constant] = 0.0
         if self.layout.model_terminals:
             z[:, -1] = 0.0
         return (z <= k).all(axis=1)
@@ -266,7 +272,8 @@ class SyntheticPool:
         """Schedule counters and the last retrain's metrics."""
         self.poll()
         return {"env_steps": self.env_steps, "num_synthetic": self.num_synthetic,
-                "retrain_count": self.retrain_count, "failed_retrains": self.failed_retrains,
+                "retrain_count": self.retrain_count, "last_retrain_env_step": self.last_retrain_env_step,
+                "failed_retrains": self.failed_retrains,
                 "num_filtered": self.num_filtered, "next_retrain": self.next_retrain,
                 "last_train_loss": self.last_train_loss, "last_fit_seconds": self.last_fit_seconds,
                 "last_generate_seconds": self.last_generate_seconds, "real_ratio": self.config.real_ratio,
@@ -276,7 +283,8 @@ class SyntheticPool:
         if self.log_fn is not None:
             self.log_fn(key, value)
 
-    _COUNTERS = ("env_steps", "next_retrain", "retrain_count", "failed_retrains", "num_filtered",
+    _COUNTERS = ("env_steps", "next_retrain", "retrain_count", "last_retrain_env_step", "failed_retrains",
+                 "num_filtered",
                  "last_train_loss", "last_fit_seconds", "last_generate_seconds")
 
     def state_dict(self) -> dict:

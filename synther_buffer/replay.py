@@ -111,6 +111,7 @@ class GenerativeReplay(_Mixer):
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
         if on_invalid not in ON_INVALID:
             raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+        self.pool.min_real = min(self.config.min_real, int(capacity))  # a full buffer may always retrain
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
         self.capacity = int(capacity)
         self.on_invalid = on_invalid
@@ -136,21 +137,27 @@ class GenerativeReplay(_Mixer):
         """
         rows = self._validated_rows(obs, action, reward, next_obs, terminated)
         b = rows.shape[0]
-        self.pool.step(b)
+        if b == 0:
+            return
         finite = np.isfinite(rows).all(axis=1)
         if not finite.all():
-            if self.on_invalid == "raise":
+            if self.on_invalid == "raise":  # rejected: no side effects
                 bad = int(np.argmin(finite))
                 raise ValueError(f"transition {bad} of the batch has NaN/inf values; pass "
                                  f"on_invalid='drop' to count and drop such transitions instead")
-            self.num_dropped += int((~finite).sum())
             rows = rows[finite]
+        if not np.isin(rows[:, -1], (0.0, 1.0)).all():
+            raise ValueError("terminated must hold 0/1 (or bool) values: the true terminal flag, not a probability")
+        self.num_dropped += b - rows.shape[0]
+        self.pool.step(b)  # dropped transitions were still env steps
         self._write(rows)
         if self.pool.due(len(self)):
             self.retrain()
 
     def _write(self, rows: np.ndarray) -> None:
         b = rows.shape[0]
+        if b == 0:
+            return
         if b >= self.capacity:  # only the newest `capacity` rows survive
             rows, b = rows[-self.capacity:], self.capacity
         idx = (self.pos + np.arange(b)) % self.capacity
@@ -175,7 +182,9 @@ class GenerativeReplay(_Mixer):
                 raise ValueError(f"{name} has shape {arr.shape}, expected {expected}"
                                  f"{' or (B, 1)' if not shape and not single else ''} "
                                  f"(obs_dim={self.obs_dim}, action_dim={self.action_dim})")
-            out.append(arr.reshape(1 if single else b, -1))
+            out.append(arr)
+        if single:
+            out = [a.reshape(1, *a.shape) for a in out]
         return self.store_layout.join(*out)
 
     # ------------------------------------------------------------------ retraining and sampling
@@ -202,7 +211,8 @@ class GenerativeReplay(_Mixer):
 
     def stats(self) -> dict:
         """env_steps, num_real, num_synthetic, retrain_count, last_train_loss, last_fit_seconds,
-        last_generate_seconds, real_ratio, plus failed_retrains, num_filtered, num_dropped, next_retrain."""
+        last_generate_seconds, real_ratio, plus failed_retrains, num_filtered, num_dropped, next_retrain,
+        last_retrain_env_step, retraining."""
         s = self.pool.stats()
         s.update(num_real=len(self), num_dropped=self.num_dropped, capacity=self.capacity)
         return s
@@ -248,17 +258,22 @@ class GenerativeReplay(_Mixer):
             raise ValueError(f"could not load GenerativeReplay checkpoint {path}: {type(e).__name__}: {e}") from None
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
             raise ValueError(f"{path} is not a GenerativeReplay checkpoint of version {CHECKPOINT_VERSION}")
-        cfg = SynthERConfig.from_dict(state["config"])
-        if device is not None:
-            cfg = cfg.replace(device=device)
-        buf = cls(state["obs_dim"], state["action_dim"], state["capacity"], cfg, state["model_terminals"],
-                  state["on_invalid"], log_fn)
-        if real.shape[1] != buf.store_layout.dim or real.shape[0] > buf.capacity:
-            raise ValueError(f"{path}/real.npy has shape {real.shape}, inconsistent with the saved state")
-        buf._rows[:real.shape[0]] = real
-        buf.pos, buf.full, buf.num_dropped = state["pos"], state["full"], state["num_dropped"]
-        buf.rng.bit_generator.state = json.loads(state["rng"])
-        buf.pool.load_state_dict(state["pool"])
+        try:
+            cfg = SynthERConfig.from_dict(state["config"])
+            if device is not None:
+                cfg = cfg.replace(device=device)
+            buf = cls(state["obs_dim"], state["action_dim"], state["capacity"], cfg, state["model_terminals"],
+                      state["on_invalid"], log_fn)
+            pos, full = int(state["pos"]), bool(state["full"])
+            expected_rows = buf.capacity if full else pos
+            if not 0 <= pos < buf.capacity or real.ndim != 2 or real.shape != (expected_rows, buf.store_layout.dim):
+                raise ValueError(f"real.npy has shape {real.shape}, expected ({expected_rows}, {buf.store_layout.dim})")
+            buf._rows[:real.shape[0]] = real
+            buf.pos, buf.full, buf.num_dropped = pos, full, int(state["num_dropped"])
+            buf.rng.bit_generator.state = json.loads(state["rng"])
+            buf.pool.load_state_dict(state["pool"])
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, ValueError) as e:
+            raise ValueError(f"corrupt GenerativeReplay checkpoint {path}: {type(e).__name__}: {e}") from None
         return buf
 
 
@@ -310,8 +325,13 @@ class WrappedReplay(_Mixer):
 
     def sample(self, batch_size: int) -> ReplaySamples:
         """``floor(real_ratio * B + 0.5)`` rows from your buffer, the rest synthetic."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         n_real, n_syn = self.pool.split_batch(int(batch_size))
-        real = torch.from_numpy(self._rows(self.sample_real(n_real))).to(self.device)
+        if n_real:
+            real = torch.from_numpy(self._rows(self.sample_real(n_real))).to(self.device)
+        else:
+            real = torch.empty(0, self.store_layout.dim, device=self.device)
         return self._mix(real, n_syn)
 
     def stats(self) -> dict:

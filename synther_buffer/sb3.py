@@ -43,7 +43,7 @@ class GenerativeReplayBuffer(ReplayBuffer):
     :param model_terminals: model the terminal flag. ``"auto"`` (default): decided at the first
         retrain, True iff a real terminal (not a timeout) has been stored by then.
 
-    Synthetic actions are clipped to the action space's bounds.
+    Synthetic actions are clipped to [-1, 1], where SB3's off-policy algorithms store Box actions.
 
     Batches hold ``floor(real_ratio * B + 0.5)`` real rows first, then synthetic rows (all real
     before the first retrain). VecNormalize (``env`` argument of ``sample``) is applied to both.
@@ -77,7 +77,9 @@ class GenerativeReplayBuffer(ReplayBuffer):
     def _make_pool(self, model_terminals: bool) -> SyntheticPool:
         layout = TransitionLayout(self.obs_size, self.action_dim, model_terminals)
         pool = SyntheticPool(layout, self.config)
-        pool.set_action_bounds(self.action_space.low, self.action_space.high)
+        pool.min_real = min(self.config.min_real, self.buffer_size * self.n_envs)  # a full buffer may retrain
+        # SAC/TD3 store actions rescaled to [-1, 1] (policy.scale_action), whatever the env's bounds.
+        pool.set_action_bounds(-1.0, 1.0)
         return pool
 
     def wait(self) -> bool:

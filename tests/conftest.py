@@ -54,3 +54,30 @@ def make_mixture(n: int = 4000, modes=(-2.0, 2.0), mode_std: float = 0.3, y_std:
 def make_mixture_2d():
     """The ``make_mixture(n, modes, mode_std, y_std, seed)`` helper, as a fixture."""
     return make_mixture
+
+
+@pytest.fixture
+def fake_diffusion(monkeypatch):
+    """Make ``TransitionDiffusion.fit``/``sample`` instant: fit records the rows, sample returns a
+    seeded bootstrap of them (float32 copies). Tests of schedules, pools and plumbing use it where
+    the model's fidelity does not matter. ``fake_diffusion.calls`` counts fits."""
+    from synther_buffer import TransitionDiffusion
+
+    class Fake:
+        calls = 0
+
+    def fit(self, x, **kw):
+        Fake.calls += 1
+        self._fake_rows = np.array(x, dtype=np.float32, copy=True)
+        self.fitted = True
+        self.last_fit = {"loss": 0.25, "seconds": 0.001, "steps": 1, "batch_size": 1}
+        return dict(self.last_fit)
+
+    def sample(self, n, **kw):
+        r = np.random.default_rng(1000 + self.sample_calls)
+        self.sample_calls += 1
+        return self._fake_rows[r.integers(0, len(self._fake_rows), size=n)].copy()
+
+    monkeypatch.setattr(TransitionDiffusion, "fit", fit)
+    monkeypatch.setattr(TransitionDiffusion, "sample", sample)
+    return Fake
