@@ -201,10 +201,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if getattr(args, "_delegate", None) is not None:
-        rc = args._delegate(args)
-        return int(rc) if isinstance(rc, int) else 0
     try:
+        if getattr(args, "_delegate", None) is not None:
+            rc = args._delegate(args)
+            return int(rc) if isinstance(rc, int) else 0
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"synther {args.command}: error: {e}", file=sys.stderr)

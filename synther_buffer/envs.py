@@ -102,7 +102,15 @@ def _unknown_id(env_id: str) -> ValueError:
 
 
 def _register_shimmy() -> None:
-    """Import shimmy so that gymnasium knows the ``dm_control/...`` ids."""
+    """Import shimmy so that gymnasium knows the ``dm_control/...`` ids.
+
+    Unless the user chose a GL backend, ``MUJOCO_GL=disable``: physics needs no OpenGL, and
+    dm_control's automatic choice prints GLFW/DISPLAY warnings on headless machines. Set
+    ``MUJOCO_GL=egl`` (or ``osmesa``) before the first ``make_env`` to render DMC frames.
+    """
+    import os
+
+    os.environ.setdefault("MUJOCO_GL", "disable")
     import shimmy
 
     gym.register_envs(shimmy)
