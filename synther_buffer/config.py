@@ -196,11 +196,12 @@ def _paper() -> SynthERConfig:
 
 def _fast() -> SynthERConfig:
     # CPU preset, sized by fidelity first, then time (see README "Presets" for the measurements).
-    # Measured here (2 cores, dim 41, 10K rows): 116 train steps/s -> 15K steps ~130 s; 100K samples
-    # with 32-step deterministic Heun ~52 s. DESIGN.md calibration: 15K steps + 32-step deterministic
-    # scores 0.61x the dynamics error of the seed's additive-noise augmentation.
+    # Measured here (2 cores, dim 41, 10K rows; benchmarks/FIDELITY.md): 15K steps at ~116 steps/s
+    # (quiet machine) ~130 s; 100K samples at 32 steps ~52-60 s. Dynamics error replayed in MuJoCo
+    # (HalfCheetah-v5): 32-step stochastic 0.080 vs 32-step deterministic 0.107 at the same cost
+    # (paper 128-step stochastic 0.051, 4x the sampling time; additive-noise augmentation 0.382).
     return SynthERConfig(width=256, depth=4, train_steps=15_000, batch_size=256,
-                         sample_steps=32, sampler="deterministic",
+                         sample_steps=32, sampler="stochastic",
                          retrain_every=5_000, synthetic_size=100_000, num_generate=100_000)
 
 

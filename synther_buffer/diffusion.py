@@ -164,13 +164,15 @@ class TransitionDiffusion:
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, *, batch_size: Optional[int] = None, seed: Optional[int] = None,
-               progress: Optional[bool] = None) -> np.ndarray:
+               progress: Optional[bool] = None, sampler: Optional[str] = None,
+               sample_steps: Optional[int] = None) -> np.ndarray:
         """Draw ``n`` new rows, un-normalised, as float32 numpy [n, D] (terminal columns in {0, 1}).
 
         Sampling runs in batches of ``batch_size`` (``config.sample_batch_size``; default 100K on
         CUDA, 16K on CPU) so only one batch of intermediate states is alive at a time. ``seed``
         fixes the noise; by default each call uses ``config.seed`` and a call counter. Out of
-        memory halves the batch size and retries.
+        memory halves the batch size and retries. ``sampler`` / ``sample_steps`` override the
+        config's for this call (e.g. to trade fidelity for speed).
         Raises ``DiffusionTrainingError`` if the samples are not finite.
         """
         if not self.fitted:
@@ -178,6 +180,9 @@ class TransitionDiffusion:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
         c = self.config
+        if sampler is not None or sample_steps is not None:  # validated like any config change
+            c = c.replace(**{k: v for k, v in (("sampler", sampler), ("sample_steps", sample_steps))
+                             if v is not None})
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")

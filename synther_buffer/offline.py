@@ -895,7 +895,11 @@ def report(real: Union[PathLike, Mapping[str, Any], np.ndarray], synthetic: Unio
                                            f"benchmarks.fidelity (score_transitions), which is not importable "
                                            f"({type(e).__name__}: {e}); skipped")
             else:
-                result["fidelity"] = score_transitions(env_id, dict(s_data))
+                reference = None if isinstance(r_data, np.ndarray) else dict(r_data)
+                try:  # normalise errors by the real data's stds where we have them
+                    result["fidelity"] = score_transitions(env_id, dict(s_data), reference=reference)
+                except ValueError as e:  # unsupported env, width mismatch: keep the rest of the report
+                    result["fidelity_note"] = f"fidelity scoring skipped: {e}"
 
     if out_png is not None:
         out_png = Path(out_png)

@@ -381,3 +381,20 @@ def test_cuda_fit_sample_returns_float32_numpy(tmp_path, make_mixture_2d):
     cpu = TransitionDiffusion.load(tmp_path / "cuda.pt", device="cpu")
     y_cpu = cpu.sample(500, seed=0)
     assert y_cpu.dtype == np.float32 and np.isfinite(y_cpu).all()
+
+
+def test_sample_sampler_override_per_call(tiny_cfg):
+    """sampler / sample_steps override the config for one call, validated like config fields."""
+    x = np.random.default_rng(0).standard_normal((400, 3)).astype(np.float32)
+    model = TransitionDiffusion(3, tiny_cfg.replace(train_steps=50))
+    model.fit(x)
+    base = model.sample(64, seed=5)
+    same = model.sample(64, seed=5, sampler=tiny_cfg.sampler, sample_steps=tiny_cfg.sample_steps)
+    other = model.sample(64, seed=5, sampler="stochastic", sample_steps=8)
+    np.testing.assert_array_equal(base, same)
+    assert not np.allclose(base, other)
+    assert model.config == tiny_cfg.replace(train_steps=50)   # the config itself is untouched
+    with pytest.raises(ValueError, match="sampler"):
+        model.sample(4, sampler="euler")
+    with pytest.raises(ValueError, match="sample_steps"):
+        model.sample(4, sample_steps=0)
