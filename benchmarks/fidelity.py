@@ -876,7 +876,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the benchmark described by parsed CLI ``args``; writes the outputs and returns the result dict."""
     from synther_buffer import SynthERConfig
     from synther_buffer.edm import num_function_evals
-    from synther_buffer.offline import from_rows, make_model, to_rows
+    from synther_buffer.datasets import from_rows, to_rows
+    from synther_buffer.offline import make_model
 
     _set_threads(args.threads)
     t_start = time.perf_counter()

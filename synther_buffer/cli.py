@@ -171,14 +171,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``synther report``: histograms PNG, mean/std table (printed + JSON), terminal rate, optional fidelity."""
     from pathlib import Path
 
-    from . import offline
+    from . import report
 
     out = args.out
     if out is None:
         syn = Path(args.synthetic)
         out = syn.parent / ((syn.stem if syn.is_file() else syn.name) + ".report.png")
-    r = offline.report(args.dataset, args.synthetic, out_png=out, env_id=args.env_id, max_hist_rows=args.max_rows)
-    print(offline.format_stats(r))
+    r = report.report(args.dataset, args.synthetic, out_png=out, env_id=args.env_id, max_hist_rows=args.max_rows)
+    print(report.format_stats(r))
     if args.env_id is not None:
         if r.get("fidelity") is not None:
             print(f"fidelity ({args.env_id}): {r['fidelity']}")

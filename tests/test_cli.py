@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from synther_buffer import cli
-from synther_buffer.offline import load_transitions
+from synther_buffer.datasets import load_transitions
 
 
 @pytest.fixture(scope="module", autouse=True)

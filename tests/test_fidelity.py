@@ -83,7 +83,7 @@ def test_unsupported_env_is_a_clear_error():
 
 
 def test_augmentations_follow_seed_d1():
-    from synther_buffer.offline import to_rows
+    from synther_buffer.datasets import to_rows
 
     rng = np.random.default_rng(0)
     n, o, a = 200, 4, 2
@@ -145,7 +145,7 @@ def test_ctgan_budget_kill_is_reported():
 
 
 def test_report_uses_score_transitions(real):
-    from synther_buffer.offline import report
+    from synther_buffer.report import report
 
     env, train, held = real
     r = report(train, held, env_id=env)

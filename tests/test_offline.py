@@ -13,9 +13,10 @@ import pytest
 h5py = pytest.importorskip("h5py")
 
 from synther_buffer import SynthERConfig, TransitionDiffusion
-from synther_buffer import offline
-from synther_buffer.offline import (RowLayout, compression_report, from_rows, load_array, load_source,
-                                    load_transitions, report, to_rows, upsample)
+from synther_buffer import datasets, offline, report as report_mod
+from synther_buffer.datasets import RowLayout, from_rows, load_array, load_source, load_transitions, to_rows
+from synther_buffer.offline import compression_report, upsample
+from synther_buffer.report import report
 
 OBS, ACT = 3, 2
 
@@ -68,7 +69,7 @@ def row_set(rows: np.ndarray) -> set:
 
 
 def assert_same(a: dict, b: dict, keys=None) -> None:
-    for k in keys or offline.REQUIRED_KEYS:
+    for k in keys or datasets.REQUIRED_KEYS:
         np.testing.assert_array_equal(np.asarray(a[k]).reshape(len(a[k]), -1).astype(np.float32),
                                       np.asarray(b[k]).reshape(len(b[k]), -1).astype(np.float32), err_msg=k)
 
@@ -78,8 +79,8 @@ def test_npz_round_trip(tmp_path, data):
     p = tmp_path / "d.npz"
     np.savez(p, extra=np.arange(3), **data)
     got = load_transitions(p)
-    assert set(got) == set(offline.REQUIRED_KEYS) | {"timeouts"}
-    assert_same(got, data, list(offline.REQUIRED_KEYS) + ["timeouts"])
+    assert set(got) == set(datasets.REQUIRED_KEYS) | {"timeouts"}
+    assert_same(got, data, list(datasets.REQUIRED_KEYS) + ["timeouts"])
     assert got["observations"].dtype == np.float32 and got["rewards"].shape == (300,)
 
 
@@ -91,7 +92,7 @@ def test_d4rl_hdf5_round_trip(tmp_path, data):
         f.create_dataset("infos/qpos", data=np.zeros((300, 4)))
         f.create_group("metadata").attrs["algorithm"] = "SAC"
     got = load_transitions(p)
-    assert_same(got, data, list(offline.REQUIRED_KEYS) + ["timeouts"])
+    assert_same(got, data, list(datasets.REQUIRED_KEYS) + ["timeouts"])
     assert got["terminals"].dtype == np.bool_
     rows, layout = to_rows(got)
     assert layout.terminal and layout.terminal_dtype == "bool"
@@ -230,7 +231,7 @@ def test_rows_round_trip_and_terminal_rule(data):
     assert rows.shape == (300, 2 * OBS + ACT + 2) and rows.dtype == np.float32
     assert layout.column_names()[layout.reward_col] == "reward" and layout.terminal_col == rows.shape[1] - 1
     back = from_rows(rows, layout, timeouts=data["timeouts"])
-    assert_same(back, data, list(offline.REQUIRED_KEYS) + ["timeouts"])
+    assert_same(back, data, list(datasets.REQUIRED_KEYS) + ["timeouts"])
 
     no_term = make_transitions(terminal_every=0)
     rows2, layout2 = to_rows(no_term)
@@ -270,7 +271,7 @@ def test_chunked_npz_writes_exactly_n_rows(tmp_path, fitted, data, monkeypatch):
     assert "ZIP_STORED" in s["writer"]
     with zipfile.ZipFile(out) as zf:
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
-        assert sorted(zf.namelist()) == sorted(f"{k}.npy" for k in list(offline.REQUIRED_KEYS) + ["timeouts"])
+        assert sorted(zf.namelist()) == sorted(f"{k}.npy" for k in list(datasets.REQUIRED_KEYS) + ["timeouts"])
     got = load_transitions(out)
     assert all(len(v) == 103 for v in got.values())
     assert set(np.unique(got["terminals"])) <= {0.0, 1.0}
@@ -370,7 +371,7 @@ def test_report_png_and_json(tmp_path, data, monkeypatch):
     assert col["reward"]["synthetic_std"] == pytest.approx(syn["rewards"].std(), rel=1e-5)
     assert js["terminal_rate"] == {"real": pytest.approx(0.1), "synthetic": pytest.approx(0.25)}
     assert js["fidelity"] is None and "needs the benchmark module" in js["fidelity_note"]
-    text = offline.format_stats(r)
+    text = report_mod.format_stats(r)
     assert "terminal rate: real 0.100000, synthetic 0.250000" in text
 
 
