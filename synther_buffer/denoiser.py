@@ -38,7 +38,8 @@ class ResidualBlock(nn.Module):
         self.linear = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.linear(torch.relu(self.norm(x)))
+        # in place: layernorm/linear backward need their inputs, not these outputs
+        return self.linear(torch.relu_(self.norm(x))).add_(x)
 
 
 class ResidualMLPDenoiser(nn.Module):
@@ -70,7 +71,7 @@ class ResidualMLPDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
         h = self.proj(x) + self.time_mlp(c_noise)
         h = self.blocks(self.linear_in(h))
-        return self.linear_out(torch.relu(self.norm_out(h)))
+        return self.linear_out(torch.relu_(self.norm_out(h)))
 
 
 def count_parameters(module: nn.Module) -> int:

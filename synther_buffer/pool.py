@@ -257,7 +257,7 @@ class SyntheticPool:
         if self.pool is None or self.num_synthetic == 0:
             raise RuntimeError("the synthetic pool is empty (no retrain yet)")
         idx = torch.from_numpy(self.rng.integers(0, self.num_synthetic, size=k)).to(self.device)
-        return self.pool[idx]
+        return self.pool.index_select(0, idx)  # not pool[idx]: see diffusion.fit
 
     def split_batch(self, batch_size: int) -> tuple:
         """(n_real, n_synthetic) for a batch: n_real = floor(real_ratio * B + 0.5); all real before any pool."""

@@ -1,0 +1,614 @@
+"""Throughput of synther_buffer against the reference stack, side by side in one run.
+
+    python -m benchmarks.throughput [--quick] [--threads N] [--device auto|cpu|cuda] [--out results/throughput]
+
+Ours: ``TransitionDiffusion.fit`` (training steps/s) and ``TransitionDiffusion.sample`` (samples/s).
+The peer: the stack the SynthER reference code used -- lucidrains ``denoising-diffusion-pytorch``
+``ElucidatedDiffusion`` driven like SynthER's ``Trainer.train`` (AdamW betas (0.9, 0.99), weight
+decay 0 (= Adam), grad-norm clip 1.0, ``ema_pytorch.EMA(beta=0.995, update_every=10)`` updated every
+step, ``loss.item()`` every step, cosine LR). Its network is OUR ``ResidualMLPDenoiser`` (same width,
+depth, RFF and time dims), so both sides run the identical network and only the machinery around it
+differs. Flat rows [B, D] are fed to lucidrains' image-shaped class as ``D``-channel 1x1 "images"
+([B, D, 1, 1]; the wrapper reshapes to [B, D] for the MLP), the way SynthER's adapted copy of the
+class fed ``event_shape=[D]`` vectors.
+
+Methodology (2 shared cores: absolute numbers are noisy, ratios are the result):
+  * ours and the peer are measured INTERLEAVED (A B A B ...), ``--repeats`` times, median reported;
+  * training steps/s excludes setup: each side runs K1 and K2 steps (same K for both, setup
+    included in both) and the rate is (K2 - K1) / (t(K2) - t(K1)), per repeat, then the median;
+  * sampling: one batch of ``n`` rows (same n, same sampler steps for both), rows/s;
+  * machine peak: a large fp32 ``torch.mm`` at the same thread count, sampled between repeats;
+    model FLOPs counted analytically: 2 * (Linear weights) per row per forward, x3 for training.
+  * replay latency: ``GenerativeReplayBuffer.sample(256)`` (real data added, synthetic pool filled
+    by a real retrain) vs plain SB3 ``ReplayBuffer.sample(256)`` on the same real data.
+
+The peer is a benchmark-only extra (``pip install --no-deps denoising-diffusion-pytorch einops
+ema-pytorch``; its package ``__init__`` imports torchvision, so ``elucidated_diffusion.py`` is loaded
+by file path). Without it the peer columns are empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from synther_buffer.config import SynthERConfig
+from synther_buffer.denoiser import ResidualMLPDenoiser
+from synther_buffer.diffusion import TransitionDiffusion, resolve_device
+
+DIM = 41            # HalfCheetah: 17 obs + 6 action + 1 reward + 17 next_obs
+OBS_DIM, ACT_DIM = 17, 6
+N_ROWS = 10_000
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of ``fn()`` (device synchronised)."""
+    return _timed2(fn, device)[0]
+
+
+def _timed2(fn: Callable[[], object], device: torch.device) -> tuple:
+    """(wall seconds, process CPU seconds) of ``fn()``. At one thread CPU time does not advance
+    while other processes hold the core, so it is the steadier measure on a shared machine."""
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _median(xs: List[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on Linux
+        return None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def apply_mallopt() -> bool:
+    """glibc only: serve every allocation from the heap and never trim it (``M_MMAP_THRESHOLD`` and
+    ``M_TRIM_THRESHOLD`` = 1 GiB), like ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``. Eager
+    torch on CPU allocates a fresh multi-MB tensor per op; by default glibc mmaps (and page-faults)
+    each of them. Applies to the whole process, so to ours and the peer alike."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, ctypes.c_int(1 << 30))) and bool(libc.mallopt(-1, ctypes.c_int(1 << 30)))
+    except (OSError, AttributeError):
+        return False
+
+
+def linear_flops_per_row(net: nn.Module) -> int:
+    """Multiply-add FLOPs of one forward pass per row: 2 * sum of Linear weight sizes."""
+    return 2 * sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.Linear))
+
+
+def matmul_peak_gflops(device: torch.device, n: int, reps: int = 3) -> float:
+    """Best-of-``reps`` fp32 GFLOP/s of an [n, n] @ [n, n] torch.mm (TF32 as configured: off by default)."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    c = torch.empty(n, n, device=device)
+    torch.mm(a, b, out=c)  # warm-up
+    inner = 1 if device.type == "cpu" else 10
+    best = float("inf")
+    for _ in range(reps):
+        dt = _timed(lambda: [torch.mm(a, b, out=c) for _ in range(inner)], device) / inner
+        best = min(best, dt)
+    return 2 * n ** 3 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------- the peer
+
+
+def load_peer():
+    """lucidrains' ``elucidated_diffusion`` module loaded by file path (the package ``__init__`` is
+    not executed: it imports torchvision), plus ``ema_pytorch.EMA``. None when not installed."""
+    spec = importlib.util.find_spec("denoising_diffusion_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    path = pkg_dir / "elucidated_diffusion.py"
+    if not path.is_file():
+        return None
+    source = path.read_text()
+    if "denoising_diffusion_pytorch" in source or "from ." in source:
+        # Sibling imports: a bare package object lets them resolve without running __init__.
+        if "denoising_diffusion_pytorch" not in sys.modules:
+            stub = types.ModuleType("denoising_diffusion_pytorch")
+            stub.__path__ = [str(pkg_dir)]
+            sys.modules["denoising_diffusion_pytorch"] = stub
+    mspec = importlib.util.spec_from_file_location("denoising_diffusion_pytorch.elucidated_diffusion", path)
+    mod = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mod)
+    mod.tqdm = lambda it, *a, **k: it  # no progress bars inside timed sampling
+    try:
+        from ema_pytorch import EMA
+    except ImportError:
+        EMA = SimpleEMA
+    mod.BENCH_EMA = EMA
+    mod.BENCH_VERSION = _dist_version("denoising-diffusion-pytorch")
+    return mod
+
+
+def _dist_version(name: str) -> Optional[str]:
+    try:
+        from importlib import metadata
+        return metadata.version(name)
+    except Exception:
+        return None
+
+
+class SimpleEMA(nn.Module):
+    """Fallback when ema_pytorch is missing: the same update rule (per-parameter python loop,
+    warm-up copy until step 100, decay 1 - (1 + epoch)^(-2/3) capped at beta, every 10 steps)."""
+
+    def __init__(self, model: nn.Module, beta: float = 0.9999, update_after_step: int = 100, update_every: int = 10):
+        super().__init__()
+        self.online_model = model
+        self.ema_model = copy.deepcopy(model).requires_grad_(False)
+        self.beta, self.update_after_step, self.update_every = beta, update_after_step, update_every
+        self.register_buffer("step", torch.tensor(0))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        step = int(self.step.item())
+        self.step += 1
+        if step % self.update_every:
+            return
+        pairs = zip(self.ema_model.parameters(), self.online_model.parameters())
+        if step <= self.update_after_step:
+            for e, p in pairs:
+                e.copy_(p)
+            return
+        epoch = max(step - self.update_after_step - 1, 0)
+        decay = min(self.beta, 1 - (1 + epoch) ** (-2 / 3)) if epoch > 0 else 0.0
+        for e, p in pairs:
+            e.lerp_(p, 1 - decay)
+
+
+class PeerNet(nn.Module):
+    """OUR ResidualMLPDenoiser behind lucidrains' net interface: ``forward(x [B, D, 1, 1], time [B],
+    self_cond) -> [B, D, 1, 1]`` (SynthER fed the class flat vectors; here they are D-channel 1x1 images)."""
+
+    random_or_learned_sinusoidal_cond = True
+    self_condition = False
+
+    def __init__(self, net: ResidualMLPDenoiser):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, x_self_cond=None) -> torch.Tensor:
+        return self.net(x.reshape(x.shape[0], -1), time).reshape(x.shape)
+
+
+def build_peer(peer, cfg: SynthERConfig, device: torch.device, seed: int = 0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ResidualMLPDenoiser(DIM, cfg.width, cfg.depth, cfg.rff_dim, cfg.time_dim)
+    diffusion = peer.ElucidatedDiffusion(
+        PeerNet(net), image_size=1, channels=DIM, num_sample_steps=cfg.sample_steps,
+        sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, sigma_data=cfg.sigma_data, rho=cfg.rho,
+        P_mean=cfg.p_mean, P_std=cfg.p_std, S_churn=cfg.s_churn, S_tmin=cfg.s_tmin, S_tmax=cfg.s_tmax,
+        S_noise=cfg.s_noise)
+    return diffusion.to(device)
+
+
+def peer_fit(peer, cfg: SynthERConfig, images: torch.Tensor, steps: int, batch: int,
+             device: torch.device, loader: str = "index"):
+    """SynthER's ``Trainer.train`` loop (accelerate, wandb and tqdm removed) on the peer class.
+
+    ``images``: [N, D, 1, 1] in lucidrains' [0, 1] convention (its forward maps to [-1, 1]).
+    ``loader``: "index" (random rows by indexing, least overhead) or "dataloader" (the reference's
+    shuffled ``DataLoader(TensorDataset)``, in-process: num_workers=0).
+    Returns the EMA wrapper (``.ema_model`` samples).
+    """
+    diffusion = build_peer(peer, cfg, device)
+    ema = peer.BENCH_EMA(diffusion, beta=cfg.ema_decay, update_every=cfg.ema_every)
+    no_decay = ["bias", "LayerNorm.weight", "norm.weight", ".g"]
+    groups = [
+        {"params": [p for n, p in diffusion.named_parameters() if not any(nd in n for nd in no_decay)],
+         "weight_decay": 0.0},
+        {"params": [p for n, p in diffusion.named_parameters() if any(nd in n for nd in no_decay)],
+         "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    n = images.shape[0]
+    if loader == "dataloader":
+        dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images.cpu()), batch_size=batch,
+                                         shuffle=True, pin_memory=device.type == "cuda", num_workers=0)
+
+        def batches():
+            while True:
+                for (d,) in dl:
+                    yield d
+        it = batches()
+        next_batch = lambda: next(it).to(device)  # noqa: E731
+    else:
+        next_batch = lambda: images[torch.randint(n, (batch,), device=device)]  # noqa: E731
+    diffusion.train()
+    for _ in range(steps):
+        data = next_batch()
+        loss = diffusion(data)
+        total_loss = loss.item()  # noqa: F841  (the reference logs it every step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(diffusion.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+        sched.step()
+    return ema
+
+
+def peer_sample(ema_model, n: int, steps: int) -> torch.Tensor:
+    ema_model.eval()
+    return ema_model.sample(batch_size=n, num_sample_steps=steps, clamp=False)
+
+
+# ---------------------------------------------------------------------------------------- sizes
+
+
+def plan(quick: bool, device: torch.device) -> dict:
+    if quick:
+        return dict(models=[(64, 2)], batches=[64], rows=512, repeats=1, target_s=0.05,
+                    sample_steps=[("stochastic", 4), ("deterministic", 4)], sample_rows=(32, 32), sample_target_s=0.05,
+                    peak_n=256, buf_real=500, buf_pool=1_000, buf_calls=50, buf_blocks=2,
+                    min_steps=3)
+    big = device.type == "cuda"
+    return dict(models=[(256, 4), (1024, 6)], batches=[256, 1024], rows=N_ROWS, repeats=3 if not big else 5,
+                target_s=4.0 if not big else 2.0, sample_target_s=8.0 if not big else 2.0,
+                sample_steps=[("stochastic", 128), ("deterministic", 32)],
+                sample_rows=(64, 16_384) if not big else (1_024, 100_000),
+                peak_n=2048 if not big else 8192, buf_real=20_000, buf_pool=100_000, buf_calls=500,
+                buf_blocks=5, min_steps=10)
+
+
+def model_cfg(width: int, depth: int, device: torch.device, quick: bool) -> SynthERConfig:
+    base = SynthERConfig.preset("paper")
+    if quick:
+        base = base.replace(time_dim=32)
+    return base.replace(width=width, depth=depth, device=str(device), progress=False,
+                        sample_batch_size=None)
+
+
+# ---------------------------------------------------------------------------------------- benches
+
+
+def bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images: Optional[torch.Tensor],
+                p: dict, device: torch.device, quick: bool, peak_samples: List[float], loader: str) -> dict:
+    cfg = model_cfg(width, depth, device, quick).replace(batch_size=batch, train_steps=10)
+    ours = TransitionDiffusion(DIM, cfg)
+    flops_row = linear_flops_per_row(ours.model)
+    # Warm-up both (allocator, kernels) and estimate the step time to size K.
+    w = p["min_steps"]
+    t_ours = _timed(lambda: ours.fit(x, steps=w, progress=False), device)
+    t_peer = _timed(lambda: peer_fit(peer, cfg, images, w, batch, device, loader), device) if peer else t_ours
+    step_s = max(min(t_ours, t_peer) / w, 1e-6)
+    k2 = max(2 * p["min_steps"], int(p["target_s"] / step_s))
+    k1 = max(1, k2 // 4)
+    runs = {"ours": {k1: [], k2: []}, "peer": {k1: [], k2: []}}
+    for _ in range(p["repeats"]):
+        for k in (k1, k2):  # A B A B
+            runs["ours"][k].append(_timed2(lambda: ours.fit(x, steps=k, progress=False), device))
+            if peer:
+                runs["peer"][k].append(_timed2(lambda: peer_fit(peer, cfg, images, k, batch, device, loader), device))
+        peak_samples.append(matmul_peak_gflops(device, p["peak_n"], reps=2))
+
+    def rates(side, j):  # j = 0: wall clock, 1: CPU time
+        r = runs[side]
+        return [(k2 - k1) / (b[j] - a[j]) if b[j] > a[j] else float("nan") for a, b in zip(r[k1], r[k2])]
+
+    ours_rates, peer_rates = rates("ours", 0), rates("peer", 0) if peer else []
+    ours_cpu, peer_cpu = rates("ours", 1), rates("peer", 1) if peer else []
+    row = dict(kind="train", width=width, depth=depth, batch=batch, k1=k1, k2=k2,
+               flops_per_step=3 * flops_row * batch, params=sum(pp.numel() for pp in ours.model.parameters()),
+               ours_rate=_median(ours_rates), peer_rate=_median(peer_rates) if peer else None,
+               ours_rates=ours_rates, peer_rates=peer_rates, ours_cpu_rates=ours_cpu, peer_cpu_rates=peer_cpu,
+               unit="steps/s", peer_loader=loader)
+    return row
+
+
+def bench_sample(peer, width: int, depth: int, sampler: str, steps: int, x: np.ndarray,
+                 images: Optional[torch.Tensor], p: dict, device: torch.device, quick: bool,
+                 peak_gflops: float, loader: str) -> dict:
+    cfg = model_cfg(width, depth, device, quick).replace(
+        batch_size=min(256, x.shape[0]), sample_steps=steps, sampler=sampler,
+        s_churn=80.0 if sampler == "stochastic" else 0.0)
+    ours = TransitionDiffusion(DIM, cfg)
+    ours.fit(x, steps=p["min_steps"], progress=False)
+    flops_row = linear_flops_per_row(ours.model)
+    nfe = 2 * steps - 1
+    # rows per call: what ~target_s takes at ~30% of peak, clipped, a multiple of 16
+    lo, hi = p["sample_rows"]
+    n = int(p["sample_target_s"] * 0.3 * peak_gflops * 1e9 / (flops_row * nfe))
+    n = max(lo, min(hi, n // 16 * 16))
+    ema = peer_fit(peer, cfg, images, p["min_steps"], cfg.batch_size, device, loader) if peer else None
+    # warm-up
+    ours.sample(min(n, 64), batch_size=n, progress=False)
+    if peer:
+        peer_sample(ema.ema_model, min(n, 64), steps)
+    times = {"ours": [], "peer": []}
+    for _ in range(p["repeats"]):  # A B A B
+        times["ours"].append(_timed2(lambda: ours.sample(n, batch_size=n, progress=False), device))
+        if peer:
+            times["peer"].append(_timed2(lambda: peer_sample(ema.ema_model, n, steps), device))
+    rates = {side: [n / t[0] for t in ts] for side, ts in times.items()}
+    cpu = {side: [n / t[1] if t[1] > 0 else float("nan") for t in ts] for side, ts in times.items()}
+    return dict(kind="sample", width=width, depth=depth, sampler=sampler, sample_steps=steps, rows=n,
+                flops_per_row=flops_row * nfe, ours_rate=_median(rates["ours"]),
+                peer_rate=_median(rates["peer"]) if peer else None, ours_rates=rates["ours"],
+                peer_rates=rates["peer"], ours_cpu_rates=cpu["ours"], peer_cpu_rates=cpu["peer"],
+                unit="samples/s")
+
+
+def bench_buffer(p: dict, device: torch.device) -> dict:
+    """Microseconds per ``sample(256)``: GenerativeReplayBuffer (filled pool) vs SB3 ReplayBuffer."""
+    from gymnasium import spaces
+    from stable_baselines3.common.buffers import ReplayBuffer
+
+    from synther_buffer.sb3 import GenerativeReplayBuffer
+
+    obs_space = spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+    act_space = spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
+    n_real, n_pool = p["buf_real"], p["buf_pool"]
+    cfg = SynthERConfig.preset("tiny").replace(
+        device=str(device), train_steps=50, sample_steps=4, retrain_every=10 ** 9, min_real=1,
+        synthetic_size=n_pool, num_generate=n_pool, sample_batch_size=n_pool, progress=False)
+    gen = GenerativeReplayBuffer(n_real, obs_space, act_space, device=device, config=cfg, model_terminals=False)
+    plain = ReplayBuffer(n_real, obs_space, act_space, device=device)
+    rng = np.random.default_rng(0)
+    obs = rng.standard_normal((n_real + 1, OBS_DIM)).astype(np.float32)
+    act = rng.uniform(-1, 1, (n_real, ACT_DIM)).astype(np.float32)
+    rew = rng.standard_normal(n_real).astype(np.float32)
+    for i in range(n_real):
+        done = np.array([i % 1000 == 999])
+        info = [{"TimeLimit.truncated": bool(done[0])}]
+        for buf in (gen, plain):
+            buf.add(obs[i:i + 1], obs[i + 1:i + 2], act[i:i + 1], rew[i:i + 1], done, info)
+    t0 = time.perf_counter()
+    gen.retrain()
+    retrain_s = time.perf_counter() - t0
+    num_syn = gen.stats()["num_synthetic"]
+    bs, calls = 256, p["buf_calls"]
+
+    def block(buf) -> float:
+        buf.sample(bs)
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(calls):
+            buf.sample(bs)
+        _sync(device)
+        return (time.perf_counter() - t) / calls * 1e6
+
+    times = {"ours": [], "plain": []}
+    for _ in range(p["buf_blocks"]):
+        times["ours"].append(block(gen))
+        times["plain"].append(block(plain))
+    ours_us, plain_us = _median(times["ours"]), _median(times["plain"])
+    return dict(kind="buffer", batch=bs, num_real=n_real, num_synthetic=num_syn, retrain_s=retrain_s,
+                ours_us=ours_us, plain_us=plain_us, ratio=ours_us / plain_us,
+                ours_samples=times["ours"], plain_samples=times["plain"])
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    threads = args.threads or _cores()
+    torch.set_num_threads(threads)
+    mallopt = apply_mallopt() if args.mallopt else False
+    p = plan(args.quick, device)
+    if args.repeats:
+        p["repeats"] = args.repeats
+    peer = None if args.no_peer else load_peer()
+    t_start = time.perf_counter()
+    load_before = _loadavg()
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((p["rows"], DIM)).astype(np.float32) * 2.0 + 0.5
+    # the peer trains on the same standardised rows, in lucidrains' [0, 1] image convention
+    xn = (x - x.mean(0)) / x.std(0)
+    images = torch.as_tensor((xn + 1) / 2, dtype=torch.float32, device=device).reshape(-1, DIM, 1, 1)
+
+    peak_samples = [matmul_peak_gflops(device, p["peak_n"])]
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
+    train_rows, sample_rows = [], []
+    jobs = [(w, d, b, args.peer_loader) for (w, d) in p["models"] for b in p["batches"]]
+    if peer and not args.quick and args.peer_loader == "index":
+        # context row: the peer fed by the reference trainer's shuffled DataLoader (in-process)
+        w, d = p["models"][0]
+        jobs.insert(1, (w, d, p["batches"][0], "dataloader"))
+    for (w, d, b, loader) in jobs:
+        r = bench_train(peer, w, d, b, x, images, p, device, args.quick, peak_samples, loader)
+        log(f"train w{w}/d{d} b{b} (peer {loader}): ours {r['ours_rate']:.1f} peer {_f(r['peer_rate'])} steps/s")
+        train_rows.append(r)
+    peak = _median(peak_samples)
+    for (w, d) in p["models"]:
+        for sampler, steps in p["sample_steps"]:
+            r = bench_sample(peer, w, d, sampler, steps, x, images, p, device, args.quick, peak, args.peer_loader)
+            log(f"sample w{w}/d{d} {sampler}-{steps}: ours {r['ours_rate']:.1f} peer {_f(r['peer_rate'])} rows/s")
+            sample_rows.append(r)
+    peak_samples.append(matmul_peak_gflops(device, p["peak_n"]))
+    peak = _median(peak_samples)
+    buffer = None if args.no_buffer else bench_buffer(p, device)
+
+    for r in train_rows + sample_rows:
+        fl = r["flops_per_step"] if r["kind"] == "train" else r["flops_per_row"]
+        # ours/peer: median over repeats of the paired (same-repeat) ratios, robust to load drifting
+        # between repeats; ratio_cpu: the same from CPU-time rates.
+        r["ratio"] = _median([a / b for a, b in zip(r["ours_rates"], r["peer_rates"])]) if r["peer_rate"] else None
+        r["ratio_cpu"] = _median([a / b for a, b in zip(r["ours_cpu_rates"], r["peer_cpu_rates"])]) \
+            if r["peer_rate"] else None
+        r["ours_peak_frac"] = r["ours_rate"] * fl / (peak * 1e9)
+        r["peer_peak_frac"] = r["peer_rate"] * fl / (peak * 1e9) if r["peer_rate"] else None
+
+    result = {
+        "meta": {
+            "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.throughput"] + list(args.argv)),
+            "device": str(device), "device_name": _device_name(device), "threads": threads,
+            "cores": _cores(), "quick": args.quick, "repeats": p["repeats"], "torch": torch.__version__,
+            "python": platform.python_version(), "peer": "denoising-diffusion-pytorch "
+            + str(peer.BENCH_VERSION) if peer else None,
+            "peer_ema": getattr(peer.BENCH_EMA, "__module__", None) if peer else None,
+            "peer_loader": args.peer_loader, "mallopt": mallopt, "data_dim": DIM, "data_rows": p["rows"],
+            "loadavg_before": load_before, "loadavg_after": _loadavg(),
+            "seconds": round(time.perf_counter() - t_start, 1),
+        },
+        "peak_gflops": peak, "peak_samples": peak_samples,
+        "train": train_rows, "sample": sample_rows, "buffer": buffer,
+    }
+    result["targets"] = check_targets(result)
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def check_targets(res: dict) -> List[dict]:
+    """Issue 6 targets: train >= 1.3x the peer at w256/d4/b256; >= 85% of matmul peak at w1024;
+    sampling >= the peer's rows/s at equal sampler steps."""
+    out = []
+    for r in res["train"]:
+        if r.get("peer_loader") == "dataloader":
+            continue
+        if (r["width"], r["depth"], r["batch"]) == (256, 4, 256) and r["ratio"] is not None:
+            out.append(dict(target="train w256/d4/b256 >= 1.3x peer", value=r["ratio"], met=r["ratio"] >= 1.3))
+        if r["width"] == 1024:
+            out.append(dict(target=f"train w1024/d{r['depth']}/b{r['batch']} >= 85% of matmul peak",
+                            value=r["ours_peak_frac"], met=r["ours_peak_frac"] >= 0.85))
+    for r in res["sample"]:
+        if r["ratio"] is not None:
+            name = f"sample w{r['width']}/d{r['depth']} {r['sampler']}-{r['sample_steps']} >= 1.0x peer"
+            out.append(dict(target=name, value=r["ratio"], met=r["ratio"] >= 1.0))
+    return out
+
+
+def _f(v, fmt="{:.1f}") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"`{m['command']}` -- device {m['device']} ({m['device_name']}), torch {m['torch']}, "
+             f"{m['threads']} thread(s) of {m['cores']} cores{', glibc mallopt' if m.get('mallopt') else ''}, "
+             f"load avg before {m['loadavg_before']} "
+             f"after {m['loadavg_after']}, peer {m['peer']} (EMA: {m['peer_ema']}, batches: {m['peer_loader']}), "
+             f"median of {m['repeats']} interleaved repeats, matmul peak {res['peak_gflops']:.1f} GFLOP/s, "
+             f"{m['seconds']} s", "",
+             "| what | width/depth | batch or rows | ours | peer | ours/peer | ours/peer (CPU time) "
+             "| ours % peak | peer % peak |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    pct = lambda v: _f(None if v is None else v * 100, "{:.0f}%")  # noqa: E731
+    for r in res["train"]:
+        what = "train steps/s" + (" (peer: DataLoader)" if r.get("peer_loader") == "dataloader" else "")
+        lines.append(f"| {what} | {r['width']}/{r['depth']} | {r['batch']} | {_f(r['ours_rate'])} | "
+                     f"{_f(r['peer_rate'])} | {_f(r['ratio'], '{:.2f}x')} | {_f(r['ratio_cpu'], '{:.2f}x')} | "
+                     f"{pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} |")
+    for r in res["sample"]:
+        lines.append(f"| samples/s, {r['sampler']} {r['sample_steps']} steps | {r['width']}/{r['depth']} | "
+                     f"{r['rows']} | {_f(r['ours_rate'])} | {_f(r['peer_rate'])} | {_f(r['ratio'], '{:.2f}x')} | "
+                     f"{_f(r['ratio_cpu'], '{:.2f}x')} | {pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} |")
+    b = res["buffer"]
+    if b:
+        lines += ["", "| replay sample(256) | GenerativeReplayBuffer | SB3 ReplayBuffer | ours/plain |",
+                  "| --- | --- | --- | --- |",
+                  f"| us per call ({b['num_real']} real, {b['num_synthetic']} synthetic) | {b['ours_us']:.0f} | "
+                  f"{b['plain_us']:.0f} | {b['ratio']:.2f}x |"]
+    if res["targets"]:
+        lines += ["", "| target (issue 6) | value | met |", "| --- | --- | --- |"]
+        for t in res["targets"]:
+            v = t["value"]
+            vs = f"{v * 100:.0f}%" if "peak" in t["target"] else f"{v:.2f}x"
+            lines.append(f"| {t['target']} | {vs} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ["kind", "width", "depth", "batch", "sampler", "sample_steps", "rows", "unit", "peer_loader",
+              "ours_rate", "peer_rate", "ratio", "ratio_cpu", "ours_peak_frac", "peer_peak_frac", "ours_us",
+              "plain_us", "threads", "device"]
+
+
+def write(res: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(res, indent=2))
+    with open(out / "throughput.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+        wr.writeheader()
+        extra = {"threads": res["meta"]["threads"], "device": res["meta"]["device"]}
+        for r in res["train"] + res["sample"]:
+            wr.writerow({**r, **extra})
+        if res["buffer"]:
+            b = res["buffer"]
+            wr.writerow({"kind": "buffer", "batch": b["batch"], "unit": "us/call", "ours_us": b["ours_us"],
+                         "plain_us": b["plain_us"], "ratio": b["ratio"], **extra})
+    (out / "throughput.md").write_text(markdown(res) + "\n")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny sizes)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--out", default="results/throughput", help="folder for throughput.json/.csv/.md")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3 CPU, 5 CUDA, 1 quick)")
+    ap.add_argument("--peer-loader", choices=("index", "dataloader"), default="index",
+                    help="peer batches: random indexing (default, least overhead) or the reference's DataLoader")
+    ap.add_argument("--mallopt", action="store_true",
+                    help="glibc: no mmap / trim for large allocations (whole process, both sides)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the peer even if installed")
+    ap.add_argument("--no-buffer", action="store_true", help="skip the replay-buffer latency comparison")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    res = run(args)
+    write(res, Path(args.out))
+    print(markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,745 @@
+"""The paper's online experiment (seed D.2, Section 4.2): SAC vs SAC (SynthER) vs REDQ at UTD=20.
+
+    python -m benchmarks.utd20 --preset cpu                      # cheetah-run, 2 seeds, 10K steps (~3-5 h on 2 cores)
+    python -m benchmarks.utd20 --preset paper --seeds 5          # 8 tasks, 100K steps, paper diffusion (GPU)
+    python -m benchmarks.utd20 --preset smoke --out /tmp/utd20   # seconds: Pendulum-v1, tiny everything
+    python -m benchmarks.utd20 --preset cpu --report-only        # tables / plots / IQM from what has finished
+
+Arms (same envs, same seeds):
+
+==============  ==============================================================================
+sac_utd1        SB3 SAC, UTD=1, plain replay            (integrations/sb3_sac.py --no-synther --utd 1)
+sac_utd20       SB3 SAC, UTD=20, plain replay           (integrations/sb3_sac.py --no-synther --utd 20)
+synther_utd20   SAC (SynthER): SB3 SAC, UTD=20, GenerativeReplayBuffer  (integrations/sb3_sac.py --utd 20)
+redq_utd20      REDQ: 10 critics, min of a random 2, UTD=20, real data only
+                (integrations/custom_sac.py --num-q 10 --num-min 2 --no-synther)
+==============  ==============================================================================
+
+Units and resume. Each (env, arm, seed) is one *unit*, run as a subprocess of its integration script
+(which writes ``eval_returns.csv``, ``results.json`` and ``learning_curve.png``) into
+``<out>/<env>/<arm>/seed<k>/``. When the script exits 0 with a final evaluation in its JSON, this
+benchmark writes ``unit.json`` (status ``done``, the exact command, settings, wall time) beside them.
+A rerun of the benchmark skips every unit whose ``unit.json`` says done *with the same settings*; a
+done unit whose settings differ (another preset or step budget in the same ``--out``) is moved aside to
+``seed<k>.stale-<n>/`` and run again. The integration scripts have no checkpoint hook, so a unit that
+was interrupted (a directory without a done ``unit.json``) is **re-run from scratch**. A unit whose
+recorded child process is still alive is refused (two writers in one directory). Units run one at a
+time (``--jobs N`` runs N at once; on 2 cores, 1 is right). The child gets SIGTERM if this process
+dies (Linux ``PR_SET_PDEATHSIG``), so a killed benchmark leaves no orphan writing into a unit.
+
+Report (written after the runs, on interruption, and by ``--report-only``), under ``<out>/``:
+``summary.md`` (everything below in markdown), ``final_returns.{md,csv}``, ``timing.csv``,
+``aggregate.csv``, ``summary.json`` and ``curves_<env>.png`` (per arm: mean eval return over seeds,
+shaded +- 1 std across seeds). Aggregate scores (IQM and mean with 95% stratified-bootstrap CIs, as
+rliable computes them; the ``rliable`` package is used when importable, else the numpy version here)
+are computed over normalised final returns when 2+ envs have results: DMC returns / 1000; gymnasium
+MuJoCo by D4RL's random/expert reference returns; any other env min-max over all its runs.
+
+See benchmarks/UTD20.md for the presets' budgets and their arithmetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+UNIT_FILE = "unit.json"
+RUNNING_FILE = "running.json"
+LOCK_FILE = ".lock"
+
+# --------------------------------------------------------------------------------------- arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    label: str
+    script: str            # relative to the repository root
+    high_utd: bool         # UTD = the preset's high UTD (20), else 1
+    synther: bool
+    extra: Tuple[str, ...] = ()
+
+
+ARMS: Dict[str, Arm] = {a.name: a for a in (
+    Arm("sac_utd1", "SAC (UTD=1)", "integrations/sb3_sac.py", high_utd=False, synther=False),
+    Arm("sac_utd20", "SAC (UTD=20)", "integrations/sb3_sac.py", high_utd=True, synther=False),
+    Arm("synther_utd20", "SAC (SynthER, UTD=20)", "integrations/sb3_sac.py", high_utd=True, synther=True),
+    Arm("redq_utd20", "REDQ (UTD=20)", "integrations/custom_sac.py", high_utd=True, synther=False,
+        extra=("--num-q", "10", "--num-min", "2")),
+)}
+
+PAPER_ENVS = ("cheetah-run", "walker-walk", "quadruped-walk", "reacher-hard", "finger-turn_hard",
+              "HalfCheetah-v5", "Walker2d-v5", "Hopper-v5")
+
+# D4RL's reference returns (random, expert) for its v2 MuJoCo tasks, used to normalise gymnasium scores.
+GYM_REFERENCE = {"HalfCheetah": (-280.178953, 12135.0), "Walker2d": (1.629008, 4592.3),
+                 "Hopper": (-20.272305, 3234.3)}
+
+
+# --------------------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    envs: Tuple[str, ...]
+    arms: Tuple[str, ...]
+    seeds: int
+    total_steps: int
+    learning_starts: int
+    utd: int                      # the "UTD=20" arms' ratio (smoke scales it down)
+    eval_every: int
+    eval_episodes: int
+    synther_preset: str           # SynthERConfig preset for the SynthER arm
+    synther_overrides: Dict[str, int] = field(default_factory=dict)   # --retrain-every etc.
+    hidden: int = 256
+    device: str = "auto"
+    default_out: str = "results/utd20"
+
+
+PRESETS: Dict[str, Preset] = {
+    # The paper: 100K env steps, 5K random steps (REDQ codebase), UTD 20, paper diffusion settings
+    # (Tables 8/9: 1024x6 denoiser, 100K steps, 128-step stochastic Heun), retrain every 10K env steps,
+    # 1M synthetic rows (D.2). Needs a GPU: one retrain is ~20 min on a V100.
+    "paper": Preset("paper", PAPER_ENVS, tuple(ARMS), seeds=5, total_steps=100_000, learning_starts=5_000,
+                    utd=20, eval_every=5_000, eval_episodes=10, synther_preset="paper",
+                    synther_overrides={}, device="auto", default_out="results/utd20_paper"),
+    # 2 CPU cores, a few hours: cheetah-run, 2 seeds, 10K env steps (1K random), SynthER's `fast`
+    # diffusion (256x4, 15K steps, 32-step deterministic Heun, 100K rows) retrained every 2,250 env
+    # steps (at 2,250 / 4,500 / 6,750 / 9,000: none wasted at the end). REDQ is opt-in (--arms):
+    # its 10-critic update is ~2x SAC's, ~2 h per unit here. Arithmetic: benchmarks/UTD20.md.
+    "cpu": Preset("cpu", ("cheetah-run",), ("sac_utd20", "synther_utd20", "sac_utd1"), seeds=2,
+                  total_steps=10_000, learning_starts=1_000, utd=20, eval_every=1_000, eval_episodes=5,
+                  synther_preset="fast", synther_overrides={"retrain_every": 2_250}, device="cpu",
+                  default_out="results/utd20"),
+    # Seconds, for tests: Pendulum-v1, 200 steps, UTD 2, tiny nets, tiny diffusion retrained at 100/200.
+    "smoke": Preset("smoke", ("Pendulum-v1",), tuple(ARMS), seeds=1, total_steps=200, learning_starts=100,
+                    utd=2, eval_every=100, eval_episodes=1, synther_preset="tiny",
+                    synther_overrides={"retrain_every": 100, "train_steps": 200, "num_generate": 1_000},
+                    hidden=64, device="cpu", default_out="results/utd20_smoke"),
+}
+
+
+# --------------------------------------------------------------------------------------- units
+
+
+@dataclass(frozen=True)
+class Unit:
+    env: str
+    arm: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{env_dirname(self.env)}/{self.arm}/seed{self.seed}"
+
+    def dir(self, out: Path) -> Path:
+        return Path(out) / env_dirname(self.env) / self.arm / f"seed{self.seed}"
+
+
+def env_dirname(env: str) -> str:
+    """A directory name for an env id (``dm_control/cheetah-run-v0`` -> ``dm_control_cheetah-run-v0``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", env)
+
+
+def unit_args(preset: Preset, unit: Unit) -> List[str]:
+    """The integration script's flags for ``unit`` (everything but --out/--threads/--device/--quiet)."""
+    arm = ARMS[unit.arm]
+    args = ["--env", unit.env, "--total-steps", str(preset.total_steps), "--seed", str(unit.seed),
+            "--utd", str(preset.utd if arm.high_utd else 1),
+            "--learning-starts", str(preset.learning_starts), "--hidden", str(preset.hidden),
+            "--eval-every", str(preset.eval_every), "--eval-episodes", str(preset.eval_episodes)]
+    if arm.synther:
+        args += ["--preset", preset.synther_preset]
+        for k, v in sorted(preset.synther_overrides.items()):
+            args += ["--" + k.replace("_", "-"), str(v)]
+    else:
+        args += ["--no-synther"]
+    return args + list(arm.extra)
+
+
+def unit_settings(preset: Preset, unit: Unit) -> Dict[str, Any]:
+    """What makes a finished unit reusable: the script and its flags."""
+    return {"script": ARMS[unit.arm].script, "args": unit_args(preset, unit)}
+
+
+def plan(preset: Preset, envs: Sequence[str], arms: Sequence[str], seeds: int) -> List[Unit]:
+    """Units in run order: seed-major (a whole seed of every arm finishes before the next seed starts)."""
+    return [Unit(env, arm, s) for s in range(seeds) for env in envs for arm in arms]
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def unit_status(preset: Preset, unit: Unit, out: Path) -> str:
+    """``done`` | ``stale`` (done, other settings) | ``running`` (its child is alive) | ``partial`` | ``todo``."""
+    d = unit.dir(out)
+    if not d.exists():
+        return "todo"
+    marker = _read_json(d / UNIT_FILE)
+    if marker and marker.get("status") == "done":
+        return "done" if marker.get("settings") == unit_settings(preset, unit) else "stale"
+    running = _read_json(d / RUNNING_FILE)
+    if running and _pid_alive(running.get("pid", -1)) and _cmdline_mentions(running["pid"], str(d)):
+        return "running"
+    return "partial"
+
+
+def _cmdline_mentions(pid: int, text: str) -> bool:
+    try:
+        return text in Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return True  # no /proc: trust the pid
+
+
+# --------------------------------------------------------------------------------------- running
+
+# The child sets PR_SET_PDEATHSIG (SIGTERM when this process dies; survives into the script) and runs it.
+_BOOT = ("import sys, runpy\n"
+         "try:\n"
+         "    import ctypes, signal; ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
+         "except Exception:\n"
+         "    pass\n"
+         "sys.argv = sys.argv[1:]\n"
+         "sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0])\n"
+         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}", flush=True)
+
+
+def _last_eval(d: Path) -> Optional[Dict[str, str]]:
+    try:
+        with open(d / "eval_returns.csv") as f:
+            rows = list(csv.DictReader(f))
+        return rows[-1] if rows else None
+    except OSError:
+        return None
+
+
+class _Children:
+    """Live child processes, so an interrupt can stop them."""
+
+    def __init__(self):
+        self.procs: List[subprocess.Popen] = []
+
+    def stop_all(self) -> None:
+        for p in list(self.procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in list(self.procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+CHILDREN = _Children()
+
+
+def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
+             heartbeat_s: float = 300.0) -> str:
+    """Run ``unit`` unless done; returns ``skipped`` | ``done`` | ``failed``."""
+    d = unit.dir(out)
+    status = unit_status(preset, unit, out)
+    settings = unit_settings(preset, unit)
+    if status == "done":
+        _log(f"skip {unit.key}: done")
+        return "skipped"
+    if status == "running":
+        raise RuntimeError(f"{unit.key}: its process {_read_json(d / RUNNING_FILE)['pid']} is still running "
+                           f"(a previous benchmark's child); stop it or wait")
+    if status == "stale":
+        n = 1
+        while d.with_name(f"{d.name}.stale-{n}").exists():
+            n += 1
+        d.rename(d.with_name(f"{d.name}.stale-{n}"))
+        _log(f"{unit.key}: finished with other settings; moved to {d.name}.stale-{n}, re-running")
+    elif status == "partial":
+        _log(f"{unit.key}: interrupted earlier; re-running from scratch (the scripts have no checkpoint hook)")
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-c", _BOOT, str(REPO / settings["script"]), *settings["args"],
+           "--out", str(d), "--threads", str(threads), "--device", device, "--quiet"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.setdefault("MUJOCO_GL", "disable")
+    _log(f"start {unit.key}: {settings['script']} {' '.join(settings['args'])}")
+    t0 = time.time()
+    with open(d / "stdout.log", "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
+        CHILDREN.procs.append(proc)
+        _write_json(d / RUNNING_FILE, {"pid": proc.pid, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        try:
+            next_beat = time.time() + heartbeat_s
+            while proc.poll() is None:
+                time.sleep(0.2)
+                if time.time() >= next_beat:
+                    next_beat += heartbeat_s
+                    row = _last_eval(d)
+                    last = (f"last eval {float(row['mean_return']):.1f} at env step {row['env_step']}"
+                            if row else "no eval yet")
+                    _log(f"  {unit.key}: running {time.time() - t0:.0f} s, {last}")
+        finally:
+            if proc.poll() is None:   # interrupted: stop the child, leave the unit partial
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            CHILDREN.procs.remove(proc)
+    wall = time.time() - t0
+    res = _read_json(d / "results.json")
+    if proc.returncode != 0 or not res or "final_eval" not in res:
+        tail = (d / "stdout.log").read_text(errors="replace")[-2000:]
+        _log(f"FAILED {unit.key} (exit {proc.returncode}, {wall:.0f} s); tail of stdout.log:\n{tail}")
+        return "failed"
+    (d / RUNNING_FILE).unlink(missing_ok=True)
+    _write_json(d / UNIT_FILE, {"status": "done", "unit": dataclasses.asdict(unit), "preset": preset.name,
+                                "settings": settings, "command": cmd[:2] + ["<boot>"] + cmd[3:],
+                                "returncode": proc.returncode, "wall_seconds": round(wall, 1),
+                                "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    fe = res["final_eval"]
+    _log(f"done {unit.key}: final eval {fe['mean_return']:.1f} +- {fe['std_return']:.1f} "
+         f"at env step {fe['env_step']:,}, {wall:.0f} s")
+    return "done"
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path):
+    """One benchmark process per --out."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RuntimeError(f"another benchmark is running on {out} (lock {out / LOCK_FILE})") from None
+    try:
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+# --------------------------------------------------------------------------------------- statistics
+
+
+def iqm(x) -> float:
+    """Interquartile mean: the mean of the middle 50% of all values (scipy ``trim_mean(x, 0.25)``,
+    rliable's ``aggregate_iqm``): drop ``int(0.25 n)`` values from each end of the sorted data."""
+    v = np.sort(np.asarray(x, dtype=np.float64).ravel())
+    if v.size == 0:
+        raise ValueError("iqm of no values")
+    cut = int(0.25 * v.size)
+    return float(v[cut:v.size - cut].mean())
+
+
+def stratified_bootstrap_ci(scores: np.ndarray, stat: Callable[[np.ndarray], float] = iqm, reps: int = 2000,
+                            alpha: float = 0.05, seed: int = 0) -> Tuple[float, float]:
+    """Percentile CI of ``stat`` over a ``[runs, tasks]`` score matrix, resampling runs with replacement
+    within each task (column) independently (rliable's stratified bootstrap)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.size == 0:
+        raise ValueError(f"scores must be a non-empty [runs, tasks] matrix, got shape {scores.shape}")
+    n, m = scores.shape
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(reps, n, m))
+    cols = np.arange(m)[None, None, :]
+    stats = np.array([stat(scores[idx[r], cols[0]]) for r in range(reps)])
+    return float(np.percentile(stats, 100 * alpha / 2)), float(np.percentile(stats, 100 * (1 - alpha / 2)))
+
+
+def _rliable():
+    try:
+        from rliable import library as rly
+        from rliable import metrics
+        return rly, metrics
+    except Exception:  # not installed, or a broken dependency (arch / statsmodels)
+        return None
+
+
+def aggregate_scores(score_dict: Dict[str, np.ndarray], reps: int = 2000, use_rliable: Optional[bool] = None
+                     ) -> Dict[str, Dict[str, Any]]:
+    """IQM and mean with 95% stratified-bootstrap CIs per arm, from ``{arm: [runs, tasks]}`` normalised scores.
+
+    Uses ``rliable`` when importable (``use_rliable=None``/True), else :func:`iqm` and
+    :func:`stratified_bootstrap_ci`; the result names the backend.
+    """
+    lib = _rliable() if use_rliable in (None, True) else None
+    if use_rliable and lib is None:
+        raise ImportError("rliable is not importable")
+    out: Dict[str, Dict[str, Any]] = {}
+    if lib is not None:
+        rly, metrics = lib
+        fn = lambda x: np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])  # noqa: E731
+        np.random.seed(0)
+        point, ci = rly.get_interval_estimates({k: np.asarray(v, float) for k, v in score_dict.items()}, fn,
+                                               reps=reps)
+        for k in score_dict:
+            out[k] = {"iqm": float(point[k][0]), "iqm_ci": [float(ci[k][0, 0]), float(ci[k][1, 0])],
+                      "mean": float(point[k][1]), "mean_ci": [float(ci[k][0, 1]), float(ci[k][1, 1])],
+                      "runs": int(np.shape(score_dict[k])[0]), "tasks": int(np.shape(score_dict[k])[1]),
+                      "backend": "rliable"}
+        return out
+    for k, v in score_dict.items():
+        v = np.asarray(v, dtype=np.float64)
+        out[k] = {"iqm": iqm(v), "iqm_ci": list(stratified_bootstrap_ci(v, iqm, reps)),
+                  "mean": float(v.mean()), "mean_ci": list(stratified_bootstrap_ci(v, lambda a: float(a.mean()), reps)),
+                  "runs": int(v.shape[0]), "tasks": int(v.shape[1]), "backend": "numpy"}
+    return out
+
+
+def normaliser(env: str, all_returns: Sequence[float]) -> Tuple[Callable[[float], float], str]:
+    """``(f, how)``: maps a raw return of ``env`` to a normalised score."""
+    base = env.split("/")[-1]
+    name = re.sub(r"-v\d+$", "", base)
+    if env.startswith("dm_control/") or ("/" not in env and not re.search(r"-v\d+$", env)):
+        return (lambda r: r / 1000.0), "DMC: return / 1000"
+    if name in GYM_REFERENCE:
+        lo, hi = GYM_REFERENCE[name]
+        return (lambda r: (r - lo) / (hi - lo)), f"D4RL reference ({lo:g}, {hi:g})"
+    lo, hi = float(np.min(all_returns)), float(np.max(all_returns))
+    span = hi - lo if hi > lo else 1.0
+    return (lambda r: (r - lo) / span), f"min-max over its runs ({lo:.1f}, {hi:.1f})"
+
+
+# --------------------------------------------------------------------------------------- report
+
+TIMING_KEYS = ("total", "rl", "diffusion_fit", "diffusion_sample", "eval", "setup")
+
+
+def collect(out: Path) -> Dict[str, Any]:
+    """Finished and in-progress units under ``out`` (whatever preset wrote them)."""
+    done: List[Dict[str, Any]] = []
+    partial: List[Dict[str, Any]] = []
+    for marker in sorted(Path(out).glob(f"*/*/seed*/{UNIT_FILE}")):
+        d = marker.parent
+        if not re.fullmatch(r"seed\d+", d.name):
+            continue
+        m, res = _read_json(marker), _read_json(d / "results.json")
+        if not m or m.get("status") != "done" or not res or "final_eval" not in res:
+            continue
+        done.append({"env": m["unit"]["env"], "arm": m["unit"]["arm"], "seed": m["unit"]["seed"],
+                     "dir": str(d), "settings": m["settings"], "unit_wall_seconds": m.get("wall_seconds"),
+                     "evals": [(r["env_step"], r["mean_return"]) for r in res.get("evals", [])],
+                     "final_return": res["final_eval"]["mean_return"], "final_step": res["final_eval"]["env_step"],
+                     "timing": res.get("timing_seconds", {}), "retrains": res.get("retrain_count", 0),
+                     "utd": _flag(m["settings"].get("args", []), "--utd")})
+    done_dirs = {u["dir"] for u in done}
+    for d in sorted(Path(out).glob("*/*/seed*")):
+        if not d.is_dir() or not re.fullmatch(r"seed\d+", d.name) or str(d) in done_dirs:
+            continue
+        row = _last_eval(d)
+        res = _read_json(d / "results.json") or {}
+        cfg = res.get("config", {})
+        running = _read_json(d / RUNNING_FILE) or {}
+        partial.append({"dir": str(d), "env": cfg.get("env", d.parent.parent.name), "arm": d.parent.name,
+                        "seed": int(d.name[4:]), "total_steps": cfg.get("total_steps"),
+                        "alive": bool(running) and _pid_alive(running.get("pid", -1))
+                        and _cmdline_mentions(running["pid"], str(d)),
+                        "last_eval_step": int(row["env_step"]) if row else None,
+                        "last_eval_return": float(row["mean_return"]) if row else None,
+                        "evals": [(r["env_step"], r["mean_return"]) for r in res.get("evals", [])]})
+    return {"done": done, "partial": partial}
+
+
+def _flag(args: Sequence[str], name: str) -> Optional[str]:
+    args = list(args)
+    return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
+
+
+def _label(arm: str, utd: Optional[str]) -> str:
+    """The arm's display label with the UTD the units actually ran (the smoke preset scales it down)."""
+    label = ARMS[arm].label if arm in ARMS else arm
+    return re.sub(r"UTD=\d+", f"UTD={utd}", label) if utd else label
+
+
+def _arm_order(arms) -> List[str]:
+    order = list(ARMS)
+    return sorted(set(arms), key=lambda a: (order.index(a) if a in order else len(order), a))
+
+
+def _fmt(x: Optional[float], nd: int = 1) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def _plot_env(env: str, units: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    for arm in _arm_order(u["arm"] for u in units):
+        runs = [dict(u["evals"]) for u in units if u["arm"] == arm]
+        steps = sorted(set.intersection(*(set(r) for r in runs)))
+        if not steps:
+            continue
+        y = np.array([[r[s] for s in steps] for r in runs])
+        mean = y.mean(0)
+        sd = y.std(0, ddof=1) if len(runs) > 1 else np.zeros_like(mean)
+        utds = {u["utd"] for u in units if u["arm"] == arm}
+        label = f"{_label(arm, utds.pop() if len(utds) == 1 else None)} (n={len(runs)})"
+        line, = ax.plot(steps, mean, marker="o", ms=3, label=label)
+        if len(runs) > 1:
+            ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("eval return")
+    ax.set_title(f"{env}: mean over seeds, shaded +- 1 std", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def write_report(out: Path, reps: int = 2000) -> Dict[str, Any]:
+    """Tables, plots and aggregates from the units under ``out``; returns the summary dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = collect(out)
+    done = data["done"]
+    envs = sorted({u["env"] for u in done})
+    arms = _arm_order(u["arm"] for u in done)
+
+    # Final returns per env x arm.
+    final_rows, final_json = [], []
+    for env in envs:
+        for arm in arms:
+            rs = [(u["seed"], u["final_return"]) for u in done if u["env"] == env and u["arm"] == arm]
+            if not rs:
+                continue
+            v = np.array([r for _, r in rs])
+            sd = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+            steps = sorted({u["final_step"] for u in done if u["env"] == env and u["arm"] == arm})
+            final_json.append({"env": env, "arm": arm, "mean": float(v.mean()), "std": sd, "n": int(v.size),
+                               "env_steps": steps, "per_seed": {str(s): r for s, r in sorted(rs)}})
+            final_rows.append([env, arm, f"{v.mean():.1f}", _fmt(sd), v.size, "/".join(map(str, steps)),
+                               " ".join(f"{r:.1f}" for _, r in sorted(rs))])
+    final_header = ["env", "arm", "final return (mean)", "std over seeds", "seeds", "env steps", "per seed"]
+
+    # Wall-clock split per arm (means over its units).
+    timing_rows, timing_json = [], []
+    for arm in arms:
+        us = [u for u in done if u["arm"] == arm]
+        t = {k: float(np.mean([u["timing"].get(k, 0.0) for u in us])) for k in TIMING_KEYS}
+        steps = float(np.mean([u["final_step"] for u in us]))
+        t["env_steps_per_s"] = steps / t["total"] if t["total"] > 0 else float("nan")
+        t["diffusion_share"] = (t["diffusion_fit"] + t["diffusion_sample"]) / t["total"] if t["total"] else 0.0
+        t["retrains"] = float(np.mean([u["retrains"] for u in us]))
+        timing_json.append({"arm": arm, "units": len(us), **t})
+        timing_rows.append([arm, len(us), f"{t['total']:.0f}", f"{t['rl']:.0f}", f"{t['diffusion_fit']:.0f}",
+                            f"{t['diffusion_sample']:.0f}", f"{t['eval']:.0f}", f"{t['setup']:.0f}",
+                            f"{100 * t['diffusion_share']:.1f}%", f"{t['retrains']:.1f}",
+                            f"{t['env_steps_per_s']:.2f}"])
+    timing_header = ["arm", "units", "total s", "RL s", "diffusion training s", "diffusion sampling s",
+                     "eval s", "setup s", "diffusion share", "retrains", "env steps/s"]
+
+    # Aggregates over envs (normalised final returns).
+    agg_json: Dict[str, Any] = {}
+    agg_rows: List[List[Any]] = []
+    norms: Dict[str, str] = {}
+    if len(envs) >= 2:
+        score_dict = {}
+        for arm in arms:
+            cols = []
+            for env in envs:
+                f, how = normaliser(env, [u["final_return"] for u in done if u["env"] == env])
+                norms[env] = how
+                cols.append([f(u["final_return"]) for u in sorted(done, key=lambda u: u["seed"])
+                             if u["env"] == env and u["arm"] == arm])
+            if min(len(c) for c in cols) == 0:
+                continue  # this arm lacks an env: no aggregate for it
+            k = min(len(c) for c in cols)  # a rectangular [runs, tasks] matrix: the first k seeds of each env
+            score_dict[arm] = np.array([c[:k] for c in cols]).T
+        if score_dict:
+            agg_json = aggregate_scores(score_dict, reps=reps)
+            for arm, a in agg_json.items():
+                agg_rows.append([arm, a["runs"], a["tasks"], f"{a['iqm']:.3f}",
+                                 f"[{a['iqm_ci'][0]:.3f}, {a['iqm_ci'][1]:.3f}]", f"{a['mean']:.3f}",
+                                 f"[{a['mean_ci'][0]:.3f}, {a['mean_ci'][1]:.3f}]", a["backend"]])
+    agg_header = ["arm", "runs", "tasks", "IQM", "IQM 95% CI", "mean", "mean 95% CI", "backend"]
+
+    # Plots.
+    pngs = []
+    for env in envs:
+        p = out / f"curves_{env_dirname(env)}.png"
+        _plot_env(env, [u for u in done if u["env"] == env], p)
+        pngs.append(p.name)
+
+    # Files.
+    _write_csv(out / "final_returns.csv", final_header, final_rows)
+    _write_csv(out / "timing.csv", timing_header, timing_rows)
+    _write_csv(out / "aggregate.csv", agg_header, agg_rows)
+    final_md = _md_table(final_header, final_rows) if final_rows else "(no finished units yet)"
+    (out / "final_returns.md").write_text("# Final eval return\n\n" + final_md + "\n")
+    md = [f"# UTD=20 benchmark: {out}", "", f"{len(done)} finished units, {len(data['partial'])} unfinished.", "",
+          "## Final eval return (mean over seeds of each run's final evaluation)", "", final_md, "",
+          "## Wall-clock split per arm (seconds, mean per unit)", "",
+          _md_table(timing_header, timing_rows) if timing_rows else "(none)", ""]
+    if agg_rows:
+        md += ["## Aggregate over envs (normalised final return; 95% stratified bootstrap CI)", "",
+               _md_table(agg_header, agg_rows), "",
+               "Normalisation: " + "; ".join(f"{e}: {h}" for e, h in norms.items()), ""]
+    else:
+        md += ["## Aggregate over envs", "", "(needs finished units on 2+ envs)", ""]
+    if data["partial"]:
+        prow = [[p["env"], p["arm"], p["seed"], "running" if p["alive"] else "interrupted",
+                 p["last_eval_step"] if p["last_eval_step"] is not None else "-",
+                 _fmt(p["last_eval_return"]), p["total_steps"] or "-"] for p in data["partial"]]
+        md += ["## Unfinished units (not in the tables; an interrupted one is re-run from scratch)", "",
+               _md_table(["env", "arm", "seed", "state", "last eval step", "last eval return", "of steps"], prow), ""]
+    md += ["## Curves", ""] + [f"![{p}]({p})" for p in pngs]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    summary = {"out": str(out), "final_returns": final_json, "timing": timing_json, "aggregate": agg_json,
+               "normalisation": norms, "pngs": pngs,
+               "units": [{k: u[k] for k in ("env", "arm", "seed", "dir", "final_return", "final_step",
+                                            "unit_wall_seconds", "timing", "retrains", "settings")} for u in done],
+               "unfinished": [{k: v for k, v in p.items() if k != "evals"} | {"evals": p["evals"]}
+                              for p in data["partial"]]}
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.utd20", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--envs", nargs="+", default=None, help="env ids (default: the preset's)")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="arms (default: the preset's)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the preset's)")
+    p.add_argument("--out", default=None, help="output root (default: the preset's, e.g. results/utd20 for cpu)")
+    p.add_argument("--total-steps", type=int, default=None, help="override the preset's env steps per run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 on shared CPUs)")
+    p.add_argument("--device", default=None, help="'cpu', 'cuda', 'auto' (default: the preset's)")
+    p.add_argument("--jobs", type=int, default=1, help="units run at once")
+    p.add_argument("--report-only", action="store_true", help="only write the report from finished units")
+    p.add_argument("--dry-run", action="store_true", help="print the units, their status and commands")
+    p.add_argument("--heartbeat", type=float, default=300.0, help="seconds between progress lines per unit")
+    p.add_argument("--bootstrap-reps", type=int, default=2000, help="stratified bootstrap resamples")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.total_steps is not None:
+        if args.total_steps <= preset.learning_starts:
+            raise SystemExit(f"--total-steps must exceed the preset's learning starts ({preset.learning_starts})")
+        preset = dataclasses.replace(preset, total_steps=args.total_steps)
+    out = Path(args.out or preset.default_out)
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    if args.report_only:
+        s = write_report(out, reps=args.bootstrap_reps)
+        print((out / "summary.md").read_text())
+        return 0 if s["units"] else 1
+    envs = list(args.envs or preset.envs)
+    arms = list(args.arms or preset.arms)
+    seeds = args.seeds if args.seeds is not None else preset.seeds
+    units = plan(preset, envs, arms, seeds)
+    device = args.device or preset.device
+    if args.dry_run:
+        for u in units:
+            print(f"{unit_status(preset, u, out):8s} {u.key}: {ARMS[u.arm].script} "
+                  f"{' '.join(unit_args(preset, u))}")
+        return 0
+    failed = 0
+    with _out_lock(out):
+        _log(f"utd20 preset {preset.name}: {len(units)} units ({len(envs)} envs x {len(arms)} arms x {seeds} seeds), "
+             f"{preset.total_steps:,} env steps each, out {out}, pid {os.getpid()}")
+        todo = sum(unit_status(preset, u, out) != "done" for u in units)
+        _log(f"{len(units) - todo} done already, {todo} to run")
+        t0 = time.time()
+        try:
+            run = lambda u: run_unit(preset, u, out, args.threads, device, args.heartbeat)  # noqa: E731
+            if args.jobs <= 1:
+                results = [run(u) for u in units]
+            else:
+                with ThreadPoolExecutor(args.jobs) as pool:
+                    results = list(pool.map(run, units))
+            failed = results.count("failed")
+            _log(f"all units processed in {time.time() - t0:.0f} s: {results.count('done')} run, "
+                 f"{results.count('skipped')} skipped, {failed} failed")
+        finally:
+            CHILDREN.stop_all()
+            try:
+                write_report(out, reps=args.bootstrap_reps)
+                _log(f"report: {out / 'summary.md'}")
+            except Exception as e:  # never mask the run's own error
+                _log(f"report failed: {e!r}")
+    return 1 if failed else 0
+
+
+def _on_sigterm(signum, frame):  # pragma: no cover - exercised by killing the process
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as e:
+        _log(f"interrupted ({e}); finished units are kept, the running one will be re-run from scratch")
+        sys.exit(130)

@@ -1,0 +1,113 @@
+"""Smoke test of ``python -m benchmarks.throughput --quick`` (seconds, tiny sizes, CPU).
+
+The peer (lucidrains ``denoising-diffusion-pytorch``) is a benchmark-only extra: its checks are
+skipped when it is not installed; ours and the replay-buffer latency comparison always run.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import throughput as tp
+
+HAVE_PEER = importlib.util.find_spec("denoising_diffusion_pytorch") is not None
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("throughput")
+    threads = torch.get_num_threads()
+    try:
+        res = tp.main(["--quick", "--threads", "1", "--device", "cpu", "--out", str(out), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    return res, out
+
+
+def _positive(v) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+def test_files_and_keys(quick):
+    res, out = quick
+    for name in ("throughput.json", "throughput.csv", "throughput.md"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "throughput.json").read_text())
+    assert {"meta", "peak_gflops", "peak_samples", "train", "sample", "buffer", "targets"} <= set(data)
+    assert data["meta"]["threads"] == 1 and data["meta"]["device"] == "cpu" and data["meta"]["quick"]
+    assert _positive(data["peak_gflops"])
+    with open(out / "throughput.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert set(tp.CSV_FIELDS) == set(rows[0])
+    assert {r["kind"] for r in rows} == {"train", "sample", "buffer"}
+    md = (out / "throughput.md").read_text()
+    assert "| train steps/s |" in md and "ours/peer" in md and "GenerativeReplayBuffer" in md
+
+
+def test_ours_rates(quick):
+    res, _ = quick
+    assert res["train"] and res["sample"]
+    for r in res["train"]:
+        assert r["unit"] == "steps/s" and r["k2"] > r["k1"] >= 1
+        assert _positive(r["ours_rate"]) and _positive(r["ours_peak_frac"])
+        assert r["flops_per_step"] > 0
+    samplers = {(r["sampler"], r["sample_steps"]) for r in res["sample"]}
+    assert {s for s, _ in samplers} == {"stochastic", "deterministic"}
+    for r in res["sample"]:
+        assert r["unit"] == "samples/s" and r["rows"] > 0
+        assert _positive(r["ours_rate"])
+
+
+def test_buffer_latency(quick):
+    b = quick[0]["buffer"]
+    assert b["batch"] == 256 and b["num_synthetic"] > 0 and b["num_real"] > 0
+    assert _positive(b["ours_us"]) and _positive(b["plain_us"]) and _positive(b["ratio"])
+
+
+@pytest.mark.skipif(not HAVE_PEER, reason="bench extra denoising-diffusion-pytorch not installed")
+def test_peer_rates(quick):
+    res, _ = quick
+    assert res["meta"]["peer"].startswith("denoising-diffusion-pytorch")
+    for r in res["train"] + res["sample"]:
+        assert _positive(r["peer_rate"]), r
+        assert _positive(r["ratio"]) and _positive(r["peer_peak_frac"])
+    assert any(t["target"].startswith("sample") for t in res["targets"])
+
+
+@pytest.mark.skipif(not HAVE_PEER, reason="bench extra denoising-diffusion-pytorch not installed")
+def test_peer_runs_our_network_unchanged():
+    """The peer wraps OUR denoiser: same parameters, same output on the same rows."""
+    peer = tp.load_peer()
+    cfg = tp.model_cfg(32, 2, torch.device("cpu"), quick=True)
+    diffusion = tp.build_peer(peer, cfg, torch.device("cpu"), seed=3)
+    ours = diffusion.net.net
+    assert isinstance(ours, tp.ResidualMLPDenoiser)
+    assert sum(p.numel() for p in diffusion.parameters()) == sum(p.numel() for p in ours.parameters())
+    x, t = torch.randn(5, tp.DIM), torch.randn(5)
+    torch.testing.assert_close(diffusion.net(x.reshape(5, tp.DIM, 1, 1), t).reshape(5, tp.DIM), ours(x, t))
+    out = tp.peer_sample(diffusion, 4, 2)
+    assert out.shape == (4, tp.DIM, 1, 1) and torch.isfinite(out).all()
+
+
+def test_no_peer_flag(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        res = tp.main(["--quick", "--threads", "1", "--device", "cpu", "--out", str(tmp_path), "--quiet",
+                       "--no-peer", "--no-buffer"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res["meta"]["peer"] is None and res["buffer"] is None
+    assert all(r["peer_rate"] is None and r["ratio"] is None for r in res["train"] + res["sample"])
+    assert "| - |" in (tmp_path / "throughput.md").read_text()
+
+
+def test_flop_count_matches_linear_weights():
+    net = tp.ResidualMLPDenoiser(tp.DIM, width=64, depth=2, rff_dim=16, time_dim=32)
+    weights = (tp.DIM * 32) + (17 * 32) + (32 * 32) + (32 * 64) + 2 * (64 * 64) + (64 * tp.DIM)
+    assert tp.linear_flops_per_row(net) == 2 * weights

@@ -1,0 +1,191 @@
+"""benchmarks/utd20.py: smoke run, resume, report and the IQM / stratified bootstrap helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import utd20
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------ statistics
+def test_iqm_known_numbers():
+    assert utd20.iqm(np.arange(1, 9)) == pytest.approx(4.5)            # mean of 3, 4, 5, 6
+    assert utd20.iqm([0, 0, 1, 1, 1, 1, 100, 100]) == pytest.approx(1.0)
+    assert utd20.iqm([1, 2, 3, 4, 100]) == pytest.approx(3.0)           # int(1.25) = 1 cut at each end
+    assert utd20.iqm([[1, 100], [2, 3]]) == pytest.approx(2.5)          # flattens a [runs, tasks] matrix
+    assert utd20.iqm([7.0]) == 7.0
+    from scipy.stats import trim_mean
+    x = np.random.default_rng(0).normal(size=(7, 5))
+    assert utd20.iqm(x) == pytest.approx(trim_mean(x, 0.25, axis=None))
+    with pytest.raises(ValueError):
+        utd20.iqm([])
+
+
+def test_stratified_bootstrap_resamples_within_tasks():
+    # Task 0 scores all 0, task 1 all 1: every stratified resample keeps half zeros, half ones, so the
+    # IQM is exactly 0.5 in every resample (an unstratified bootstrap would vary).
+    scores = np.array([[0.0, 1.0]] * 3)
+    assert utd20.stratified_bootstrap_ci(scores, reps=200) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert utd20.stratified_bootstrap_ci(np.full((4, 3), 2.0), reps=50) == (2.0, 2.0)
+    x = np.random.default_rng(1).normal(size=(10, 3))
+    lo, hi = utd20.stratified_bootstrap_ci(x, reps=500)
+    assert lo < utd20.iqm(x) < hi
+
+
+def test_aggregate_scores_numpy_backend_and_rliable_agree():
+    x = {"a": np.random.default_rng(2).uniform(size=(6, 3)), "b": np.random.default_rng(3).uniform(size=(6, 3))}
+    ours = utd20.aggregate_scores(x, reps=300, use_rliable=False)
+    for k in x:
+        assert ours[k]["backend"] == "numpy"
+        assert ours[k]["iqm"] == pytest.approx(utd20.iqm(x[k]))
+        assert ours[k]["mean"] == pytest.approx(x[k].mean())
+        assert ours[k]["iqm_ci"][0] <= ours[k]["iqm"] <= ours[k]["iqm_ci"][1]
+    if utd20._rliable() is None:
+        pytest.skip("rliable not installed")
+    theirs = utd20.aggregate_scores(x, reps=300, use_rliable=True)
+    for k in x:
+        assert theirs[k]["backend"] == "rliable"
+        assert theirs[k]["iqm"] == pytest.approx(ours[k]["iqm"])
+        assert theirs[k]["mean"] == pytest.approx(ours[k]["mean"])
+        assert np.allclose(theirs[k]["iqm_ci"], ours[k]["iqm_ci"], atol=0.1)
+
+
+def test_normaliser():
+    f, how = utd20.normaliser("cheetah-run", [])
+    assert f(500.0) == 0.5 and "DMC" in how
+    f, _ = utd20.normaliser("dm_control/walker-walk-v0", [])
+    assert f(1000.0) == 1.0
+    f, how = utd20.normaliser("HalfCheetah-v5", [])
+    assert f(-280.178953) == pytest.approx(0.0) and f(12135.0) == pytest.approx(1.0) and "D4RL" in how
+    f, how = utd20.normaliser("Pendulum-v1", [-1500.0, -500.0])
+    assert f(-500.0) == 1.0 and f(-1000.0) == 0.5 and "min-max" in how
+
+
+# ------------------------------------------------------------------------------------ plan / status / report
+def _fake_unit(out: Path, preset, env: str, arm: str, seed: int, final: float, steps=(0, 500, 1000)):
+    u = utd20.Unit(env, arm, seed)
+    d = u.dir(out)
+    d.mkdir(parents=True)
+    evals = [{"env_step": s, "mean_return": final * s / steps[-1]} for s in steps]
+    timing = {"total": 100.0, "rl": 60.0, "diffusion_fit": 20.0 if "synther" in arm else 0.0,
+              "diffusion_sample": 10.0 if "synther" in arm else 0.0, "eval": 5.0, "setup": 5.0}
+    (d / "results.json").write_text(json.dumps({
+        "config": {"env": env}, "evals": evals, "timing_seconds": timing, "retrain_count": 2,
+        "final_eval": {"env_step": steps[-1], "mean_return": final, "std_return": 1.0, "episodes": 5}}))
+    (d / utd20.UNIT_FILE).write_text(json.dumps({
+        "status": "done", "unit": {"env": env, "arm": arm, "seed": seed},
+        "settings": utd20.unit_settings(preset, u), "wall_seconds": 100.0}))
+    return u
+
+
+def test_unit_status_done_stale_partial_todo(tmp_path):
+    p = utd20.PRESETS["smoke"]
+    done = _fake_unit(tmp_path, p, "Pendulum-v1", "sac_utd1", 0, -1000.0)
+    assert utd20.unit_status(p, done, tmp_path) == "done"
+    # the same directory under other settings (another step budget) is stale, not done
+    p2 = utd20.dataclasses.replace(p, total_steps=300)
+    assert utd20.unit_status(p2, done, tmp_path) == "stale"
+    partial = utd20.Unit("Pendulum-v1", "sac_utd20", 0)
+    partial.dir(tmp_path).mkdir(parents=True)
+    (partial.dir(tmp_path) / "eval_returns.csv").write_text("env_step,mean_return\n0,-1200\n")
+    assert utd20.unit_status(p, partial, tmp_path) == "partial"
+    assert utd20.unit_status(p, utd20.Unit("Pendulum-v1", "redq_utd20", 0), tmp_path) == "todo"
+    # seed-major order
+    units = utd20.plan(p, ["a", "b"], ["sac_utd1", "sac_utd20"], 2)
+    assert [u.seed for u in units] == [0] * 4 + [1] * 4 and units[1] == utd20.Unit("a", "sac_utd20", 0)
+
+
+def test_unit_args_per_arm():
+    p = utd20.PRESETS["cpu"]
+    a = {arm: utd20.unit_args(p, utd20.Unit("cheetah-run", arm, 1)) for arm in utd20.ARMS}
+    flag = lambda args, f: args[args.index(f) + 1]  # noqa: E731
+    assert flag(a["sac_utd1"], "--utd") == "1" and "--no-synther" in a["sac_utd1"]
+    assert flag(a["sac_utd20"], "--utd") == "20" and "--no-synther" in a["sac_utd20"]
+    assert flag(a["synther_utd20"], "--utd") == "20" and "--no-synther" not in a["synther_utd20"]
+    assert flag(a["synther_utd20"], "--preset") == "fast" and flag(a["synther_utd20"], "--retrain-every") == "2250"
+    assert flag(a["redq_utd20"], "--num-q") == "10" and flag(a["redq_utd20"], "--num-min") == "2"
+    assert "--no-synther" in a["redq_utd20"] and flag(a["redq_utd20"], "--utd") == "20"
+    assert all(flag(v, "--seed") == "1" and flag(v, "--total-steps") == "10000" for v in a.values())
+    assert utd20.unit_settings(p, utd20.Unit("x", "redq_utd20", 0))["script"] == "integrations/custom_sac.py"
+
+
+def test_report_with_two_envs_has_aggregates(tmp_path):
+    p = utd20.PRESETS["cpu"]
+    for env, scale in (("cheetah-run", 1.0), ("walker-walk", 2.0)):
+        for seed in (0, 1, 2):
+            _fake_unit(tmp_path, p, env, "sac_utd20", seed, 100.0 * scale + seed)
+            _fake_unit(tmp_path, p, env, "synther_utd20", seed, 200.0 * scale + seed)
+    s = utd20.write_report(tmp_path, reps=200)
+    for name in ("summary.md", "summary.json", "final_returns.md", "final_returns.csv", "timing.csv",
+                 "aggregate.csv", "curves_cheetah-run.png", "curves_walker-walk.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    agg = s["aggregate"]
+    assert set(agg) == {"sac_utd20", "synther_utd20"}
+    assert agg["synther_utd20"]["runs"] == 3 and agg["synther_utd20"]["tasks"] == 2
+    # normalised: cheetah (100..102)/1000 and walker (200..202)/1000 -> IQM of the middle four
+    assert agg["sac_utd20"]["iqm"] == pytest.approx(utd20.iqm([0.1, 0.101, 0.102, 0.2, 0.201, 0.202]))
+    assert agg["synther_utd20"]["iqm"] > agg["sac_utd20"]["iqm"]
+    fr = {(r["env"], r["arm"]): r for r in s["final_returns"]}
+    assert fr[("cheetah-run", "synther_utd20")]["mean"] == pytest.approx(201.0)
+    assert fr[("cheetah-run", "synther_utd20")]["n"] == 3
+    t = {r["arm"]: r for r in s["timing"]}
+    assert t["synther_utd20"]["diffusion_fit"] == 20.0 and t["sac_utd20"]["diffusion_share"] == 0.0
+    assert "IQM" in (tmp_path / "summary.md").read_text()
+
+
+# ------------------------------------------------------------------------------------ end to end
+def _bench(out: Path, *extra: str) -> str:
+    cmd = [sys.executable, "-m", "benchmarks.utd20", "--preset", "smoke", "--envs", "Pendulum-v1",
+           "--arms", "sac_utd20", "synther_utd20", "--seeds", "1", "--out", str(out), "--heartbeat", "5", *extra]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_smoke_run_writes_report_and_resume_skips_finished_units(tmp_path):
+    out = tmp_path / "utd20"
+    log1 = _bench(out)
+    assert log1.count("done Pendulum-v1/") == 2
+    for name in ("summary.md", "summary.json", "final_returns.csv", "final_returns.md", "timing.csv",
+                 "curves_Pendulum-v1.png"):
+        assert (out / name).stat().st_size > 0, name
+    s = json.loads((out / "summary.json").read_text())
+    assert {r["arm"] for r in s["final_returns"]} == {"sac_utd20", "synther_utd20"}
+    t = {r["arm"]: r for r in s["timing"]}
+    assert t["synther_utd20"]["retrains"] >= 1 and t["synther_utd20"]["diffusion_fit"] > 0
+    assert t["sac_utd20"]["diffusion_fit"] == 0
+    units = {a: out / "Pendulum-v1" / a / "seed0" for a in ("sac_utd20", "synther_utd20")}
+    for d in units.values():
+        for f in ("eval_returns.csv", "results.json", "learning_curve.png", "unit.json"):
+            assert (d / f).exists(), d / f
+    mtimes = {a: (d / "results.json").stat().st_mtime_ns for a, d in units.items()}
+
+    # Resume: a second invocation runs nothing.
+    log2 = _bench(out)
+    assert log2.count("skip Pendulum-v1/") == 2 and "start " not in log2
+    assert {a: (d / "results.json").stat().st_mtime_ns for a, d in units.items()} == mtimes
+
+    # An interrupted unit (no done marker) is re-run from scratch; the finished one is still skipped.
+    (units["sac_utd20"] / "unit.json").unlink()
+    (units["sac_utd20"] / "leftover.txt").write_text("partial")
+    log3 = _bench(out)
+    assert "skip Pendulum-v1/synther_utd20/seed0" in log3
+    assert "Pendulum-v1/sac_utd20/seed0: interrupted earlier; re-running from scratch" in log3
+    assert not (units["sac_utd20"] / "leftover.txt").exists()
+    assert (units["sac_utd20"] / "unit.json").exists()
+    assert (units["synther_utd20"] / "results.json").stat().st_mtime_ns == mtimes["synther_utd20"]
+
+    # --report-only reads what is there.
+    r = subprocess.run([sys.executable, "-m", "benchmarks.utd20", "--preset", "smoke", "--out", str(out),
+                        "--report-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "synther_utd20" in r.stdout
