@@ -74,6 +74,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from synther_buffer.offline import json_default
+
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 SUPPORTED_ENVS = ("HalfCheetah-v5", "HalfCheetah-v4", "cheetah-run (dm_control/cheetah-run-v0)")
 
@@ -842,14 +844,6 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str
             w.writerow({k: r.get(k) for k in keys})
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _parse_mix(text: str) -> Tuple[float, float, float]:
@@ -1048,7 +1042,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                    ["sampler", "steps", "nn_dist", "ks_complement", "corr_similarity"])
         result["sweep_csv"] = str(out_dir / "fidelity_sweep.csv")
     with open(out_dir / "fidelity.json", "w") as f:
-        json.dump(result, f, indent=2, default=_json_default)
+        json.dump(result, f, indent=2, default=json_default)
         f.write("\n")
     return result
 

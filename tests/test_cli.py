@@ -14,14 +14,6 @@ from synther_buffer import cli
 from synther_buffer.datasets import load_transitions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """2 torch threads on 2 shared, busy cores can run >10x slower (spin-waits); 1 thread is steady."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,6 @@ from synther_buffer.report import report
 OBS, ACT = 3, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """2 torch threads on 2 shared, busy cores can run >10x slower (spin-waits); 1 thread is steady."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_transitions(n: int = 300, seed: int = 0, terminal_every: int = 0, timeouts: bool = True) -> dict:

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from synther_buffer import GenerativeReplay, SynthERConfig
 from synther_buffer.replay import ReplaySamples, WrappedReplay
 
+from helpers import small, transitions  # tests/helpers.py
+
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 OBS, ACT = 3, 2
@@ -35,22 +37,6 @@ REQUIRED_STATS = ("env_steps", "num_real", "num_synthetic", "retrain_count", "la
                   "last_fit_seconds", "last_generate_seconds", "real_ratio")
 
 
-def small(cfg: SynthERConfig, **changes) -> SynthERConfig:
-    """Tiny preset cut down further: fidelity does not matter here (~0.7 s per retrain)."""
-    base = dict(train_steps=200, num_generate=500, synthetic_size=500, retrain_every=100, min_real=50)
-    base.update(changes)
-    return cfg.replace(**base)
-
-
-def transitions(n: int, seed: int = 0, term_p: float = 0.0):
-    """A deterministic batch of n transitions (obs 3, action 2), float32."""
-    r = np.random.default_rng(seed)
-    obs = r.standard_normal((n, OBS)).astype(np.float32)
-    act = r.uniform(-1, 1, (n, ACT)).astype(np.float32)
-    nxt = (0.9 * obs + 0.1 * act[:, :1]).astype(np.float32)
-    rew = (obs[:, 0] - act[:, 0] ** 2).astype(np.float32)
-    term = (r.random(n) < term_p).astype(np.float32)
-    return obs, act, rew, nxt, term
 
 
 def stream_transition(t: int):
@@ -613,6 +599,7 @@ import json, sys, time
 import torch
 torch.set_num_threads(1)
 from synther_buffer import GenerativeReplay, SynthERConfig
+
 {stream_src}
 args = json.loads(sys.argv[1])
 buf = GenerativeReplay(3, 2, capacity=args["capacity"], config=SynthERConfig.from_dict(args["config"]),
