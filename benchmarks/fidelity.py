@@ -79,11 +79,23 @@ from synther_buffer.offline import json_default
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 SUPPORTED_ENVS = ("HalfCheetah-v5", "HalfCheetah-v4", "cheetah-run (dm_control/cheetah-run-v0)")
 
-# Sampler settings of --sampler-sweep: (sampler, steps). The first is the paper's (Table 9).
-SWEEP_SETTINGS: Tuple[Tuple[str, int], ...] = (
-    ("stochastic", 128), ("stochastic", 64), ("stochastic", 32),
-    ("deterministic", 32), ("deterministic", 16),
+# Sampler settings of --sampler-sweep: (sampler, steps, SynthERConfig sampler fields). Unlisted fields
+# are the paper's Table 9 (sigma_max 80, S_churn 80, S_tmin 0.05, S_tmax 50, S_noise 1.003), whatever
+# the trained model's preset says; the first setting is the paper's sampler.
+WIDE = {"s_tmin": 0.01, "s_tmax": 80.0}   # churn over (almost) the whole schedule
+SWEEP_SETTINGS: Tuple[Tuple[str, int, Dict[str, float]], ...] = (
+    ("stochastic", 128, {}), ("stochastic", 64, {}),
+    ("stochastic", 48, {"sigma_max": 10.0, **WIDE}),
+    ("stochastic", 40, {"sigma_max": 5.0, **WIDE}),       # the fast preset's sampler
+    ("stochastic", 40, {"sigma_max": 10.0, **WIDE}),
+    ("stochastic", 32, {"sigma_max": 5.0, **WIDE}),
+    ("stochastic", 32, {}), ("deterministic", 32, {}), ("deterministic", 16, {}),
 )
+
+
+def sweep_label(sampler: str, steps: int, extra: Mapping[str, float]) -> str:
+    """``"32-step stochastic, sigma_max 10"``."""
+    return f"{steps}-step {sampler}" + "".join(f", {k} {v:g}" for k, v in extra.items())
 
 ALL_GENERATORS = ("real", "additive", "multiplicative", "dynamics", "gmm", "tvae", "ctgan", "synther")
 GENERATOR_LABELS = {
@@ -990,12 +1002,20 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     "fit_s": fit["seconds"], "sample_s": dt, "samples_per_s": n / max(dt, 1e-9),
                     "train_steps": cfg.train_steps, "loss": fit["loss"]}))
                 if args.sampler_sweep:
-                    for k, (sampler, steps) in enumerate(SWEEP_SETTINGS):
+                    base_cfg = model.config
+                    table9 = {f: getattr(SynthERConfig.preset("paper"), f)
+                              for f in ("sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise", "rho")}
+                    for k, (sampler, steps, extra) in enumerate(SWEEP_SETTINGS):
+                        model.config = base_cfg.replace(sampler=sampler, sample_steps=steps, **{**table9, **extra})
                         t = time.perf_counter()
-                        rows_k = model.sample(n, seed=args.seed + 100 + k, sampler=sampler, sample_steps=steps)
+                        try:
+                            rows_k = model.sample(n, seed=args.seed + 100 + k)
+                        finally:
+                            model.config = base_cfg
                         dt = time.perf_counter() - t
-                        r = evaluate(f"SynthER {steps}-step {sampler}", rows_k, {})
-                        sweep.append({"setting": f"{steps}-step {sampler}", "sampler": sampler, "steps": steps,
+                        label_k = sweep_label(sampler, steps, extra)
+                        r = evaluate(f"SynthER {label_k}", rows_k, {})
+                        sweep.append({"setting": label_k, "sampler": sampler, "steps": steps, **extra,
                                       "nfe": num_function_evals(steps), "sample_s": dt,
                                       "samples_per_s": n / max(dt, 1e-9),
                                       **{key: r[key] for key in ("dynamics_mse", "dynamics_mse_se",
@@ -1039,7 +1059,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     _write_csv(out_dir / "fidelity.csv", table, csv_keys)
     if sweep:
         _write_csv(out_dir / "fidelity_sweep.csv", sweep, [k for k, _ in SWEEP_COLUMNS] +
-                   ["sampler", "steps", "nn_dist", "ks_complement", "corr_similarity"])
+                   ["sampler", "steps", "sigma_max", "s_tmin", "s_tmax", "nn_dist", "ks_complement", "corr_similarity"])
         result["sweep_csv"] = str(out_dir / "fidelity_sweep.csv")
     with open(out_dir / "fidelity.json", "w") as f:
         json.dump(result, f, indent=2, default=json_default)

@@ -21,6 +21,8 @@ Methodology (2 shared cores: absolute numbers are noisy, ratios are the result):
     model FLOPs counted analytically: 2 * (Linear weights) per row per forward, x3 for training.
   * replay latency: ``GenerativeReplayBuffer.sample(256)`` (real data added, synthetic pool filled
     by a real retrain) vs plain SB3 ``ReplayBuffer.sample(256)`` on the same real data.
+  * memory: in a fresh process, RSS and peak RSS (Linux VmHWM, reset per stage) of a ``GenerativeReplay``
+    whose retrain fills a 1M-row x 41 pool, then over 2,000 ``sample(256)`` calls.
 
 The peer is a benchmark-only extra (``pip install --no-deps denoising-diffusion-pytorch einops
 ema-pytorch``; its package ``__init__`` imports torchvision, so ``elucidated_diffusion.py`` is loaded
@@ -286,14 +288,14 @@ def plan(quick: bool, device: torch.device) -> dict:
         return dict(models=[(64, 2)], batches=[64], rows=512, repeats=1, target_s=0.05,
                     sample_steps=[("stochastic", 4), ("deterministic", 4)], sample_rows=(32, 32), sample_target_s=0.05,
                     peak_n=256, buf_real=500, buf_pool=1_000, buf_calls=50, buf_blocks=2,
-                    min_steps=3)
+                    min_steps=3, memory_rows=20_000)
     big = device.type == "cuda"
     return dict(models=[(256, 4), (1024, 6)], batches=[256, 1024], rows=N_ROWS, repeats=3 if not big else 5,
                 target_s=4.0 if not big else 2.0, sample_target_s=8.0 if not big else 2.0,
                 sample_steps=[("stochastic", 128), ("deterministic", 32)],
                 sample_rows=(64, 16_384) if not big else (1_024, 100_000),
                 peak_n=2048 if not big else 8192, buf_real=20_000, buf_pool=100_000, buf_calls=500,
-                buf_blocks=5, min_steps=10)
+                buf_blocks=5, min_steps=10, memory_rows=1_000_000)
 
 
 def model_cfg(width: int, depth: int, device: torch.device, quick: bool) -> SynthERConfig:
@@ -423,6 +425,77 @@ def bench_buffer(p: dict, device: torch.device) -> dict:
                 ours_samples=times["ours"], plain_samples=times["plain"])
 
 
+# ---------------------------------------------------------------------------------------- memory
+def _rss_mb() -> dict:
+    """Current (VmRSS) and peak (VmHWM) resident set size of this process, in MiB (Linux)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return {"rss": out.get("VmRSS"), "peak": out.get("VmHWM")}
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(pool_rows: int, real_rows: int = 10_000, sample_calls: int = 2_000) -> dict:
+    """Peak and resident memory of a ``GenerativeReplay`` holding a ``pool_rows`` x 41 synthetic pool.
+
+    Runs in its own process (see ``bench_memory``). Stages: the buffer with ``real_rows`` real rows;
+    one retrain that generates ``pool_rows`` rows (a ``tiny`` denoiser with 4 sampler steps: the pool's
+    size, not the model, is what is measured); ``sample_calls`` x ``sample(256)``.
+    """
+    from synther_buffer.replay import GenerativeReplay
+
+    torch.set_num_threads(1)
+    cfg = SynthERConfig.preset("tiny").replace(
+        device="cpu", train_steps=20, sample_steps=4, retrain_every=10 ** 9, min_real=1, outlier_std=None,
+        synthetic_size=pool_rows, num_generate=pool_rows, progress=False)
+    buf = GenerativeReplay(OBS_DIM, ACT_DIM, capacity=real_rows, config=cfg, model_terminals=False)
+    rng = np.random.default_rng(0)
+    buf.add(rng.standard_normal((real_rows, OBS_DIM)), rng.uniform(-1, 1, (real_rows, ACT_DIM)),
+            rng.standard_normal(real_rows), rng.standard_normal((real_rows, OBS_DIM)), np.zeros(real_rows))
+    before = _rss_mb()
+    resettable = _reset_peak_rss()
+    buf.retrain()
+    after_retrain = _rss_mb()
+    pool = buf.pool.pool
+    _reset_peak_rss()
+    for _ in range(sample_calls):
+        buf.sample(256)
+    after_sample = _rss_mb()
+    return {"pool_rows": int(pool.shape[0]), "dim": int(pool.shape[1]), "dtype": str(pool.dtype).replace("torch.", ""),
+            "pool_mb": pool.numel() * pool.element_size() / 2 ** 20, "peak_reset_supported": resettable,
+            "rss_before_mb": before["rss"], "rss_after_retrain_mb": after_retrain["rss"],
+            "peak_during_retrain_mb": after_retrain["peak"], "rss_after_sampling_mb": after_sample["rss"],
+            "peak_during_sampling_mb": after_sample["peak"], "sample_calls": sample_calls}
+
+
+def bench_memory(pool_rows: int) -> dict:
+    """``memory_probe`` in a fresh interpreter (peak RSS is per process), returned as a dict."""
+    import subprocess
+
+    code = ("import json, sys; from benchmarks.throughput import memory_probe; "
+            f"print(json.dumps(memory_probe({int(pool_rows)})))")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{r.stderr[-2000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res["kind"] = "memory"
+    return res
+
+
 # ---------------------------------------------------------------------------------------- driver
 
 
@@ -465,6 +538,7 @@ def run(args: argparse.Namespace) -> dict:
     peak_samples.append(matmul_peak_gflops(device, p["peak_n"]))
     peak = _median(peak_samples)
     buffer = None if args.no_buffer else bench_buffer(p, device)
+    memory = None if args.no_memory else bench_memory(p["memory_rows"])
 
     for r in train_rows + sample_rows:
         fl = r["flops_per_step"] if r["kind"] == "train" else r["flops_per_row"]
@@ -489,7 +563,7 @@ def run(args: argparse.Namespace) -> dict:
             "seconds": round(time.perf_counter() - t_start, 1),
         },
         "peak_gflops": peak, "peak_samples": peak_samples,
-        "train": train_rows, "sample": sample_rows, "buffer": buffer,
+        "train": train_rows, "sample": sample_rows, "buffer": buffer, "memory": memory,
     }
     result["targets"] = check_targets(result)
     return result
@@ -551,6 +625,15 @@ def markdown(res: dict) -> str:
                   "| --- | --- | --- | --- |",
                   f"| us per call ({b['num_real']} real, {b['num_synthetic']} synthetic) | {b['ours_us']:.0f} | "
                   f"{b['plain_us']:.0f} | {b['ratio']:.2f}x |"]
+    mem = res.get("memory")
+    if mem:
+        lines += ["", f"| memory, {mem['pool_rows']:,}-row x {mem['dim']} {mem['dtype']} pool (own process, CPU) "
+                  "| MiB |", "| --- | --- |",
+                  f"| the pool tensor | {mem['pool_mb']:.1f} |",
+                  f"| RSS before the retrain (torch, buffer, real rows) | {mem['rss_before_mb']:.0f} |",
+                  f"| peak RSS during the retrain (fit, generate, filter, swap) | {mem['peak_during_retrain_mb']:.0f} |",
+                  f"| RSS after the retrain | {mem['rss_after_retrain_mb']:.0f} |",
+                  f"| peak RSS over {mem['sample_calls']:,} x sample(256) | {mem['peak_during_sampling_mb']:.0f} |"]
     if res["targets"]:
         lines += ["", "| target (issue 6) | value | met |", "| --- | --- | --- |"]
         for t in res["targets"]:
@@ -594,6 +677,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="glibc: no mmap / trim for large allocations (whole process, both sides)")
     ap.add_argument("--no-peer", action="store_true", help="skip the peer even if installed")
     ap.add_argument("--no-buffer", action="store_true", help="skip the replay-buffer latency comparison")
+    ap.add_argument("--no-memory", action="store_true", help="skip the 1M-row pool memory probe")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -21,8 +21,11 @@ Units and resume. Each (env, arm, seed) is one *unit*, run as a subprocess of it
 benchmark writes ``unit.json`` (status ``done``, the exact command, settings, wall time) beside them.
 A rerun of the benchmark skips every unit whose ``unit.json`` says done *with the same settings*; a
 done unit whose settings differ (another preset or step budget in the same ``--out``) is moved aside to
-``seed<k>.stale-<n>/`` and run again. The integration scripts have no checkpoint hook, so a unit that
-was interrupted (a directory without a done ``unit.json``) is **re-run from scratch**. A unit whose
+``seed<k>.stale-<n>/`` and run again. Every unit runs with ``--checkpoint-every <eval_every> --resume``,
+so a unit that was interrupted (a directory without a done ``unit.json``) **continues from its last
+checkpoint** (``<unit>/checkpoint/``: agent, replay buffer with SynthER's model and pool, evaluations
+so far, RNG states); one interrupted before its first checkpoint starts over. A finished unit's
+checkpoint is deleted unless ``--keep-checkpoints`` (it holds the final agent). A unit whose
 recorded child process is still alive is refused (two writers in one directory). Units run one at a
 time (``--jobs N`` runs N at once; on 2 cores, 1 is right). The child gets SIGTERM if this process
 dies (Linux ``PR_SET_PDEATHSIG``), so a killed benchmark leaves no orphan writing into a unit.
@@ -84,8 +87,12 @@ ARMS: Dict[str, Arm] = {a.name: a for a in (
     Arm("synther_utd20", "SAC (SynthER, UTD=20)", "integrations/sb3_sac.py", high_utd=True, synther=True),
     Arm("redq_utd20", "REDQ (UTD=20)", "integrations/custom_sac.py", high_utd=True, synther=False,
         extra=("--num-q", "10", "--num-min", "2")),
+    # Issue 6's wall-clock comparison: the SynthER arm with retrains in a background thread (opt-in).
+    Arm("synther_utd20_async", "SAC (SynthER, UTD=20, async retrain)", "integrations/sb3_sac.py", high_utd=True,
+        synther=True, extra=("--async-retrain",)),
 )}
 
+PAPER_ARMS = ("sac_utd1", "sac_utd20", "synther_utd20", "redq_utd20")   # the paper's four (Section 4.2)
 PAPER_ENVS = ("cheetah-run", "walker-walk", "quadruped-walk", "reacher-hard", "finger-turn_hard",
               "HalfCheetah-v5", "Walker2d-v5", "Hopper-v5")
 
@@ -119,11 +126,11 @@ PRESETS: Dict[str, Preset] = {
     # The paper: 100K env steps, 5K random steps (REDQ codebase), UTD 20, paper diffusion settings
     # (Tables 8/9: 1024x6 denoiser, 100K steps, 128-step stochastic Heun), retrain every 10K env steps,
     # 1M synthetic rows (D.2). Needs a GPU: one retrain is ~20 min on a V100.
-    "paper": Preset("paper", PAPER_ENVS, tuple(ARMS), seeds=5, total_steps=100_000, learning_starts=5_000,
+    "paper": Preset("paper", PAPER_ENVS, PAPER_ARMS, seeds=5, total_steps=100_000, learning_starts=5_000,
                     utd=20, eval_every=5_000, eval_episodes=10, synther_preset="paper",
                     synther_overrides={}, device="auto", default_out="results/utd20_paper"),
     # 2 CPU cores, a few hours: cheetah-run, 2 seeds, 10K env steps (1K random), SynthER's `fast`
-    # diffusion (256x4, 15K steps, 32-step deterministic Heun, 100K rows) retrained every 2,250 env
+    # diffusion (256x4, 15K steps, 32-step Heun, 100K rows) retrained every 2,250 env
     # steps (at 2,250 / 4,500 / 6,750 / 9,000: none wasted at the end). REDQ is opt-in (--arms):
     # its 10-critic update is ~2x SAC's, ~2 h per unit here. Arithmetic: benchmarks/UTD20.md.
     "cpu": Preset("cpu", ("cheetah-run",), ("sac_utd20", "synther_utd20", "sac_utd1"), seeds=2,
@@ -176,9 +183,28 @@ def unit_args(preset: Preset, unit: Unit) -> List[str]:
     return args + list(arm.extra)
 
 
+# SynthERConfig fields that do not change what a unit computes (set per run by the scripts' flags).
+_CONFIG_RUNTIME_FIELDS = ("device", "seed", "progress")
+
+
 def unit_settings(preset: Preset, unit: Unit) -> Dict[str, Any]:
-    """What makes a finished unit reusable: the script and its flags."""
-    return {"script": ARMS[unit.arm].script, "args": unit_args(preset, unit)}
+    """What makes a finished unit reusable: the script, its flags and, for the SynthER arm, the resolved
+    ``SynthERConfig`` (so a library preset changed between runs counts as other settings)."""
+    settings: Dict[str, Any] = {"script": ARMS[unit.arm].script, "args": unit_args(preset, unit)}
+    if ARMS[unit.arm].synther:
+        from synther_buffer.config import SynthERConfig
+
+        cfg = SynthERConfig.preset(preset.synther_preset).replace(**preset.synther_overrides).to_dict()
+        settings["synther_config"] = {k: v for k, v in cfg.items() if k not in _CONFIG_RUNTIME_FIELDS}
+    return settings
+
+
+def settings_match(recorded: Optional[dict], current: dict) -> bool:
+    """A finished unit's recorded settings equal ``current`` (a marker written before the SynthER config
+    was recorded matches on script and flags alone)."""
+    if not isinstance(recorded, dict):
+        return False
+    return all(recorded.get(k) == v for k, v in current.items() if k in recorded or k in ("script", "args"))
 
 
 def plan(preset: Preset, envs: Sequence[str], arms: Sequence[str], seeds: int) -> List[Unit]:
@@ -216,7 +242,7 @@ def unit_status(preset: Preset, unit: Unit, out: Path) -> str:
         return "todo"
     marker = _read_json(d / UNIT_FILE)
     if marker and marker.get("status") == "done":
-        return "done" if marker.get("settings") == unit_settings(preset, unit) else "stale"
+        return "done" if settings_match(marker.get("settings"), unit_settings(preset, unit)) else "stale"
     running = _read_json(d / RUNNING_FILE)
     if running and _pid_alive(running.get("pid", -1)) and _cmdline_mentions(running["pid"], str(d)):
         return "running"
@@ -276,8 +302,19 @@ class _Children:
 CHILDREN = _Children()
 
 
+def _checkpoint_step(d: Path) -> Optional[int]:
+    """The env step of a unit's last complete checkpoint, or None."""
+    from synther_buffer.checkpoint import RunCheckpoint
+
+    try:
+        loaded = RunCheckpoint(d / "checkpoint").load()
+    except ValueError:
+        return None
+    return None if loaded is None else int(loaded[1]["env_steps"])
+
+
 def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
-             heartbeat_s: float = 300.0) -> str:
+             heartbeat_s: float = 300.0, keep_checkpoint: bool = False) -> str:
     """Run ``unit`` unless done; returns ``skipped`` | ``done`` | ``failed``."""
     d = unit.dir(out)
     status = unit_status(preset, unit, out)
@@ -295,17 +332,24 @@ def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
         d.rename(d.with_name(f"{d.name}.stale-{n}"))
         _log(f"{unit.key}: finished with other settings; moved to {d.name}.stale-{n}, re-running")
     elif status == "partial":
-        _log(f"{unit.key}: interrupted earlier; re-running from scratch (the scripts have no checkpoint hook)")
-        shutil.rmtree(d)
+        ckpt = _checkpoint_step(d)
+        if ckpt is None:
+            _log(f"{unit.key}: interrupted before its first checkpoint; re-running from scratch")
+            shutil.rmtree(d)
+        else:
+            _log(f"{unit.key}: interrupted earlier; resuming from its checkpoint at env step {ckpt:,}")
+    resuming = d.is_dir()
     d.mkdir(parents=True, exist_ok=True)
+    # --checkpoint-every / --resume do not change what a unit computes: not part of its settings.
     cmd = [sys.executable, "-c", _BOOT, str(REPO / settings["script"]), *settings["args"],
-           "--out", str(d), "--threads", str(threads), "--device", device, "--quiet"]
+           "--out", str(d), "--threads", str(threads), "--device", device, "--quiet",
+           "--checkpoint-every", str(preset.eval_every or preset.total_steps), "--resume"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("MUJOCO_GL", "disable")
     _log(f"start {unit.key}: {settings['script']} {' '.join(settings['args'])}")
     t0 = time.time()
-    with open(d / "stdout.log", "w") as logf:
+    with open(d / "stdout.log", "a" if resuming else "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
         CHILDREN.procs.append(proc)
         _write_json(d / RUNNING_FILE, {"pid": proc.pid, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -334,6 +378,8 @@ def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
         _log(f"FAILED {unit.key} (exit {proc.returncode}, {wall:.0f} s); tail of stdout.log:\n{tail}")
         return "failed"
     (d / RUNNING_FILE).unlink(missing_ok=True)
+    if not keep_checkpoint:
+        shutil.rmtree(d / "checkpoint", ignore_errors=True)
     _write_json(d / UNIT_FILE, {"status": "done", "unit": dataclasses.asdict(unit), "preset": preset.name,
                                 "settings": settings, "command": cmd[:2] + ["<boot>"] + cmd[3:],
                                 "returncode": proc.returncode, "wall_seconds": round(wall, 1),
@@ -645,7 +691,7 @@ def write_report(out: Path, reps: int = 2000) -> Dict[str, Any]:
         prow = [[p["env"], p["arm"], p["seed"], "running" if p["alive"] else "interrupted",
                  p["last_eval_step"] if p["last_eval_step"] is not None else "-",
                  _fmt(p["last_eval_return"]), p["total_steps"] or "-"] for p in data["partial"]]
-        md += ["## Unfinished units (not in the tables; an interrupted one is re-run from scratch)", "",
+        md += ["## Unfinished units (not in the tables; an interrupted one resumes from its last checkpoint)", "",
                _md_table(["env", "arm", "seed", "state", "last eval step", "last eval return", "of steps"], prow), ""]
     md += ["## Curves", ""] + [f"![{p}]({p})" for p in pngs]
     (out / "summary.md").write_text("\n".join(md) + "\n")
@@ -674,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 on shared CPUs)")
     p.add_argument("--device", default=None, help="'cpu', 'cuda', 'auto' (default: the preset's)")
     p.add_argument("--jobs", type=int, default=1, help="units run at once")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each finished unit's checkpoint/ (its final agent and buffer; default: delete)")
     p.add_argument("--report-only", action="store_true", help="only write the report from finished units")
     p.add_argument("--dry-run", action="store_true", help="print the units, their status and commands")
     p.add_argument("--heartbeat", type=float, default=300.0, help="seconds between progress lines per unit")
@@ -713,7 +761,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _log(f"{len(units) - todo} done already, {todo} to run")
         t0 = time.time()
         try:
-            run = lambda u: run_unit(preset, u, out, args.threads, device, args.heartbeat)  # noqa: E731
+            run = lambda u: run_unit(preset, u, out, args.threads, device, args.heartbeat,  # noqa: E731
+                                     args.keep_checkpoints)
             if args.jobs <= 1:
                 results = [run(u) for u in units]
             else:
@@ -741,5 +790,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt as e:
-        _log(f"interrupted ({e}); finished units are kept, the running one will be re-run from scratch")
+        _log(f"interrupted ({e}); finished units are kept, the running one resumes from its last checkpoint")
         sys.exit(130)

@@ -26,6 +26,12 @@ batch is real: the UTD baseline without SynthER, everything else identical.
 
 Outputs under ``--out``: ``eval_returns.csv``, ``results.json`` (config, evals, retrains, timing split),
 ``learning_curve.png``, and a summary table on stdout.
+
+``--checkpoint-every N`` writes ``<out>/checkpoint/`` every N env steps and at the end (networks,
+optimizers, temperature, the buffer via ``buf.save`` with its model, pool and schedule, the
+evaluations so far, the RNG states); ``--resume`` continues from it after a kill. The resumed run
+starts a fresh episode seeded from the step count: deterministic, not bit-identical to an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import argparse
 import math
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from synther_buffer import GenerativeReplay, SynthERConfig
+from synther_buffer.checkpoint import RunCheckpoint, check_resume_settings, set_rng_state
 from synther_buffer.envs import can_terminate, make_env
 from synther_buffer.results import Results, TimingSplit, TrainingMonitor, format_summary
 
@@ -77,10 +85,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="env steps between checkpoints in <out>/checkpoint (0 = none); one is also written at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint if there is one (else start from scratch)")
     args = p.parse_args(argv)
     if not 1 <= args.num_min <= args.num_q:
         p.error(f"--num-min must be in [1, --num-q], got {args.num_min} with --num-q {args.num_q}")
+    if args.checkpoint_every < 0:
+        p.error("--checkpoint-every must be >= 0")
     return args
+
+
+# Flags a resumed run may change (the buffer's capacity is fixed by the first run's --total-steps,
+# so a resumed run may stop earlier but not later); every other flag must equal the checkpointed run's.
+RESUMABLE_FLAGS = {"total_steps", "out", "device", "threads", "quiet", "checkpoint_every", "resume"}
 
 
 class EnsembleLinear(nn.Module):
@@ -200,6 +219,16 @@ def main(argv=None) -> int:
             for p, p_targ in zip(qf.parameters(), qf_target.parameters()):
                 p_targ.lerp_(p, args.tau)
 
+    # Checkpoints: everything the loop carries from one env step to the next, except the episode in progress.
+    checkpoint = RunCheckpoint(Path(args.out) / "checkpoint", every=args.checkpoint_every)
+    modules = dict(actor=actor, qf=qf, qf_target=qf_target, q_optimizer=q_optimizer,
+                   actor_optimizer=actor_optimizer, a_optimizer=a_optimizer)
+
+    def save_agent(directory: Path) -> None:
+        torch.save({**{k: m.state_dict() for k, m in modules.items()}, "log_alpha": log_alpha.detach()},
+                   directory / "agent.pt")
+        buf.save(directory / "buffer")
+
     def update_actor_and_alpha(alpha: float) -> float:
         data = buf.sample(args.batch_size)
         action, log_prob, _ = actor.get_action(data.obs)
@@ -214,6 +243,25 @@ def main(argv=None) -> int:
         alpha_loss.backward()
         a_optimizer.step()
         return log_alpha.exp().item()
+
+    start_step, loaded = 0, checkpoint.load() if args.resume else None
+    if loaded:
+        ckpt_dir, run = loaded
+        try:
+            check_resume_settings(run["extra"]["args"], vars(args), may_change=RESUMABLE_FLAGS)
+        except ValueError as e:
+            raise SystemExit(f"--resume from {checkpoint.path}: {e}") from None
+        state = torch.load(ckpt_dir / "agent.pt", map_location=device, weights_only=True)
+        for k, m in modules.items():
+            m.load_state_dict(state[k])
+        with torch.no_grad():
+            log_alpha.copy_(state["log_alpha"])
+        alpha = log_alpha.exp().item()
+        buf = GenerativeReplay.load(ckpt_dir / "buffer", device=str(device))
+        start_step = run["env_steps"]
+        set_rng_state(run["rng"])
+        env.action_space.seed(args.seed + start_step)
+        eval_env.reset(seed=args.seed + 10_000 + start_step)
     timing.mark("setup")
 
     # Logging: evaluations every --eval-every env steps, a progress bar, retrain timings.
@@ -226,12 +274,18 @@ def main(argv=None) -> int:
     results = Results(args.out, config=config, title=title)
     monitor = TrainingMonitor(results, args.total_steps, args.eval_every, args.eval_episodes, eval_env,
                               policy_fn=policy_fn, stats_fn=None if args.no_synther else buf.stats,
-                              timing=timing, progress=not args.quiet)
+                              timing=timing, progress=not args.quiet, eval_at_start=not loaded)
+    if loaded:
+        monitor.load_state_dict(run["monitor"])
+        title += f" (resumed at env step {start_step:,})"
     print(title, flush=True)
 
+    def save_checkpoint(env_steps: int) -> None:
+        checkpoint.save(env_steps, monitor, save_agent, extra={"args": vars(args)})
+
     # The loop: act, store (retrains happen inside buf.add when due), update UTD times.
-    obs, _ = env.reset(seed=args.seed)
-    for global_step in range(1, args.total_steps + 1):
+    obs, _ = env.reset(seed=args.seed + start_step)
+    for global_step in range(start_step + 1, args.total_steps + 1):
         if global_step <= args.learning_starts:
             action = env.action_space.sample()
         else:
@@ -251,6 +305,10 @@ def main(argv=None) -> int:
                 for _ in range((i + 1) * args.policy_updates // args.utd - i * args.policy_updates // args.utd):
                     alpha = update_actor_and_alpha(alpha)
         monitor.step(global_step)
+        if checkpoint.due(global_step):
+            save_checkpoint(global_step)
+    if checkpoint.every and checkpoint.last_saved != max(start_step, args.total_steps):
+        save_checkpoint(max(start_step, args.total_steps))
 
     # Final evaluation, CSV / JSON / PNG, summary table.
     summary = monitor.finish(final_stats=buf.stats())

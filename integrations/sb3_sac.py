@@ -13,18 +13,27 @@ runs the same agent with SB3's plain ReplayBuffer: the UTD=20 baseline without S
 Writes ``eval_returns.csv`` (env step, mean / std of the eval episode returns), ``results.json``
 (config, evals, retrains, timing split) and ``learning_curve.png`` under ``--out``, and prints a
 summary table. Copy this file into your project; it needs ``synther_buffer`` and stable-baselines3.
+
+``--checkpoint-every N`` writes ``<out>/checkpoint/`` every N env steps and at the end (SB3's
+``model.save`` + ``model.save_replay_buffer``, which for SynthER holds the diffusion model, the
+synthetic pool and the schedule; the evaluations so far; the RNG states). ``--resume`` continues
+from it: after a kill, or with a larger ``--total-steps`` to extend a finished run. The resumed run
+starts a fresh episode and reseeds its envs from the step count, so it is deterministic but not
+bit-identical to a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 
 from synther_buffer import SynthERConfig
+from synther_buffer.checkpoint import RunCheckpoint, check_resume_settings, set_rng_state
 from synther_buffer.envs import can_terminate, make_env
 from synther_buffer.results import Results, TimingSplit, TrainingMonitor, format_summary
 from synther_buffer.sb3 import GenerativeReplayBuffer
@@ -47,25 +56,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--real-ratio", type=float, default=None, help="real fraction of each batch (default: preset's)")
     p.add_argument("--train-steps", type=int, default=None, help="diffusion steps per retrain (default: preset's)")
     p.add_argument("--num-generate", type=int, default=None, help="synthetic rows per retrain (default: preset's)")
+    p.add_argument("--async-retrain", action="store_true",
+                   help="retrain in a background thread; SAC keeps training on the previous pool meanwhile")
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/sb3_sac", help="output directory")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="env steps between checkpoints in <out>/checkpoint (0 = none); one is also written at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint if there is one (else start from scratch)")
+    args = p.parse_args(argv)
+    if args.checkpoint_every < 0:
+        p.error("--checkpoint-every must be >= 0")
+    return args
+
+
+# Flags a resumed run may change; every other flag must equal the checkpointed run's.
+RESUMABLE_FLAGS = {"total_steps", "out", "device", "threads", "quiet", "checkpoint_every", "resume"}
 
 
 class MonitorCallback(BaseCallback):
-    """Hands every env step to the TrainingMonitor (progress bar, evaluations, retrain timings)."""
+    """Hands every env step to the TrainingMonitor (progress bar, evaluations, retrain timings) and
+    writes the checkpoint when due."""
 
-    def __init__(self, monitor: TrainingMonitor):
+    def __init__(self, monitor: TrainingMonitor, checkpoint: RunCheckpoint, save_checkpoint):
         super().__init__()
-        self.monitor = monitor
+        self.monitor, self.checkpoint, self.save_checkpoint = monitor, checkpoint, save_checkpoint
 
     def _on_step(self) -> bool:
         self.monitor.step(self.num_timesteps)
         return True
+
+    def _on_rollout_start(self) -> None:
+        # Between env steps: the last step's transition is stored and its UTD updates are done.
+        if self.checkpoint.due(self.num_timesteps):
+            self.save_checkpoint()
 
 
 def main(argv=None) -> int:
@@ -87,11 +115,22 @@ def main(argv=None) -> int:
     cfg = SynthERConfig.preset(preset).replace(device=args.device, seed=args.seed, progress=not args.quiet)
     overrides = dict(retrain_every=args.retrain_every, real_ratio=args.real_ratio,
                      train_steps=args.train_steps, num_generate=args.num_generate)
-    cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
+    cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None}, async_retrain=args.async_retrain)
+    if args.async_retrain:  # the diffusion work overlaps the RL loop: report it, don't subtract it
+        timing.concurrent.update({"diffusion_fit", "diffusion_sample"})
+
+    # A checkpoint to continue from (--resume), if there is one.
+    checkpoint = RunCheckpoint(Path(args.out) / "checkpoint", every=args.checkpoint_every)
+    loaded = checkpoint.load() if args.resume else None
+    if loaded:
+        try:
+            check_resume_settings(loaded[1]["extra"]["args"], vars(args), may_change=RESUMABLE_FLAGS)
+        except ValueError as e:
+            raise SystemExit(f"--resume from {checkpoint.path}: {e}") from None
 
     # The agent. SynthER = replay_buffer_class + replay_buffer_kwargs; everything else is stock SAC.
     synther = not args.no_synther
-    model = SAC(
+    model = None if loaded else SAC(
         "MlpPolicy", env,
         learning_starts=args.learning_starts, batch_size=args.batch_size,
         buffer_size=min(args.total_steps, 1_000_000),
@@ -101,6 +140,22 @@ def main(argv=None) -> int:
         replay_buffer_kwargs=dict(config=cfg, model_terminals=can_terminate(args.env)) if synther else None,
         seed=args.seed, device=args.device, verbose=0,
     )
+    if loaded:  # the agent with its optimizers and counters, the buffer with SynthER's model and pool
+        ckpt_dir, run = loaded
+        model = SAC.load(ckpt_dir / "agent.zip", env=env, device=args.device)
+        model.load_replay_buffer(ckpt_dir / "replay_buffer.pkl")
+        capacity = model.replay_buffer.buffer_size * model.replay_buffer.n_envs
+        if capacity < min(args.total_steps, 1_000_000):
+            raise SystemExit(f"--resume: the checkpoint's replay buffer holds {capacity:,} transitions; "
+                             f"--total-steps {args.total_steps:,} would overwrite the oldest real data. "
+                             f"Start a new run with the larger --total-steps instead.")
+        set_rng_state(run["rng"])
+        model.env.seed(args.seed + run["env_steps"])  # a fresh episode, seeded from the step count
+        eval_env.reset(seed=args.seed + 10_000 + run["env_steps"])
+
+    def save_agent(directory: Path) -> None:
+        model.save(directory / "agent.zip")
+        model.save_replay_buffer(directory / "replay_buffer.pkl")
     timing.mark("setup")
 
     # Logging: evaluations every --eval-every env steps, a progress bar, retrain timings.
@@ -113,13 +168,26 @@ def main(argv=None) -> int:
         results, args.total_steps, args.eval_every, args.eval_episodes, eval_env,
         policy_fn=lambda obs: model.predict(obs, deterministic=True)[0],
         stats_fn=model.replay_buffer.stats if synther else None,
-        timing=timing, progress=not args.quiet)
+        timing=timing, progress=not args.quiet, eval_at_start=not loaded)
+    if loaded:
+        monitor.load_state_dict(run["monitor"])
+        title += f" (resumed at env step {run['env_steps']:,})"
     print(title, flush=True)
 
-    # Train.
-    model.learn(args.total_steps, callback=MonitorCallback(monitor))
+    # Train (the rest of the steps, when resuming), then a last checkpoint.
+    def save_checkpoint() -> None:
+        checkpoint.save(model.num_timesteps, monitor, save_agent, extra={"args": vars(args)})
+
+    remaining = args.total_steps - model.num_timesteps
+    if remaining > 0:
+        model.learn(remaining, callback=MonitorCallback(monitor, checkpoint, save_checkpoint),
+                    reset_num_timesteps=not loaded)
+    if checkpoint.every and checkpoint.last_saved != model.num_timesteps:
+        save_checkpoint()
 
     # Final evaluation, CSV / JSON / PNG, summary table.
+    if synther:
+        model.replay_buffer.wait()  # a background retrain (--async-retrain) still running
     summary = monitor.finish(final_stats=model.replay_buffer.stats() if synther else None)
     print("\n" + format_summary(summary, title=title))
     return 0

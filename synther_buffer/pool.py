@@ -206,7 +206,7 @@ class SyntheticPool:
             np.clip(synth[:, a0:a0 + lay.action_dim], self.action_low, self.action_high,
                     out=synth[:, a0:a0 + lay.action_dim])
         keep = self._in_range(synth, rows)
-        return {"error": None, "env_step": env_step, "model": model, "pool": synth[keep],
+        return {"error": None, "env_step": env_step, "model": model, "pool": _compact(synth, keep),
                 "filtered": int((~keep).sum()), "fit": fit, "gen_seconds": gen_seconds,
                 "num_real": rows.shape[0]}
 
@@ -236,19 +236,26 @@ class SyntheticPool:
                  self.num_synthetic)
         return True
 
-    def _in_range(self, synth: np.ndarray, real: np.ndarray) -> np.ndarray:
-        """Mask of synthetic rows within ``outlier_std`` real stds of the real mean on every dim."""
+    def _in_range(self, synth: np.ndarray, real: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+        """Mask of synthetic rows within ``outlier_std`` real stds of the real mean on every dim.
+
+        Computed in chunks of ``chunk`` rows in float32, so a 1M-row pool needs no pool-sized temporaries.
+        """
         k = self.config.outlier_std
         if k is None:
             return np.ones(len(synth), dtype=bool)
         mean = real.mean(axis=0, dtype=np.float64)
         std = real.std(axis=0, dtype=np.float64)
-        constant = std < 1e-6  # the model never reproduces a constant exactly: don't judge those
-        z = np.abs((synth - mean) / np.where(constant, 1.0, std))
-        z[:, constant] = 0.0
+        judged = std >= 1e-6  # the model never reproduces a constant exactly: don't judge those
         if self.layout.model_terminals:
-            z[:, -1] = 0.0
-        return (z <= k).all(axis=1)
+            judged[-1] = False
+        lo = (mean - k * std)[judged].astype(np.float32)
+        hi = (mean + k * std)[judged].astype(np.float32)
+        keep = np.empty(len(synth), dtype=bool)
+        for i in range(0, len(synth), chunk):
+            block = synth[i:i + chunk][:, judged]
+            keep[i:i + chunk] = ((block >= lo) & (block <= hi)).all(axis=1)
+        return keep
 
     # ------------------------------------------------------------------ sampling
     def sample(self, k: int) -> torch.Tensor:
@@ -318,6 +325,22 @@ class SyntheticPool:
     def __setstate__(self, d: dict) -> None:
         self.__init__(d["layout"], d["config"])
         self.load_state_dict(d["state"])
+
+
+def _compact(rows: np.ndarray, keep: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """``rows[keep]`` in place: kept rows moved to the front chunk by chunk, a prefix view returned.
+
+    No pool-sized copy (``rows[keep]`` would briefly hold the pool twice); the write position never
+    passes the read position, so no unread row is overwritten.
+    """
+    if keep.all():
+        return rows
+    w = 0
+    for i in range(0, len(rows), chunk):
+        block = rows[i:i + chunk][keep[i:i + chunk]]  # a copy of at most one chunk
+        rows[w:w + len(block)] = block
+        w += len(block)
+    return rows[:w]
 
 
 def _to_cpu(obj):

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from .checkpoint import atomic_directory, resolve_directory
 from .config import SynthERConfig
 from .pool import LogFn, SyntheticPool, TransitionLayout
 
@@ -224,31 +224,20 @@ class GenerativeReplay(_Mixer):
         Written to a temporary sibling directory first and swapped in, so a kill mid-save leaves the
         previous checkpoint intact. Everything loads with ``torch.load(weights_only=True)``.
         """
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "real.npy", self._rows[:len(self)] if not self.full else self._rows)
-        state = {"version": CHECKPOINT_VERSION, "obs_dim": self.obs_dim, "action_dim": self.action_dim,
-                 "capacity": self.capacity, "model_terminals": self.layout.model_terminals,
-                 "on_invalid": self.on_invalid, "pos": self.pos, "full": self.full,
-                 "num_dropped": self.num_dropped, "config": self.config.to_dict(),
-                 "rng": json.dumps(self.rng.bit_generator.state), "pool": self.pool.state_dict()}
-        torch.save(state, tmp / "state.pt")
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_directory(path) as tmp:
+            np.save(tmp / "real.npy", self._rows[:len(self)] if not self.full else self._rows)
+            state = {"version": CHECKPOINT_VERSION, "obs_dim": self.obs_dim, "action_dim": self.action_dim,
+                     "capacity": self.capacity, "model_terminals": self.layout.model_terminals,
+                     "on_invalid": self.on_invalid, "pos": self.pos, "full": self.full,
+                     "num_dropped": self.num_dropped, "config": self.config.to_dict(),
+                     "rng": json.dumps(self.rng.bit_generator.state), "pool": self.pool.state_dict()}
+            torch.save(state, tmp / "state.pt")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], log_fn: Optional[LogFn] = None,
              device: Optional[str] = None) -> "GenerativeReplay":
         """Restore a buffer saved with ``save``; the schedule continues where it stopped."""
-        path = Path(path)
-        if not path.is_dir() and path.with_name(path.name + ".old").is_dir():
-            path = path.with_name(path.name + ".old")  # killed between the two renames of save()
+        path = resolve_directory(path) or Path(path)  # path.old after a kill between save()'s renames
         try:
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
             real = np.load(path / "real.npy", allow_pickle=False)

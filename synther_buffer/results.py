@@ -122,6 +122,21 @@ class TimingSplit:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def state_dict(self) -> Dict[str, float]:
+        """The split so far (``as_dict()``), for a checkpoint."""
+        return self.as_dict()
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        """Add a checkpointed split (``state_dict()`` of the run being resumed) to this one.
+
+        Its sections are added to this process's, and its total counts as already elapsed, so the
+        final split covers the work kept from before the resume plus everything since.
+        """
+        state = dict(state)
+        self.start -= float(state.pop("total", 0.0))
+        for name, seconds in state.items():
+            self.sections[name] = self.sections.get(name, 0.0) + float(seconds)
+
     def as_dict(self, remainder: str = "rl") -> Dict[str, float]:
         """``{"total": ..., section: seconds, ..., remainder: unclaimed time since the last mark}``."""
         now = time.perf_counter()
@@ -174,6 +189,16 @@ class RetrainTracker:
             self.timing.add("diffusion_sample", gen)
         return True
 
+    def state_dict(self) -> Dict[str, Any]:
+        return {"events": self.events, "count": self.count, "failed": self.failed,
+                "fit_seconds": self.fit_seconds, "generate_seconds": self.generate_seconds}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore the counters (the seconds are already in the checkpointed ``TimingSplit``)."""
+        self.events = list(state["events"])
+        self.count, self.failed = int(state["count"]), int(state["failed"])
+        self.fit_seconds, self.generate_seconds = float(state["fit_seconds"]), float(state["generate_seconds"])
+
 
 # ---------------------------------------------------------------------------------------- results
 class Results:
@@ -220,6 +245,19 @@ class Results:
         if self.plot_each_eval:
             self.plot()
         return row
+
+    def restore(self, rows: Sequence[Dict[str, Any]]) -> None:
+        """Replace the recorded evaluations with ``rows`` (from a checkpoint) and rewrite the files."""
+        self.rows = [dict(r) for r in rows]
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(CSV_FIELDS)
+            w.writerows([r[k] for k in CSV_FIELDS] for r in self.rows)
+        os.replace(tmp, self.csv_path)
+        self._write_json()
+        if self.plot_each_eval:
+            self.plot()
 
     def write(self, summary: Dict[str, Any]) -> None:
         """Store the final ``summary`` in the JSON and draw the learning curve."""
@@ -325,6 +363,33 @@ class TrainingMonitor:
                                           wall_seconds=self.timing.elapsed())
         self._postfix()
         return self.last_eval
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything a resumed run needs to continue this monitor (JSON-able): env steps, the eval
+        schedule, the recorded evaluations, the retrain events and the timing split."""
+        self.retrains.poll()  # a retrain that just finished belongs to the time before the checkpoint
+        return {"env_steps": self.env_steps, "last_eval_step": self.last_eval_step,
+                "next_eval": None if math.isinf(self.next_eval) else self.next_eval,
+                "last_eval": self.last_eval, "rows": self.results.rows,
+                "retrains": self.retrains.state_dict(), "timing": self.timing.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` of a checkpoint: evaluations after it are discarded from the
+        result files (they will be redone), the bar starts at the checkpoint's env step.
+
+        Build the monitor with ``eval_at_start=False`` when resuming, then call this.
+        """
+        self.env_steps = int(state["env_steps"])
+        self.last_eval_step = state["last_eval_step"]
+        self.next_eval = math.inf if state["next_eval"] is None else int(state["next_eval"])
+        self.last_eval = state["last_eval"]
+        self.retrains.load_state_dict(state["retrains"])
+        self.timing.load_state_dict(state["timing"])
+        self.results.restore(state["rows"])
+        if self.bar is not None:
+            self.bar.reset(total=self.total_steps)
+            self.bar.update(self.env_steps)
+        self._postfix()
 
     def _postfix(self) -> None:
         if self.bar is None:

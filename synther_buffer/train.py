@@ -15,7 +15,7 @@ The CPU demo budget (defaults). SB3 SAC does ~64-114 gradient steps/s on one cor
 (load-dependent), so UTD=20 is ~3-6 env steps/s; one ``fast``-preset retrain (15K steps + 100K
 samples) is ~3 minutes or more. The defaults therefore run 1,750 env steps with learning from env
 step 1,000 (15,000 SAC updates, ~2.5-4 min) and the ``demo`` preset: ``fast`` (256 x 4 denoiser,
-32-step stochastic Heun) with 5K diffusion steps and 25K generated rows per retrain (~1-1.5 min
+40-step stochastic Heun) with 5K diffusion steps and 25K generated rows per retrain (~1-1.5 min
 each), retraining every 750 env steps once ``min_real`` = 1,000 real transitions exist, i.e. at env
 steps 1,000 and 1,500 (2 retrains). Total ~5-7 minutes on 2 cores; more on a busy machine.
 The learning curve of so short a run is a smoke test, not a result: the paper's runs are 100K+ steps.

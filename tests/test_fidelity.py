@@ -168,5 +168,7 @@ def test_cli_smoke(tmp_path):
     assert len(labels) == 6  # real, 3 augmentations, GMM, SynthER (TVAE/CTGAN skipped)
     assert res["table"][0]["dynamics_mse"] < 1e-6
     assert all(np.isfinite(r["dynamics_mse"]) for r in res["table"])
-    assert [s["setting"] for s in res["sampler_sweep"]] == [f"{n}-step {k}" for k, n in F.SWEEP_SETTINGS]
+    assert [s["setting"] for s in res["sampler_sweep"]] == [F.sweep_label(*x) for x in F.SWEEP_SETTINGS]
+    assert res["sampler_sweep"][3]["setting"] == "40-step stochastic, sigma_max 5, s_tmin 0.01, s_tmax 80"
+    assert res["sampler_sweep"][3]["sigma_max"] == 5 and res["sampler_sweep"][6]["setting"] == "32-step stochastic"
     assert (out / "fidelity.csv").read_text().splitlines()[0].startswith("generator,dynamics_mse")

@@ -6,8 +6,10 @@ import csv
 import importlib.util
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,17 @@ def test_sb3_sac_no_synther_is_plain_replay(sb3_sac, tmp_path, capsys):
     assert "no SynthER" in capsys.readouterr().out
 
 
+def test_sb3_sac_async_retrain(sb3_sac, tmp_path):
+    """--async-retrain: retrains run in the background, every one is recorded, and their seconds are
+    reported as concurrent (not subtracted from the RL time)."""
+    out = tmp_path / "async"
+    assert sb3_sac.main([*PENDULUM, *TINY, "--retrain-every", "100", "--async-retrain", "--out", str(out)]) == 0
+    d = _check_outputs(out, [0, 100, 200, 300])
+    assert d["config"]["synther"]["async_retrain"] is True
+    assert d["retrain_count"] == 3 and d["buffer_stats"]["retrain_count"] == 3
+    assert d["concurrent_sections"] == ["diffusion_fit", "diffusion_sample"]
+
+
 def test_sb3_sac_utd20_on_dmc_cheetah(sb3_sac, tmp_path):
     out = tmp_path / "cheetah"
     assert sb3_sac.main(["--env", "dm_control/cheetah-run-v0", "--total-steps", "220", "--eval-every", "0",
@@ -84,6 +97,68 @@ def test_sb3_sac_utd20_on_dmc_cheetah(sb3_sac, tmp_path):
     d = _check_outputs(out, [0, 220])
     assert d["retrain_count"] == 2                               # min_real 100: at 100 and 200
     assert all(0 <= e["mean_return"] <= 1000 for e in d["evals"])  # DMC rewards are in [0, 1]
+
+
+def _wait_for_checkpoint(proc, run_json: Path, min_step: int, timeout: float = 240.0) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = json.loads(run_json.read_text())["env_steps"]
+            if step >= min_step:
+                return step
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at >= {min_step} env steps (exit {proc.poll()})")
+
+
+def test_sb3_sac_resumes_after_kill(sb3_sac, tmp_path, capsys):
+    """SIGKILL a run after a checkpoint; --resume continues from it: evaluations up to the checkpoint
+    are kept, the SynthER schedule and counters continue, the buffer holds every real transition."""
+    out = tmp_path / "run"
+    flags = [*PENDULUM, *TINY, "--retrain-every", "100", "--checkpoint-every", "100", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "sb3_sac.py"), *flags, "--total-steps", "3000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        ckpt_step = _wait_for_checkpoint(proc, out / "checkpoint" / "run.json", 200)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL        # killed mid-run, not finished
+    before = json.loads((out / "checkpoint" / "run.json").read_text())
+    kept = [r for r in before["monitor"]["rows"]]
+    assert [r["env_step"] for r in kept] == list(range(0, before["env_steps"] + 1, 100))
+
+    total = before["env_steps"] + 200
+    assert sb3_sac.main([*flags, "--total-steps", str(total), "--resume"]) == 0
+    assert f"resumed at env step {before['env_steps']:,}" in capsys.readouterr().out
+    d = _check_outputs(out, range(0, total + 1, 100))
+    assert d["evals"][:len(kept)] == kept                        # nothing before the checkpoint was redone
+    assert d["env_steps"] == total
+    # retrains every 100 env steps from min_real (100): the resumed run continued the schedule
+    assert [e["env_step"] for e in d["retrains"]] == list(range(100, total + 1, 100))
+    assert d["buffer_stats"]["num_real"] == total and d["buffer_stats"]["env_steps"] == total
+    assert d["timing_seconds"]["total"] > before["monitor"]["timing"]["total"]
+    agent = sb3_sac.SAC.load(out / "checkpoint" / "agent.zip", device="cpu")
+    assert agent.num_timesteps == total and agent._n_updates == (total - 100) * 2
+    assert ckpt_step >= 200
+
+
+def test_sb3_sac_resume_refuses_other_settings(sb3_sac, tmp_path):
+    out = tmp_path / "run"
+    flags = [*PENDULUM, *TINY, "--total-steps", "120", "--eval-every", "0", "--checkpoint-every", "100",
+             "--no-synther", "--out", str(out)]
+    assert sb3_sac.main(flags) == 0
+    assert json.loads((out / "checkpoint" / "run.json").read_text())["env_steps"] == 120
+    with pytest.raises(SystemExit, match="--seed 0 .now 1"):
+        sb3_sac.main([*flags, "--seed", "1", "--resume"])
+    with pytest.raises(SystemExit, match="overwrite the oldest real data"):
+        sb3_sac.main([*flags, "--total-steps", "500", "--resume"])
+    assert sb3_sac.main([*flags, "--resume"]) == 0           # nothing left to do: final eval only
+    with pytest.raises(SystemExit):
+        sb3_sac.parse_args(["--checkpoint-every", "-1"])
 
 
 def test_custom_sac_script_subprocess(tmp_path):
@@ -95,6 +170,33 @@ def test_custom_sac_script_subprocess(tmp_path):
     d = _check_outputs(out, [0, 100, 200, 300])
     assert d["retrains"][0]["env_step"] == 200 and d["buffer_stats"]["num_real"] == 300
     assert all(-2000 < e["mean_return"] <= 0 for e in d["evals"])
+
+
+def test_custom_sac_resumes_after_kill(custom_sac, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = [*PENDULUM, *TINY, "--retrain-every", "100", "--checkpoint-every", "100", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "custom_sac.py"), *flags, "--total-steps", "3000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        _wait_for_checkpoint(proc, out / "checkpoint" / "run.json", 200)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    before = json.loads((out / "checkpoint" / "run.json").read_text())
+    total = before["env_steps"] + 200
+    assert custom_sac.main([*flags, "--total-steps", str(total), "--resume"]) == 0
+    assert f"resumed at env step {before['env_steps']:,}" in capsys.readouterr().out
+    d = _check_outputs(out, range(0, total + 1, 100))
+    assert d["evals"][:len(before["monitor"]["rows"])] == before["monitor"]["rows"]
+    assert [e["env_step"] for e in d["retrains"]] == list(range(100, total + 1, 100))
+    assert d["buffer_stats"]["num_real"] == total
+    agent = custom_sac.torch.load(out / "checkpoint" / "agent.pt", weights_only=True)
+    assert agent["q_optimizer"]["state"][0]["step"].item() == (total - 100) * 2   # UTD 2 after 100 random steps
+    with pytest.raises(SystemExit, match="--num-q 2 .now 3"):
+        custom_sac.main([*flags, "--total-steps", str(total), "--resume", "--num-q", "3"])
 
 
 def test_custom_redq_utd20_on_dmc_cheetah(custom_sac, tmp_path, capsys):

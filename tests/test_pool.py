@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import synther_buffer.diffusion as diffusion_mod
@@ -144,6 +144,45 @@ def test_outlier_rows_dropped_and_counted(tiny_cfg, monkeypatch):
     unfiltered = SyntheticPool(TransitionLayout(OBS, ACT, True), cfg.replace(outlier_std=None))
     assert unfiltered.retrain(real)
     assert unfiltered.num_filtered == 0 and unfiltered.num_synthetic == n_gen
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 300), chunk=st.integers(1, 64), k=st.floats(0.5, 5.0), seed=st.integers(0, 10 ** 6),
+       terminals=st.booleans())
+def test_outlier_mask_chunked_equals_the_z_score_rule(tiny_cfg, n, chunk, k, seed, terminals):
+    """The chunked float32 filter keeps exactly the rows with |x - mean| / std <= k on every judged dim
+    (constant dims and the terminal column are not judged; NaN rows are dropped)."""
+    r = np.random.default_rng(seed)
+    real = store_rows(200, seed=seed % 97, term_p=0.05 if terminals else 0.0)
+    real[:, 1] = 0.25                                                   # a constant column
+    synth = (real.mean(0) + real.std(0) * r.standard_normal((n, real.shape[1])) * 3).astype(np.float32)
+    synth[r.random(n) < 0.05, 0] = np.nan
+    layout = TransitionLayout(OBS, ACT, True) if terminals else TransitionLayout(OBS, ACT, False)
+    real, synth = real[:, :layout.dim], synth[:, :layout.dim]
+    pool = SyntheticPool(layout, small(tiny_cfg, outlier_std=k))
+    mean, std = real.mean(0, dtype=np.float64), real.std(0, dtype=np.float64)
+    judged = std >= 1e-6
+    if terminals:
+        judged[-1] = False
+    with np.errstate(invalid="ignore"):
+        expected = (np.abs(synth[:, judged] - mean[judged]) / std[judged] <= k).all(axis=1)
+    got = pool._in_range(synth, real, chunk=chunk)
+    # float32 bounds can differ from the float64 rule only within rounding of the boundary
+    z = np.abs(synth[:, judged] - mean[judged]) / std[judged]
+    near = np.isclose(z, k, rtol=1e-5).any(axis=1)
+    assert np.array_equal(got[~near], expected[~near])
+
+
+@given(n=st.integers(0, 200), chunk=st.integers(1, 50), p=st.floats(0.0, 1.0), seed=st.integers(0, 10 ** 6))
+def test_compact_in_place_equals_boolean_indexing(n, chunk, p, seed):
+    from synther_buffer.pool import _compact
+    r = np.random.default_rng(seed)
+    rows = r.standard_normal((n, 4)).astype(np.float32)
+    keep = r.random(n) < p
+    expected = rows[keep].copy()
+    got = _compact(rows, keep, chunk=chunk)
+    assert np.array_equal(got, expected)
+    assert got.base is rows or got is rows or len(got) == 0 or np.shares_memory(got, rows)   # no new array
 
 
 def test_constant_column_does_not_empty_the_pool(tiny_cfg):

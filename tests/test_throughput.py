@@ -70,6 +70,16 @@ def test_buffer_latency(quick):
     assert _positive(b["ours_us"]) and _positive(b["plain_us"]) and _positive(b["ratio"])
 
 
+def test_memory_probe(quick):
+    """The pool is stored once as float32 and sampling allocates no pool-sized copies."""
+    m = quick[0]["memory"]
+    assert m["pool_rows"] == 20_000 and m["dim"] == 41 and m["dtype"] == "float32"
+    assert m["pool_mb"] == pytest.approx(20_000 * 41 * 4 / 2 ** 20)
+    assert m["rss_after_retrain_mb"] >= m["rss_before_mb"] and m["peak_during_retrain_mb"] >= m["rss_after_retrain_mb"]
+    assert m["peak_during_sampling_mb"] - m["rss_after_retrain_mb"] < m["pool_mb"]   # no copy of the pool
+    assert "peak RSS during the retrain" in (quick[1] / "throughput.md").read_text()
+
+
 @pytest.mark.skipif(not HAVE_PEER, reason="bench extra denoising-diffusion-pytorch not installed")
 def test_peer_rates(quick):
     res, _ = quick

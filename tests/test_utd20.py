@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -94,6 +95,16 @@ def test_unit_status_done_stale_partial_todo(tmp_path):
     # the same directory under other settings (another step budget) is stale, not done
     p2 = utd20.dataclasses.replace(p, total_steps=300)
     assert utd20.unit_status(p2, done, tmp_path) == "stale"
+    # the SynthER arm also records its resolved SynthERConfig: a changed library preset makes it stale
+    syn = _fake_unit(tmp_path, p, "Pendulum-v1", "synther_utd20", 0, -1000.0)
+    assert utd20.unit_status(p, syn, tmp_path) == "done"
+    marker = json.loads((syn.dir(tmp_path) / utd20.UNIT_FILE).read_text())
+    marker["settings"]["synther_config"]["sample_steps"] += 1
+    (syn.dir(tmp_path) / utd20.UNIT_FILE).write_text(json.dumps(marker))
+    assert utd20.unit_status(p, syn, tmp_path) == "stale"
+    del marker["settings"]["synther_config"]   # a marker from before the config was recorded: flags decide
+    (syn.dir(tmp_path) / utd20.UNIT_FILE).write_text(json.dumps(marker))
+    assert utd20.unit_status(p, syn, tmp_path) == "done"
     partial = utd20.Unit("Pendulum-v1", "sac_utd20", 0)
     partial.dir(tmp_path).mkdir(parents=True)
     (partial.dir(tmp_path) / "eval_returns.csv").write_text("env_step,mean_return\n0,-1200\n")
@@ -114,6 +125,8 @@ def test_unit_args_per_arm():
     assert flag(a["synther_utd20"], "--preset") == "fast" and flag(a["synther_utd20"], "--retrain-every") == "2250"
     assert flag(a["redq_utd20"], "--num-q") == "10" and flag(a["redq_utd20"], "--num-min") == "2"
     assert "--no-synther" in a["redq_utd20"] and flag(a["redq_utd20"], "--utd") == "20"
+    assert a["synther_utd20_async"] == a["synther_utd20"] + ["--async-retrain"]
+    assert "synther_utd20_async" not in utd20.PRESETS["paper"].arms and "--async-retrain" not in a["synther_utd20"]
     assert all(flag(v, "--seed") == "1" and flag(v, "--total-steps") == "10000" for v in a.values())
     assert utd20.unit_settings(p, utd20.Unit("x", "redq_utd20", 0))["script"] == "integrations/custom_sac.py"
 
@@ -154,7 +167,7 @@ def _bench(out: Path, *extra: str) -> str:
 
 def test_smoke_run_writes_report_and_resume_skips_finished_units(tmp_path):
     out = tmp_path / "utd20"
-    log1 = _bench(out)
+    log1 = _bench(out, "--keep-checkpoints")
     assert log1.count("done Pendulum-v1/") == 2
     for name in ("summary.md", "summary.json", "final_returns.csv", "final_returns.md", "timing.csv",
                  "curves_Pendulum-v1.png"):
@@ -175,15 +188,24 @@ def test_smoke_run_writes_report_and_resume_skips_finished_units(tmp_path):
     assert log2.count("skip Pendulum-v1/") == 2 and "start " not in log2
     assert {a: (d / "results.json").stat().st_mtime_ns for a, d in units.items()} == mtimes
 
-    # An interrupted unit (no done marker) is re-run from scratch; the finished one is still skipped.
+    # An interrupted unit (no done marker) continues from its checkpoint (here: the final one, so only
+    # the summary is redone); one without a checkpoint is re-run from scratch; finished ones are skipped.
     (units["sac_utd20"] / "unit.json").unlink()
     (units["sac_utd20"] / "leftover.txt").write_text("partial")
     log3 = _bench(out)
     assert "skip Pendulum-v1/synther_utd20/seed0" in log3
-    assert "Pendulum-v1/sac_utd20/seed0: interrupted earlier; re-running from scratch" in log3
-    assert not (units["sac_utd20"] / "leftover.txt").exists()
-    assert (units["sac_utd20"] / "unit.json").exists()
+    assert "Pendulum-v1/sac_utd20/seed0: interrupted earlier; resuming from its checkpoint at env step 200" in log3
+    assert (units["sac_utd20"] / "leftover.txt").exists()                  # the directory was kept
+    resumed = json.loads((units["sac_utd20"] / "results.json").read_text())
+    assert resumed["config"]["resume"] and "(resumed at env step 200)" in (units["sac_utd20"] / "stdout.log").read_text()
+    assert [e["env_step"] for e in resumed["evals"]] == [0, 100, 200]
+    assert (units["sac_utd20"] / "unit.json").exists() and not (units["sac_utd20"] / "checkpoint").exists()
     assert (units["synther_utd20"] / "results.json").stat().st_mtime_ns == mtimes["synther_utd20"]
+    (units["synther_utd20"] / "unit.json").unlink()
+    shutil.rmtree(units["synther_utd20"] / "checkpoint")
+    log4 = _bench(out)
+    assert "Pendulum-v1/synther_utd20/seed0: interrupted before its first checkpoint; re-running from scratch" in log4
+    assert (units["synther_utd20"] / "unit.json").exists()
 
     # --report-only reads what is there.
     r = subprocess.run([sys.executable, "-m", "benchmarks.utd20", "--preset", "smoke", "--out", str(out),

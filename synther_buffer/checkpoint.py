@@ -1,0 +1,164 @@
+"""Training-run checkpoints: a directory swapped in whole or not at all, plus the process RNG states.
+
+Framework-free (stdlib, numpy, torch). Used by ``GenerativeReplay.save`` and by the integration scripts'
+``--checkpoint-every`` / ``--resume``:
+
+* :func:`atomic_directory` -- write a directory's files into a temporary sibling, then swap it in, so
+  a kill at any moment leaves either the previous complete checkpoint or the new one;
+  :func:`resolve_directory` finds it again (also after a kill between the swap's two renames).
+* :func:`rng_state` / :func:`set_rng_state` -- Python ``random``, numpy's global RNG and torch's CPU
+  (and CUDA) generators as plain JSON.
+* :func:`check_resume_settings` -- refuse to continue a checkpoint under other settings.
+* :class:`RunCheckpoint` -- ``<out>/checkpoint/``: the caller writes its agent's files into the
+  directory; ``run.json`` beside them holds the env-step count, the ``TrainingMonitor`` state (eval
+  rows, retrain events, timing split) and the RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+PathLike = Union[str, os.PathLike]
+RUN_FILE = "run.json"
+RUN_VERSION = 1
+
+
+@contextmanager
+def atomic_directory(path: PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory; on a clean exit it replaces ``path``.
+
+    The swap is two renames (``path`` -> ``path.old``, ``tmp`` -> ``path``); a kill between them
+    leaves ``path.old``, which :func:`resolve_directory` returns. On an exception the temporary
+    directory is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_directory(path: PathLike) -> Optional[Path]:
+    """``path`` if it is a directory, else ``path.old`` (a kill mid-swap), else ``None``."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    old = path.with_name(path.name + ".old")
+    return old if old.is_dir() else None
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python ``random``, numpy's global RNG and torch's generators, as JSON-able lists."""
+    py = random.getstate()
+    kind, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [kind, key.tolist(), int(pos), int(has_gauss), float(gauss)],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (CUDA states only when CUDA is present here too)."""
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def check_resume_settings(saved: Dict[str, Any], current: Dict[str, Any], may_change=()) -> None:
+    """Raise ``ValueError`` naming every setting (e.g. a script's flags) that differs between the
+    checkpointed run (``saved``) and the resuming one (``current``), except those in ``may_change``."""
+    diff = [f"--{k.replace('_', '-')} {saved[k]!r} (now {v!r})" for k, v in current.items()
+            if k not in may_change and k in saved and saved[k] != v]
+    if diff:
+        raise ValueError("the checkpoint was made with other settings: " + ", ".join(diff))
+
+
+class RunCheckpoint:
+    """A training run's checkpoint directory, written every ``every`` env steps.
+
+    Args:
+        path: the directory (e.g. ``<out>/checkpoint``); its parent is created on the first save.
+        every: env steps between checkpoints; 0 turns saving off (``load`` still works).
+
+    Loop::
+
+        ckpt = RunCheckpoint(Path(out) / "checkpoint", every=1000)
+        loaded = ckpt.load() if resume else None       # (directory, run state) or None
+        ...
+        if ckpt.due(env_steps):                        # at a point where the agent is consistent
+            ckpt.save(env_steps, monitor, write_agent=lambda d: agent.save(d / "agent"))
+    """
+
+    def __init__(self, path: PathLike, every: int = 0):
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
+            raise ValueError(f"checkpoint every must be an int >= 0 (0 = off), got {every!r}")
+        self.path = Path(path)
+        self.every = int(every)
+        self.last_saved: Optional[int] = None
+
+    def due(self, env_steps: int) -> bool:
+        """True when saving is on and a multiple of ``every`` was reached since the last save."""
+        if not self.every:
+            return False
+        last = self.last_saved or 0
+        return env_steps // self.every > last // self.every
+
+    def save(self, env_steps: int, monitor, write_agent: Callable[[Path], None],
+             extra: Optional[Dict[str, Any]] = None) -> Path:
+        """Write the agent (``write_agent(directory)``), ``monitor.state_dict()`` and the RNG states.
+
+        ``monitor`` is a :class:`~synther_buffer.results.TrainingMonitor` (or anything with
+        ``state_dict()`` returning JSON-able data). Returns the checkpoint directory.
+        """
+        run = {"version": RUN_VERSION, "env_steps": int(env_steps), "monitor": monitor.state_dict(),
+               "rng": rng_state(), "extra": extra or {}}
+        with atomic_directory(self.path) as tmp:
+            write_agent(tmp)
+            with open(tmp / RUN_FILE, "w") as f:
+                json.dump(run, f, allow_nan=False)
+        self.last_saved = int(env_steps)
+        return self.path
+
+    def load(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """``(directory, run state)`` of the last complete checkpoint, or ``None`` if there is none.
+
+        Raises ``ValueError`` when a checkpoint exists but its ``run.json`` is unreadable or of
+        another version (a checkpoint is never silently ignored).
+        """
+        d = resolve_directory(self.path)
+        if d is None or not (d / RUN_FILE).is_file():
+            return None
+        try:
+            with open(d / RUN_FILE) as f:
+                run = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"unreadable run checkpoint {d / RUN_FILE}: {type(e).__name__}: {e}") from None
+        if not isinstance(run, dict) or run.get("version") != RUN_VERSION or "env_steps" not in run:
+            raise ValueError(f"{d / RUN_FILE} is not a run checkpoint of version {RUN_VERSION}")
+        self.last_saved = int(run["env_steps"])
+        return d, run
