@@ -80,11 +80,11 @@ RESUMABLE_FLAGS = {"total_steps", "out", "device", "threads", "quiet", "checkpoi
 
 class MonitorCallback(BaseCallback):
     """Hands every env step to the TrainingMonitor (progress bar, evaluations, retrain timings) and
-    writes the checkpoint when due."""
+    writes the checkpoint when due (deferred while a background retrain runs: saving would wait for it)."""
 
-    def __init__(self, monitor: TrainingMonitor, checkpoint: RunCheckpoint, save_checkpoint):
+    def __init__(self, monitor: TrainingMonitor, checkpoint: RunCheckpoint, save_checkpoint, busy=lambda: False):
         super().__init__()
-        self.monitor, self.checkpoint, self.save_checkpoint = monitor, checkpoint, save_checkpoint
+        self.monitor, self.checkpoint, self.save_checkpoint, self.busy = monitor, checkpoint, save_checkpoint, busy
 
     def _on_step(self) -> bool:
         self.monitor.step(self.num_timesteps)
@@ -92,7 +92,7 @@ class MonitorCallback(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         # Between env steps: the last step's transition is stored and its UTD updates are done.
-        if self.checkpoint.due(self.num_timesteps):
+        if self.checkpoint.due(self.num_timesteps) and not self.busy():
             self.save_checkpoint()
 
 
@@ -178,9 +178,12 @@ def main(argv=None) -> int:
     def save_checkpoint() -> None:
         checkpoint.save(model.num_timesteps, monitor, save_agent, extra={"args": vars(args)})
 
+    def retraining() -> bool:  # a background retrain (--async-retrain) in flight
+        return synther and args.async_retrain and model.replay_buffer.stats()["retraining"]
+
     remaining = args.total_steps - model.num_timesteps
     if remaining > 0:
-        model.learn(remaining, callback=MonitorCallback(monitor, checkpoint, save_checkpoint),
+        model.learn(remaining, callback=MonitorCallback(monitor, checkpoint, save_checkpoint, retraining),
                     reset_num_timesteps=not loaded)
     if checkpoint.every and checkpoint.last_saved != model.num_timesteps:
         save_checkpoint()

@@ -82,11 +82,30 @@ def test_sb3_sac_async_retrain(sb3_sac, tmp_path):
     """--async-retrain: retrains run in the background, every one is recorded, and their seconds are
     reported as concurrent (not subtracted from the RL time)."""
     out = tmp_path / "async"
-    assert sb3_sac.main([*PENDULUM, *TINY, "--retrain-every", "100", "--async-retrain", "--out", str(out)]) == 0
+    assert sb3_sac.main([*PENDULUM, *TINY, "--retrain-every", "100", "--async-retrain", "--checkpoint-every", "50",
+                         "--out", str(out)]) == 0
     d = _check_outputs(out, [0, 100, 200, 300])
     assert d["config"]["synther"]["async_retrain"] is True
     assert d["retrain_count"] == 3 and d["buffer_stats"]["retrain_count"] == 3
     assert d["concurrent_sections"] == ["diffusion_fit", "diffusion_sample"]
+    assert json.loads((out / "checkpoint" / "run.json").read_text())["env_steps"] == 300
+
+
+def test_sb3_sac_checkpoint_deferred_during_background_retrain(sb3_sac, tmp_path):
+    """A due checkpoint waits until no background retrain is running (pickling would block on it)."""
+    ckpt = sb3_sac.RunCheckpoint(tmp_path / "checkpoint", every=10)
+    busy, saved = [True], []
+
+    def save():
+        saved.append(cb.num_timesteps)
+        ckpt.last_saved = cb.num_timesteps
+
+    cb = sb3_sac.MonitorCallback(None, ckpt, save, busy=lambda: busy[0])
+    for step in range(1, 26):
+        cb.num_timesteps = step
+        busy[0] = 10 <= step < 13 or step == 20
+        cb._on_rollout_start()
+    assert saved == [13, 21]
 
 
 def test_sb3_sac_utd20_on_dmc_cheetah(sb3_sac, tmp_path):
