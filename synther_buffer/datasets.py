@@ -182,13 +182,18 @@ def _require_keys(data: Mapping[str, Any], available: Sequence[str], source: Pat
                          f"(found {sorted(available)})")
 
 
-def _load_hdf5(p: Path) -> Transitions:
+def _open_hdf5(p: Path):
+    """``h5py.File(p, "r")``; an unreadable file raises ValueError naming it."""
     h5py = _import_h5py()
     try:
-        f = h5py.File(p, "r")
+        return h5py.File(p, "r")
     except OSError as e:
         raise ValueError(f"could not open {p} as HDF5: {e}") from None
-    with f:
+
+
+def _load_hdf5(p: Path) -> Transitions:
+    h5py = _import_h5py()
+    with _open_hdf5(p) as f:
         keys = list(f.keys())
         if "observations" not in f and any(k.startswith("episode_") for k in keys):
             return _read_minari_episodes(f, p)
@@ -222,12 +227,7 @@ def _minari_file(d: Path) -> Path:
 
 
 def _load_minari(p: Path) -> Transitions:
-    h5py = _import_h5py()
-    try:
-        f = h5py.File(p, "r")
-    except OSError as e:
-        raise ValueError(f"could not open {p} as HDF5: {e}") from None
-    with f:
+    with _open_hdf5(p) as f:
         return _read_minari_episodes(f, p)
 
 
