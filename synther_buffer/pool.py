@@ -23,6 +23,7 @@ from .diffusion import DiffusionTrainingError, TransitionDiffusion, resolve_devi
 log = logging.getLogger(__name__)
 
 LogFn = Callable[[str, float], None]
+CHUNK_ROWS = 65_536  # rows per block when filtering / compacting a generated pool (no pool-sized temporaries)
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ class SyntheticPool:
                  self.num_synthetic)
         return True
 
-    def _in_range(self, synth: np.ndarray, real: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    def _in_range(self, synth: np.ndarray, real: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
         """Mask of synthetic rows within ``outlier_std`` real stds of the real mean on every dim.
 
         Computed in chunks of ``chunk`` rows in float32, so a 1M-row pool needs no pool-sized temporaries.
@@ -327,7 +328,7 @@ class SyntheticPool:
         self.load_state_dict(d["state"])
 
 
-def _compact(rows: np.ndarray, keep: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+def _compact(rows: np.ndarray, keep: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
     """``rows[keep]`` in place: kept rows moved to the front chunk by chunk, a prefix view returned.
 
     No pool-sized copy (``rows[keep]`` would briefly hold the pool twice); the write position never

@@ -190,6 +190,7 @@ class RetrainTracker:
         return True
 
     def state_dict(self) -> Dict[str, Any]:
+        """The recorded retrains and counters (JSON-able), for a checkpoint."""
         return {"events": self.events, "count": self.count, "failed": self.failed,
                 "fit_seconds": self.fit_seconds, "generate_seconds": self.generate_seconds}
 
