@@ -17,6 +17,8 @@ Methodology (2 shared cores: absolute numbers are noisy, ratios are the result):
   * training steps/s excludes setup: each side runs K1 and K2 steps (same K for both, setup
     included in both) and the rate is (K2 - K1) / (t(K2) - t(K1)), per repeat, then the median;
   * sampling: one batch of ``n`` rows (same n, same sampler steps for both), rows/s;
+  * extra training rows "ours: torch.compile" (``SynthERConfig.compile=True``, opt-in) at the online
+    batch size; compilation happens in an untimed warm-up fit (``--no-compile`` skips these rows);
   * machine peak: a large fp32 ``torch.mm`` at the same thread count, sampled between repeats;
     model FLOPs counted analytically: 2 * (Linear weights) per row per forward, x3 for training.
   * replay latency: ``GenerativeReplayBuffer.sample(256)`` (real data added, synthetic pool filled
@@ -310,12 +312,17 @@ def model_cfg(width: int, depth: int, device: torch.device, quick: bool) -> Synt
 
 
 def bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images: Optional[torch.Tensor],
-                p: dict, device: torch.device, quick: bool, peak_samples: List[float], loader: str) -> dict:
-    cfg = model_cfg(width, depth, device, quick).replace(batch_size=batch, train_steps=10)
+                p: dict, device: torch.device, quick: bool, peak_samples: List[float], loader: str,
+                compile: bool = False) -> dict:
+    cfg = model_cfg(width, depth, device, quick).replace(batch_size=batch, train_steps=10, compile=compile)
     ours = TransitionDiffusion(DIM, cfg)
     flops_row = linear_flops_per_row(ours.model)
-    # Warm-up both (allocator, kernels) and estimate the step time to size K.
+    # Warm-up both (allocator, kernels; with compile=True the compilation) and estimate the step
+    # time to size K.
     w = p["min_steps"]
+    if compile:
+        torch.compiler.reset()  # static kernels for this row's shapes, as in a fresh process
+        ours.fit(x, steps=w, progress=False)
     t_ours = _timed(lambda: ours.fit(x, steps=w, progress=False), device)
     t_peer = _timed(lambda: peer_fit(peer, cfg, images, w, batch, device, loader), device) if peer else t_ours
     step_s = max(min(t_ours, t_peer) / w, 1e-6)
@@ -339,7 +346,7 @@ def bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images:
                flops_per_step=3 * flops_row * batch, params=sum(pp.numel() for pp in ours.model.parameters()),
                ours_rate=_median(ours_rates), peer_rate=_median(peer_rates) if peer else None,
                ours_rates=ours_rates, peer_rates=peer_rates, ours_cpu_rates=ours_cpu, peer_cpu_rates=peer_cpu,
-               unit="steps/s", peer_loader=loader)
+               unit="steps/s", peer_loader=loader, compile=compile)
     return row
 
 
@@ -520,14 +527,20 @@ def run(args: argparse.Namespace) -> dict:
     peak_samples = [matmul_peak_gflops(device, p["peak_n"])]
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
     train_rows, sample_rows = [], []
-    jobs = [(w, d, b, args.peer_loader) for (w, d) in p["models"] for b in p["batches"]]
+    jobs = [(w, d, b, args.peer_loader, False) for (w, d) in p["models"] for b in p["batches"]]
     if peer and not args.quick and args.peer_loader == "index":
         # context row: the peer fed by the reference trainer's shuffled DataLoader (in-process)
         w, d = p["models"][0]
-        jobs.insert(1, (w, d, p["batches"][0], "dataloader"))
-    for (w, d, b, loader) in jobs:
-        r = bench_train(peer, w, d, b, x, images, p, device, args.quick, peak_samples, loader)
-        log(f"train w{w}/d{d} b{b} (peer {loader}): ours {r['ours_rate']:.1f} peer {_f(r['peer_rate'])} steps/s")
+        jobs.insert(1, (w, d, p["batches"][0], "dataloader", False))
+    if not args.quick and not args.no_compile:
+        # ours with SynthERConfig.compile=True (opt-in), at the online batch size, after each eager row
+        for (w, d) in p["models"]:
+            i = max(i for i, j in enumerate(jobs) if j[:3] == (w, d, p["batches"][0]))
+            jobs.insert(i + 1, (w, d, p["batches"][0], args.peer_loader, True))
+    for (w, d, b, loader, comp) in jobs:
+        r = bench_train(peer, w, d, b, x, images, p, device, args.quick, peak_samples, loader, comp)
+        log(f"train w{w}/d{d} b{b} (peer {loader}{', ours compiled' if comp else ''}): "
+            f"ours {r['ours_rate']:.1f} peer {_f(r['peer_rate'])} steps/s")
         train_rows.append(r)
     peak = _median(peak_samples)
     for (w, d) in p["models"]:
@@ -582,10 +595,12 @@ def check_targets(res: dict) -> List[dict]:
     for r in res["train"]:
         if r.get("peer_loader") == "dataloader":
             continue
+        how = " (ours: torch.compile)" if r.get("compile") else ""
         if (r["width"], r["depth"], r["batch"]) == (256, 4, 256) and r["ratio"] is not None:
-            out.append(dict(target="train w256/d4/b256 >= 1.3x peer", value=r["ratio"], met=r["ratio"] >= 1.3))
+            out.append(dict(target=f"train w256/d4/b256{how} >= 1.3x peer", value=r["ratio"],
+                            met=r["ratio"] >= 1.3))
         if r["width"] == 1024:
-            out.append(dict(target=f"train w1024/d{r['depth']}/b{r['batch']} >= 85% of matmul peak",
+            out.append(dict(target=f"train w1024/d{r['depth']}/b{r['batch']}{how} >= 85% of matmul peak",
                             value=r["ours_peak_frac"], met=r["ours_peak_frac"] >= 0.85))
     for r in res["sample"]:
         if r["ratio"] is not None:
@@ -611,7 +626,8 @@ def markdown(res: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     pct = lambda v: _f(None if v is None else v * 100, "{:.0f}%")  # noqa: E731
     for r in res["train"]:
-        what = "train steps/s" + (" (peer: DataLoader)" if r.get("peer_loader") == "dataloader" else "")
+        what = "train steps/s" + (" (peer: DataLoader)" if r.get("peer_loader") == "dataloader" else "") \
+            + (" (ours: torch.compile)" if r.get("compile") else "")
         lines.append(f"| {what} | {r['width']}/{r['depth']} | {r['batch']} | {_f(r['ours_rate'])} | "
                      f"{_f(r['peer_rate'])} | {_f(r['ratio'], '{:.2f}x')} | {_f(r['ratio_cpu'], '{:.2f}x')} | "
                      f"{pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} |")
@@ -643,7 +659,7 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-CSV_FIELDS = ["kind", "width", "depth", "batch", "sampler", "sample_steps", "rows", "unit", "peer_loader",
+CSV_FIELDS = ["kind", "width", "depth", "batch", "sampler", "sample_steps", "rows", "unit", "peer_loader", "compile",
               "ours_rate", "peer_rate", "ratio", "ratio_cpu", "ours_peak_frac", "peer_peak_frac", "ours_us",
               "plain_us", "threads", "device"]
 
@@ -677,6 +693,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="glibc: no mmap / trim for large allocations (whole process, both sides)")
     ap.add_argument("--no-peer", action="store_true", help="skip the peer even if installed")
     ap.add_argument("--no-buffer", action="store_true", help="skip the replay-buffer latency comparison")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the extra training rows with SynthERConfig.compile=True")
     ap.add_argument("--no-memory", action="store_true", help="skip the 1M-row pool memory probe")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)

@@ -69,6 +69,8 @@ class ResidualMLPDenoiser(nn.Module):
         self.linear_out = nn.Linear(width, dim)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, D]; ``c_noise`` [B], or [1] when the whole batch shares one noise level (the
+        sampler): the embedding is then computed once and broadcast over the rows."""
         h = self.proj(x) + self.time_mlp(c_noise)
         h = self.blocks(self.linear_in(h))
         return self.linear_out(torch.relu_(self.norm_out(h)))

@@ -26,6 +26,7 @@ class EDMPrecond(nn.Module):
         self.sigma_data = float(sigma_data)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, D]; ``sigma`` [B] (one level per row) or [1] (one for the batch, broadcast)."""
         sigma = sigma.to(x.dtype).reshape(-1, 1)
         sd2 = self.sigma_data ** 2
         c_skip = sd2 / (sigma ** 2 + sd2)                               # c_skip = sd^2 / (s^2 + sd^2)
@@ -43,13 +44,19 @@ def edm_loss(denoiser: EDMPrecond, x: torch.Tensor, p_mean: float = -1.2, p_std:
     ln(sigma) ~ N(P_mean, P_std^2);  n ~ N(0, sigma^2 I);
     loss = lambda(sigma) * || D(x + n; sigma) - x ||^2,  lambda = (sigma^2 + sd^2) / (sigma sd)^2.
     """
-    b = x.shape[0]
-    rnd_normal = torch.randn(b, 1, device=x.device, dtype=x.dtype, generator=generator)
-    sigma = (rnd_normal * p_std + p_mean).exp()
+    rnd_normal = torch.randn(x.shape[0], 1, device=x.device, dtype=x.dtype, generator=generator)
+    unit_noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return edm_loss_from_noise(denoiser, x, rnd_normal, unit_noise, p_mean, p_std)
+
+
+def edm_loss_from_noise(denoiser: EDMPrecond, x: torch.Tensor, rnd_normal: torch.Tensor,
+                        unit_noise: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+    """``edm_loss`` with its two standard-normal draws passed in (``rnd_normal`` [B, 1], ``unit_noise``
+    [B, D]): a pure function of its inputs, so ``torch.compile`` can fuse it without a generator inside."""
+    sigma = (rnd_normal * p_std + p_mean).exp()                    # ln(sigma) ~ N(P_mean, P_std^2)
     sd = denoiser.sigma_data
-    weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
-    noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * sigma
-    denoised = denoiser(x + noise, sigma)
+    weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2            # lambda(sigma)
+    denoised = denoiser(x + unit_noise * sigma, sigma)             # D(x + n; sigma), n ~ N(0, sigma^2 I)
     return (weight * (denoised - x) ** 2).mean()
 
 
@@ -76,14 +83,14 @@ def heun_sample(denoise: Denoise, x_init: torch.Tensor, sigmas: List[float], s_c
     """Karras et al. Algorithm 2 (stochastic Heun); with ``s_churn=0`` it is Algorithm 1 (deterministic).
 
     Args:
-        denoise: D(x; sigma) taking ``x`` [B, D] and ``sigma`` [B].
+        denoise: D(x; sigma) taking ``x`` [B, D] and ``sigma`` [1]: one noise level per step for the
+            whole batch, broadcast over the rows (``EDMPrecond`` then embeds it once, not B times).
         x_init: standard normal noise [B, D]; scaled here by sigma_0 (x_0 ~ N(0, sigma_0^2 I)).
         sigmas: eq. 5 schedule from ``sigma_schedule`` (N + 1 floats ending in 0).
         s_churn, s_tmin, s_tmax, s_noise: Table 9 stochasticity.
         on_step: optional callback after each step (progress bars).
     """
     n = len(sigmas) - 1
-    b = x_init.shape[0]
     x = x_init * sigmas[0]
     gamma_max = min(s_churn / n, math.sqrt(2) - 1)
     for i in range(n):
@@ -96,11 +103,11 @@ def heun_sample(denoise: Denoise, x_init: torch.Tensor, sigmas: List[float], s_c
             eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator) * s_noise
             x = x + math.sqrt(t_hat ** 2 - t_cur ** 2) * eps
         # Euler step: d = (x_hat - D(x_hat; t_hat)) / t_hat;  x_{i+1} = x_hat + (t_{i+1} - t_hat) d
-        d = (x - denoise(x, x.new_full((b,), t_hat))) / t_hat
+        d = (x - denoise(x, x.new_full((1,), t_hat))) / t_hat
         x_next = x + (t_next - t_hat) * d
         if t_next > 0:
             # 2nd-order correction: d' = (x_{i+1} - D(x_{i+1}; t_{i+1})) / t_{i+1}; average the slopes
-            d_prime = (x_next - denoise(x_next, x.new_full((b,), t_next))) / t_next
+            d_prime = (x_next - denoise(x_next, x.new_full((1,), t_next))) / t_next
             x_next = x + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
         x = x_next
         if on_step is not None:

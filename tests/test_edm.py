@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from synther_buffer.denoiser import ResidualMLPDenoiser
@@ -89,6 +91,20 @@ def test_precond_coefficients_table1():
     torch.testing.assert_close(net.seen[0], c_in * x)
     torch.testing.assert_close(net.seen[1], torch.log(sigma) / 4)
     torch.testing.assert_close(out, c_skip * x + c_out * 2.0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 40), sigma=st.floats(0.002, 80.0))
+def test_precond_one_sigma_for_the_batch_equals_per_row(b, sigma):
+    """The sampler passes sigma [1] for the whole batch: the noise embedding is computed once and
+    broadcast, and D(x; sigma) equals the per-row [B] evaluation."""
+    torch.manual_seed(0)
+    d = EDMPrecond(ResidualMLPDenoiser(3, width=32, depth=2, rff_dim=8, time_dim=16), sigma_data=1.0)
+    x = torch.randn(b, 3)
+    with torch.no_grad():
+        one, per_row = d(x, torch.tensor([sigma])), d(x, torch.full((b,), sigma))
+    assert one.shape == per_row.shape == (b, 3)
+    torch.testing.assert_close(one, per_row, rtol=1e-5, atol=1e-5)
 
 
 def test_precond_at_large_sigma_is_near_zero_for_zero_net():

@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -121,3 +122,17 @@ def test_flop_count_matches_linear_weights():
     net = tp.ResidualMLPDenoiser(tp.DIM, width=64, depth=2, rff_dim=16, time_dim=32)
     weights = (tp.DIM * 32) + (17 * 32) + (32 * 32) + (32 * 64) + 2 * (64 * 64) + (64 * tp.DIM)
     assert tp.linear_flops_per_row(net) == 2 * weights
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_training_row(torch_one_thread):
+    """The "ours: torch.compile" row trains through the compiled loss and reports a rate and a target."""
+    p = tp.plan(True, torch.device("cpu"))
+    x = torch.randn(p["rows"], tp.DIM).numpy()
+    peaks = [tp.matmul_peak_gflops(torch.device("cpu"), p["peak_n"], reps=1)]
+    r = tp.bench_train(None, 64, 2, 64, x, None, p, torch.device("cpu"), True, peaks, "index", compile=True)
+    assert r["compile"] is True and _positive(r["ours_rate"]) and r["peer_rate"] is None
+    fake = dict(r, width=256, depth=4, batch=256, ratio=1.31, ours_peak_frac=0.5)
+    (t,) = tp.check_targets({"train": [fake], "sample": []})
+    assert t["target"] == "train w256/d4/b256 (ours: torch.compile) >= 1.3x peer" and t["met"]

@@ -1,0 +1,115 @@
+"""flatten_parameters: parameters become aligned views of one buffer, gradients land in its flat
+gradient, and clip + Adam on the flat tensor train exactly like per-tensor clip + Adam."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import synther_buffer.diffusion as diffusion_mod
+from synther_buffer import SynthERConfig, TransitionDiffusion
+from synther_buffer.denoiser import ResidualMLPDenoiser
+from synther_buffer.flat import ALIGN, flatten_parameters
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _net(width: int = 16, depth: int = 2, dim: int = 5) -> nn.Module:
+    torch.manual_seed(0)
+    return ResidualMLPDenoiser(dim, width=width, depth=depth, rff_dim=4, time_dim=8)
+
+
+def _inside(t: torch.Tensor, flat: torch.Tensor) -> bool:
+    start = flat.data_ptr()
+    return start <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= start + flat.numel() * 4
+
+
+@settings(max_examples=15, deadline=None)
+@given(width=st.integers(1, 40), depth=st.integers(1, 3), dim=st.integers(1, 9))
+def test_parameters_become_aligned_views_with_values_kept(width, depth, dim):
+    net = _net(width, depth, dim)
+    before = [p.detach().clone() for p in net.parameters()]
+    flat = flatten_parameters(net, with_grads=False)
+    params = list(net.parameters())
+    assert flat.grad is None and flat.dtype == torch.float32
+    assert flat.numel() == sum(-(-p.numel() // ALIGN) * ALIGN for p in params)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b) and p.is_contiguous() and _inside(p, flat)
+        assert (p.data_ptr() - flat.data_ptr()) % (ALIGN * 4) == 0
+    with torch.no_grad():
+        flat.mul_(0.0)                   # one in-place op on the flat tensor reaches every layer
+    assert all(not p.any() for p in net.parameters())
+
+
+def test_backward_accumulates_into_the_flat_gradient():
+    net = _net()
+    ref = copy.deepcopy(net)
+    flat = flatten_parameters(net, with_grads=True)
+    x, c = torch.randn(7, 5), torch.randn(7)
+    net(x, c).square().sum().backward()
+    ref(x, c).square().sum().backward()
+    for p, r in zip(net.parameters(), ref.parameters()):
+        assert _inside(p.grad, flat.grad)
+        torch.testing.assert_close(p.grad, r.grad)
+    # padding gets no gradient: the flat norm is the norm over the parameters
+    torch.testing.assert_close(flat.grad.norm(), torch.cat([r.grad.flatten() for r in ref.parameters()]).norm())
+    flat.grad.zero_()
+    assert all(not p.grad.any() for p in net.parameters())
+
+
+def test_flat_clip_and_adam_train_like_per_tensor():
+    net = _net()
+    ref = copy.deepcopy(net)
+    flat = flatten_parameters(net, with_grads=True)
+    opt = torch.optim.Adam([flat], lr=1e-2)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x, c = torch.randn(8, 5, generator=g), torch.randn(8, generator=g)
+        flat.grad.zero_()
+        (net(x, c).square().mean() * 50).backward()          # large loss: the clip is active
+        torch.nn.utils.clip_grad_norm_([flat], 1.0)
+        opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        (ref(x, c).square().mean() * 50).backward()
+        torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1.0)
+        ref_opt.step()
+    for p, r in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-5)
+    pad = torch.ones_like(flat, dtype=torch.bool)
+    for p in net.parameters():
+        start = (p.data_ptr() - flat.data_ptr()) // 4
+        pad[start:start + p.numel()] = False
+    assert not flat.detach()[pad].any()                    # padding never moves
+
+
+def test_bad_modules_raise():
+    with pytest.raises(ValueError, match="no parameters"):
+        flatten_parameters(nn.ReLU(), with_grads=False)
+    mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
+    with pytest.raises(ValueError, match="one dtype"):
+        flatten_parameters(mixed, with_grads=True)
+
+
+def test_fit_with_flat_buffer_matches_per_tensor_fit(monkeypatch, rng):
+    """TransitionDiffusion.fit trains the same model whether it uses the flat buffer (small models on
+    CPU) or per-tensor clip/Adam/EMA (large models on CPU)."""
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    cfg = SynthERConfig.preset("tiny").replace(device="cpu")
+    flat_fit = TransitionDiffusion(4, cfg)
+    flat_fit.fit(x, steps=40)
+    monkeypatch.setattr(diffusion_mod, "FLAT_MAX_PARAMS_CPU", 0)
+    per_tensor = TransitionDiffusion(4, cfg)
+    per_tensor.fit(x, steps=40)
+    assert flat_fit.last_fit["loss"] == pytest.approx(per_tensor.last_fit["loss"], rel=1e-4)
+    for (name, a), b in zip(flat_fit.ema.state_dict().items(), per_tensor.ema.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    storages = lambda m: {p.untyped_storage().data_ptr() for p in m.parameters()}  # noqa: E731
+    assert len(storages(flat_fit.model)) == 1 and len(storages(per_tensor.model)) > 1
+    assert all(p.grad is None for p in flat_fit.model.parameters())   # no gradient buffer kept
