@@ -19,7 +19,11 @@ Methodology (2 shared cores: absolute numbers are noisy, ratios are the result):
   * sampling: one batch of ``n`` rows (same n, same sampler steps for both), rows/s;
   * extra training rows "ours: torch.compile" (``SynthERConfig.compile=True``, opt-in) at the online
     batch size; compilation happens in an untimed warm-up fit (``--no-compile`` skips these rows);
+  * a context row "ours: autograd" at w256/b256: our loop with autograd instead of the hand-written
+    gradients of ``synther_buffer/manual_grad.py`` (``--no-autograd`` skips it);
   * machine peak: a large fp32 ``torch.mm`` at the same thread count, sampled between repeats;
+    "matmuls alone": the training step's matmuls (same shapes) and nothing else, as % of that peak --
+    the ceiling for "% peak" of a training row;
     model FLOPs counted analytically: 2 * (Linear weights) per row per forward, x3 for training.
   * replay latency: ``GenerativeReplayBuffer.sample(256)`` (real data added, synthetic pool filled
     by a real retrain) vs plain SB3 ``ReplayBuffer.sample(256)`` on the same real data.
@@ -54,6 +58,7 @@ from torch import nn
 
 from synther_buffer.config import SynthERConfig
 from synther_buffer.denoiser import ResidualMLPDenoiser
+import synther_buffer.diffusion as diffusion_mod
 from synther_buffer.diffusion import TransitionDiffusion, resolve_device
 
 DIM = 41            # HalfCheetah: 17 obs + 6 action + 1 reward + 17 next_obs
@@ -132,6 +137,29 @@ def matmul_peak_gflops(device: torch.device, n: int, reps: int = 3) -> float:
         dt = _timed(lambda: [torch.mm(a, b, out=c) for _ in range(inner)], device) / inner
         best = min(best, dt)
     return 2 * n ** 3 / best / 1e9
+
+
+def matmul_floor_gflops(net: nn.Module, batch: int, device: torch.device, steps: int, reps: int = 3) -> float:
+    """GFLOP/s of the matmuls of ``steps`` training steps and nothing else: per Linear of ``net``, the
+    forward ``addmm`` and the backward's weight- and input-gradient ``mm`` at ``batch`` rows (the
+    shapes and transposes of ``synther_buffer/manual_grad.py``). Best of ``reps``, like the peak: the
+    most a training step of this network could reach on this machine."""
+    ops = []
+    for m in (m for m in net.modules() if isinstance(m, nn.Linear)):
+        ops.append((torch.randn(batch, m.in_features, device=device), torch.randn(batch, m.out_features, device=device),
+                    m.weight.detach(), m.bias.detach(), torch.empty_like(m.weight)))
+
+    def run():
+        for _ in range(steps):
+            for a, dz, w, b, gw in ops:
+                torch.addmm(b, a, w.t())
+            for a, dz, w, b, gw in reversed(ops):
+                torch.mm(dz.t(), a, out=gw)
+                torch.mm(dz, w)
+
+    run()  # warm-up
+    best = min(_timed(run, device) for _ in range(reps))
+    return steps * 3 * linear_flops_per_row(net) * batch / best / 1e9
 
 
 # ---------------------------------------------------------------------------------------- the peer
@@ -313,7 +341,21 @@ def model_cfg(width: int, depth: int, device: torch.device, quick: bool) -> Synt
 
 def bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images: Optional[torch.Tensor],
                 p: dict, device: torch.device, quick: bool, peak_samples: List[float], loader: str,
-                compile: bool = False) -> dict:
+                compile: bool = False, gradients: str = "manual") -> dict:
+    """One training row; ``gradients="autograd"`` runs our loop without ``manual_grad`` (context row)."""
+    if gradients not in ("manual", "autograd"):
+        raise ValueError(f"gradients must be 'manual' or 'autograd', got {gradients!r}")
+    manual_before = diffusion_mod.MANUAL_GRADIENTS
+    diffusion_mod.MANUAL_GRADIENTS = gradients == "manual"
+    try:
+        return _bench_train(peer, width, depth, batch, x, images, p, device, quick, peak_samples, loader, compile)
+    finally:
+        diffusion_mod.MANUAL_GRADIENTS = manual_before
+
+
+def _bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images: Optional[torch.Tensor],
+                 p: dict, device: torch.device, quick: bool, peak_samples: List[float], loader: str,
+                 compile: bool) -> dict:
     cfg = model_cfg(width, depth, device, quick).replace(batch_size=batch, train_steps=10, compile=compile)
     ours = TransitionDiffusion(DIM, cfg)
     flops_row = linear_flops_per_row(ours.model)
@@ -327,6 +369,7 @@ def bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images:
     t_peer = _timed(lambda: peer_fit(peer, cfg, images, w, batch, device, loader), device) if peer else t_ours
     step_s = max(min(t_ours, t_peer) / w, 1e-6)
     k2 = max(2 * p["min_steps"], int(p["target_s"] / step_s))
+    floor = matmul_floor_gflops(ours.model, batch, device, steps=max(1, int(p["target_s"] / 8 / step_s)))
     k1 = max(1, k2 // 4)
     runs = {"ours": {k1: [], k2: []}, "peer": {k1: [], k2: []}}
     for _ in range(p["repeats"]):
@@ -346,7 +389,8 @@ def bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images:
                flops_per_step=3 * flops_row * batch, params=sum(pp.numel() for pp in ours.model.parameters()),
                ours_rate=_median(ours_rates), peer_rate=_median(peer_rates) if peer else None,
                ours_rates=ours_rates, peer_rates=peer_rates, ours_cpu_rates=ours_cpu, peer_cpu_rates=peer_cpu,
-               unit="steps/s", peer_loader=loader, compile=compile)
+               unit="steps/s", peer_loader=loader, compile=compile, gradients=ours.last_fit["gradients"],
+               floor_gflops=floor)
     return row
 
 
@@ -527,19 +571,24 @@ def run(args: argparse.Namespace) -> dict:
     peak_samples = [matmul_peak_gflops(device, p["peak_n"])]
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
     train_rows, sample_rows = [], []
-    jobs = [(w, d, b, args.peer_loader, False) for (w, d) in p["models"] for b in p["batches"]]
+    # (width, depth, batch, peer loader, ours compiled, ours gradients)
+    jobs = [(w, d, b, args.peer_loader, False, "manual") for (w, d) in p["models"] for b in p["batches"]]
+    w0, d0, b0 = *p["models"][0], p["batches"][0]
     if peer and not args.quick and args.peer_loader == "index":
         # context row: the peer fed by the reference trainer's shuffled DataLoader (in-process)
-        w, d = p["models"][0]
-        jobs.insert(1, (w, d, p["batches"][0], "dataloader", False))
+        jobs.insert(1, (w0, d0, b0, "dataloader", False, "manual"))
+    if not args.quick and not args.no_autograd:
+        # context row: our loop on autograd (what the hand-written gradients replaced)
+        jobs.insert(1, (w0, d0, b0, args.peer_loader, False, "autograd"))
     if not args.quick and not args.no_compile:
         # ours with SynthERConfig.compile=True (opt-in), at the online batch size, after each eager row
         for (w, d) in p["models"]:
-            i = max(i for i, j in enumerate(jobs) if j[:3] == (w, d, p["batches"][0]))
-            jobs.insert(i + 1, (w, d, p["batches"][0], args.peer_loader, True))
-    for (w, d, b, loader, comp) in jobs:
-        r = bench_train(peer, w, d, b, x, images, p, device, args.quick, peak_samples, loader, comp)
-        log(f"train w{w}/d{d} b{b} (peer {loader}{', ours compiled' if comp else ''}): "
+            i = max(i for i, j in enumerate(jobs) if j[:3] == (w, d, b0))
+            jobs.insert(i + 1, (w, d, b0, args.peer_loader, True, "manual"))
+    for (w, d, b, loader, comp, grads) in jobs:
+        r = bench_train(peer, w, d, b, x, images, p, device, args.quick, peak_samples, loader, comp, grads)
+        log(f"train w{w}/d{d} b{b} (peer {loader}{', ours compiled' if comp else ''}"
+            f"{', ours autograd' if grads == 'autograd' else ''}): "
             f"ours {r['ours_rate']:.1f} peer {_f(r['peer_rate'])} steps/s")
         train_rows.append(r)
     peak = _median(peak_samples)
@@ -562,6 +611,7 @@ def run(args: argparse.Namespace) -> dict:
             if r["peer_rate"] else None
         r["ours_peak_frac"] = r["ours_rate"] * fl / (peak * 1e9)
         r["peer_peak_frac"] = r["peer_rate"] * fl / (peak * 1e9) if r["peer_rate"] else None
+        r["floor_peak_frac"] = r["floor_gflops"] / peak if r.get("floor_gflops") else None
 
     result = {
         "meta": {
@@ -593,8 +643,8 @@ def check_targets(res: dict) -> List[dict]:
     sampling >= the peer's rows/s at equal sampler steps."""
     out = []
     for r in res["train"]:
-        if r.get("peer_loader") == "dataloader":
-            continue
+        if r.get("peer_loader") == "dataloader" or r.get("gradients") == "autograd":
+            continue  # context rows
         how = " (ours: torch.compile)" if r.get("compile") else ""
         if (r["width"], r["depth"], r["batch"]) == (256, 4, 256) and r["ratio"] is not None:
             out.append(dict(target=f"train w256/d4/b256{how} >= 1.3x peer", value=r["ratio"],
@@ -622,19 +672,20 @@ def markdown(res: dict) -> str:
              f"median of {m['repeats']} interleaved repeats, matmul peak {res['peak_gflops']:.1f} GFLOP/s, "
              f"{m['seconds']} s", "",
              "| what | width/depth | batch or rows | ours | peer | ours/peer | ours/peer (CPU time) "
-             "| ours % peak | peer % peak |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| ours % peak | peer % peak | matmuls alone % peak |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     pct = lambda v: _f(None if v is None else v * 100, "{:.0f}%")  # noqa: E731
     for r in res["train"]:
         what = "train steps/s" + (" (peer: DataLoader)" if r.get("peer_loader") == "dataloader" else "") \
-            + (" (ours: torch.compile)" if r.get("compile") else "")
+            + (" (ours: torch.compile)" if r.get("compile") else "") \
+            + (" (ours: autograd)" if r.get("gradients") == "autograd" else "")
         lines.append(f"| {what} | {r['width']}/{r['depth']} | {r['batch']} | {_f(r['ours_rate'])} | "
                      f"{_f(r['peer_rate'])} | {_f(r['ratio'], '{:.2f}x')} | {_f(r['ratio_cpu'], '{:.2f}x')} | "
-                     f"{pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} |")
+                     f"{pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} | {pct(r.get('floor_peak_frac'))} |")
     for r in res["sample"]:
         lines.append(f"| samples/s, {r['sampler']} {r['sample_steps']} steps | {r['width']}/{r['depth']} | "
                      f"{r['rows']} | {_f(r['ours_rate'])} | {_f(r['peer_rate'])} | {_f(r['ratio'], '{:.2f}x')} | "
-                     f"{_f(r['ratio_cpu'], '{:.2f}x')} | {pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} |")
+                     f"{_f(r['ratio_cpu'], '{:.2f}x')} | {pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} | - |")
     b = res["buffer"]
     if b:
         lines += ["", "| replay sample(256) | GenerativeReplayBuffer | SB3 ReplayBuffer | ours/plain |",
@@ -660,7 +711,7 @@ def markdown(res: dict) -> str:
 
 
 CSV_FIELDS = ["kind", "width", "depth", "batch", "sampler", "sample_steps", "rows", "unit", "peer_loader", "compile",
-              "ours_rate", "peer_rate", "ratio", "ratio_cpu", "ours_peak_frac", "peer_peak_frac", "ours_us",
+              "gradients", "ours_rate", "peer_rate", "ratio", "ratio_cpu", "ours_peak_frac", "peer_peak_frac", "floor_peak_frac", "ours_us",
               "plain_us", "threads", "device"]
 
 
@@ -693,6 +744,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                     help="glibc: no mmap / trim for large allocations (whole process, both sides)")
     ap.add_argument("--no-peer", action="store_true", help="skip the peer even if installed")
     ap.add_argument("--no-buffer", action="store_true", help="skip the replay-buffer latency comparison")
+    ap.add_argument("--no-autograd", action="store_true",
+                    help="skip the context row of our loop on autograd instead of the hand-written gradients")
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the extra training rows with SynthERConfig.compile=True")
     ap.add_argument("--no-memory", action="store_true", help="skip the 1M-row pool memory probe")

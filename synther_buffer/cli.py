@@ -22,6 +22,8 @@ import importlib
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .config import COMPILE_HELP
+
 # subcommand -> candidate modules providing ``add_arguments(parser)`` and ``run(args)``
 DELEGATES: Dict[str, Tuple[str, ...]] = {
     "train": ("synther_buffer.train",),
@@ -55,6 +57,7 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
                    help="sample from this saved model instead of fitting one (its width must match the data)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="rows generated and written per chunk (default: the sampler batch, 16K on CPU, 100K on CUDA)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 avoids thread oversubscription on a "
                         "busy machine, where 2 threads on 2 shared cores can run >10x slower")
@@ -128,6 +131,8 @@ def _config(args: argparse.Namespace):
     cfg = SynthERConfig.preset(preset)
     if args.device is not None:
         cfg = cfg.replace(device=args.device)
+    if getattr(args, "compile", False):
+        cfg = cfg.replace(compile=True)
     return cfg, preset
 
 

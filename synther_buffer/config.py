@@ -35,12 +35,11 @@ class SynthERConfig:
         lr: Adam learning rate, cosine-annealed to 0 over ``train_steps``.
         ema_decay / ema_every: EMA of the weights (used for sampling), updated every ``ema_every`` steps.
         grad_clip: max global grad norm (reference code: 1.0).
-        compile: run the training loss (network forward + EDM loss) through ``torch.compile``.
-            Opt-in: ~10-15 s of compilation on the first fit of a process (later fits of the same
-            shapes reuse it). On 2 CPU cores it gained 1.06-1.08x over eager alone, but nothing
-            measurable on top of the flat parameter buffer (benchmarks/THROUGHPUT.md); meant for
-            CUDA, where a small net is launch-bound (unmeasured). Needs a C++ compiler on CPU; if
-            compilation fails the fit warns and trains eagerly.
+        compile: run the training step's loss and gradients (``synther_buffer/manual_grad.py``) through
+            ``torch.compile``. Opt-in: ~15 s of compilation on the first fit of a process (later fits
+            of the same shapes reuse it). On 2 CPU cores, width 256: 1.51x the reference stack's
+            steps/s vs 1.38x eager (benchmarks/THROUGHPUT.md); at width 1024 no faster than eager.
+            Needs a C++ compiler on CPU; if compilation fails the fit warns and trains eagerly.
     EDM (Karras et al. 2022):
         sigma_min, sigma_max, sigma_data, rho: noise range, data scale and schedule curvature (eq. 5).
         p_mean, p_std: log-normal training noise distribution.
@@ -224,5 +223,9 @@ def _tiny() -> SynthERConfig:
                          retrain_every=200, synthetic_size=2_000, num_generate=1_000, min_real=100,
                          sample_batch_size=1_000, progress=False)
 
+
+# the ``--compile`` help of ``synther upsample`` and ``synther train`` (argparse: %% is a literal %)
+COMPILE_HELP = ("torch.compile the diffusion training step (SynthERConfig.compile): ~10%% more steps/s at "
+                "width 256 on CPU after ~15 s of compilation; needs a C++ compiler, else trains eagerly")
 
 PRESETS = {"paper": _paper, "fast": _fast, "tiny": _tiny}

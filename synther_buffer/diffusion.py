@@ -17,6 +17,7 @@ from .config import SynthERConfig
 from .denoiser import ResidualMLPDenoiser, count_parameters
 from .edm import EDMPrecond, edm_loss_from_noise, heun_sample, sigma_schedule
 from .flat import flatten_parameters
+from .manual_grad import edm_loss_and_grads, supports as manual_grad_supports
 from .normalizer import Normalizer
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,14 @@ log = logging.getLogger(__name__)
 FORMAT = "synther_buffer.TransitionDiffusion"
 FORMAT_VERSION = 1
 EMA_WARMUP = 100  # ema_pytorch's update_after_step: the EMA copies the weights until this step
-# Train on one flat parameter/gradient buffer up to this many parameters on CPU (always on CUDA).
-# Measured (2 CPU threads, benchmarks/THROUGHPUT.md): 256x4 (0.33M) ~7% more steps/s; 1024x6 (6.5M)
-# ~3% fewer, as backward's in-place accumulation into the flat gradient then costs more memory
-# traffic than the per-tensor clip/Adam calls it saves.
+# Gradients by hand (synther_buffer/manual_grad.py) instead of autograd whenever the network is the
+# residual-MLP denoiser (always, as built here). Tests flip it to compare the two paths.
+MANUAL_GRADIENTS = True
+# Autograd path only: one flat parameter/gradient buffer up to this many parameters on CPU (always on
+# CUDA). Measured (2 CPU threads, benchmarks/THROUGHPUT.md): 256x4 (0.33M) ~7% more steps/s; 1024x6
+# (6.5M) ~3% fewer, as autograd's in-place accumulation into the flat gradient then costs more memory
+# traffic than the per-tensor clip/Adam calls it saves. The manual path writes gradients in place
+# (nothing to accumulate), so it always uses the flat buffer.
 FLAT_MAX_PARAMS_CPU = 1_000_000
 
 
@@ -57,17 +62,17 @@ def ema_decay_at(step: int, max_decay: float, warmup: int = EMA_WARMUP) -> float
     return min(max_decay, 1.0 - (1.0 + epoch) ** (-2.0 / 3.0))
 
 
-_COMPILED_LOSS = None
+_COMPILED: dict = {}
 
 
-def compiled_loss():
-    """``edm_loss_from_noise`` through ``torch.compile``, built once per process: every fit (a fresh
-    network of the same shapes) reuses the compiled code instead of recompiling."""
-    global _COMPILED_LOSS
-    if _COMPILED_LOSS is None:
+def compiled(fn):
+    """``fn`` (``edm_loss_and_grads`` or ``edm_loss_from_noise``) through ``torch.compile``, built once
+    per process: every fit (a fresh network of the same shapes) reuses the compiled code instead of
+    recompiling."""
+    if fn not in _COMPILED:
         # static shapes: one fit has one batch shape; a new shape recompiles (not a slower dynamic kernel)
-        _COMPILED_LOSS = torch.compile(edm_loss_from_noise, dynamic=False)
-    return _COMPILED_LOSS
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
 
 
 def _adam(params, lr: float) -> torch.optim.Optimizer:
@@ -125,8 +130,9 @@ class TransitionDiffusion:
     def fit(self, x: np.ndarray, *, steps: Optional[int] = None, progress: Optional[bool] = None) -> dict:
         """Normalise ``x`` [N, D], train a fresh denoiser for ``steps`` (default ``config.train_steps``).
 
-        Returns ``{"loss", "seconds", "steps", "batch_size", "compiled"}`` (loss: mean over the last
-        logging window; compiled: whether ``config.compile`` took effect).
+        Returns ``{"loss", "seconds", "steps", "batch_size", "compiled", "gradients"}`` (loss: mean over
+        the last logging window; compiled: whether ``config.compile`` took effect; gradients:
+        ``"manual"`` (``synther_buffer/manual_grad.py``) or ``"autograd"``).
         Raises ``DiffusionTrainingError`` if the loss turns non-finite; the previous model is kept.
         """
         c = self.config
@@ -144,7 +150,8 @@ class TransitionDiffusion:
         model = self._build_network(seed)
         ema = copy.deepcopy(model).requires_grad_(False)
         params, ema_params = list(model.parameters()), list(ema.parameters())
-        flat = self.device.type == "cuda" or count_parameters(model) <= FLAT_MAX_PARAMS_CPU
+        manual = MANUAL_GRADIENTS and manual_grad_supports(model)
+        flat = manual or self.device.type == "cuda" or count_parameters(model) <= FLAT_MAX_PARAMS_CPU
         if flat:  # one tensor for clip, Adam and the EMA (synther_buffer/flat.py)
             params, ema_params = [flatten_parameters(model, with_grads=True)], \
                 [flatten_parameters(ema, with_grads=False)]
@@ -157,7 +164,8 @@ class TransitionDiffusion:
         window, last_loss = 0, float("nan")
         bar = tqdm(total=steps, desc="diffusion fit", unit="step", disable=not show, leave=False)
         model.train()
-        loss_fn = compiled_loss() if c.compile else edm_loss_from_noise
+        eager_fn = edm_loss_and_grads if manual else edm_loss_from_noise
+        loss_fn = compiled(eager_fn) if c.compile else eager_fn
         for step in range(1, steps + 1):
             idx = torch.randint(n, (bs,), device=self.device, generator=gen)
             # index_select, not data[idx]: fancy indexing opens a parallel region that stalls for
@@ -165,19 +173,20 @@ class TransitionDiffusion:
             batch = data.index_select(0, idx)
             rnd_normal = torch.randn(bs, 1, device=self.device, generator=gen)   # edm_loss's draws,
             unit_noise = torch.randn(bs, self.dim, device=self.device, generator=gen)  # same order
-            try:
+            try:  # manual: the loss, with the gradients written into the flat gradient buffer
                 loss = loss_fn(model, batch, rnd_normal, unit_noise, c.p_mean, c.p_std)
-            except Exception as e:  # compilation happens on the first call: fall back, do not lose the fit
-                if loss_fn is edm_loss_from_noise or step > 1:
+            except Exception as e:  # compilation happens on the first call: fall back, keep the fit
+                if loss_fn is eager_fn or step > 1:
                     raise
                 log.warning("torch.compile failed (%s: %s); this fit trains eagerly", type(e).__name__, e)
-                loss_fn = edm_loss_from_noise
+                loss_fn = eager_fn
                 loss = loss_fn(model, batch, rnd_normal, unit_noise, c.p_mean, c.p_std)
-            if flat:
-                params[0].grad.zero_()  # backward accumulates into the views of this buffer
-            else:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if not manual:
+                if flat:
+                    params[0].grad.zero_()  # backward accumulates into the views of this buffer
+                else:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
             opt.step()
             sched.step()
@@ -206,7 +215,8 @@ class TransitionDiffusion:
         self.fitted = True
         self.fit_count += 1
         self.last_fit = {"loss": last_loss, "seconds": time.perf_counter() - t0, "steps": steps,
-                         "batch_size": bs, "compiled": loss_fn is not edm_loss_from_noise}
+                         "batch_size": bs, "compiled": loss_fn is not eager_fn,
+                         "gradients": "manual" if manual else "autograd"}
         log.info("diffusion fit: %d steps, batch %d, loss %.4f, %.1fs", steps, bs, last_loss,
                  self.last_fit["seconds"])
         return dict(self.last_fit)

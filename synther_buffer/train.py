@@ -27,6 +27,8 @@ import argparse
 import sys
 from typing import Optional
 
+from .config import COMPILE_HELP
+
 DEFAULT_ENV = "dm_control/cheetah-run-v0"
 PRESETS = ("demo", "fast", "paper", "tiny")
 # "demo" = the fast preset trimmed so that two retrains fit a few CPU minutes (see the module docstring).
@@ -82,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                  "(default: preset's)")
     g.add_argument("--num-generate", type=int, default=None,
                    help="synthetic rows generated per retrain (default: preset's)")
+    g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     g.add_argument("--async-retrain", action="store_true",
                    help="retrain in a background thread while SAC keeps training on the previous pool "
                         "(default: the paper's synchronous schedule)")
@@ -102,6 +105,8 @@ def synther_config(args: argparse.Namespace):
     for field in ("retrain_every", "real_ratio", "train_steps", "num_generate"):
         if getattr(args, field, None) is not None:
             changes[field] = getattr(args, field)
+    if getattr(args, "compile", False):
+        changes["compile"] = True
     if getattr(args, "async_retrain", False):
         changes["async_retrain"] = True   # ValueError naming the field if this version lacks it
     return cfg.replace(**changes)

@@ -115,6 +115,14 @@ def test_delegate_gets_its_arguments(monkeypatch):
     cli.build_parser(["report", "a", "b"])
 
 
+def test_compile_flag_reaches_the_config():
+    argv = ["upsample", "real.npz", "--out", "syn.npz", "--preset", "tiny"]
+    plain = cli._config(cli.build_parser(argv).parse_args(argv))[0]
+    compiled = cli._config(cli.build_parser(argv).parse_args(argv + ["--compile"]))[0]
+    assert plain.compile is False and compiled.compile is True
+    assert compiled.replace(compile=False) == plain          # nothing else changes
+
+
 def test_console_script_declared():
     eps = [e for e in metadata.entry_points(group="console_scripts") if e.name == "synther"]
     assert eps and eps[0].value == "synther_buffer.cli:main"

@@ -331,13 +331,18 @@ HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 @pytest.mark.skipif(not HAS_CXX, reason="torch.compile's CPU backend needs a C++ compiler")
-def test_compiled_fit_matches_eager(rng):
+@pytest.mark.parametrize("manual", [True, False], ids=["manual-gradients", "autograd"])
+def test_compiled_fit_matches_eager(rng, monkeypatch, manual):
     """config.compile=True trains the same model as eager (same draws; fused kernels only reorder
-    float sums), and says it compiled."""
+    float sums), and says it compiled: on the hand-written gradients and on the autograd path."""
+    import synther_buffer.diffusion as diffusion_mod
+
+    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", manual)
     x = rng.standard_normal((300, 3)).astype(np.float32)
     eager, compiled = TransitionDiffusion(3, _tiny()), TransitionDiffusion(3, _tiny(compile=True))
     a, b = eager.fit(x, steps=60), compiled.fit(x, steps=60)
     assert a["compiled"] is False and b["compiled"] is True
+    assert a["gradients"] == b["gradients"] == ("manual" if manual else "autograd")
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
     for (name, pa), pb in zip(eager.ema.state_dict().items(), compiled.ema.state_dict().values()):
         torch.testing.assert_close(pb, pa, rtol=1e-3, atol=1e-4, msg=name)
@@ -352,7 +357,7 @@ def test_compile_failure_falls_back_to_eager(rng, monkeypatch, caplog):
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(diffusion_mod, "compiled_loss", lambda: broken)
+    monkeypatch.setattr(diffusion_mod, "compiled", lambda fn: broken)
     x = rng.standard_normal((300, 3)).astype(np.float32)
     eager, fallback = TransitionDiffusion(3, _tiny()), TransitionDiffusion(3, _tiny(compile=True))
     eager.fit(x, steps=30)

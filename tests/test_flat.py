@@ -98,8 +98,9 @@ def test_bad_modules_raise():
 
 
 def test_fit_with_flat_buffer_matches_per_tensor_fit(monkeypatch, rng):
-    """TransitionDiffusion.fit trains the same model whether it uses the flat buffer (small models on
-    CPU) or per-tensor clip/Adam/EMA (large models on CPU)."""
+    """On the autograd path, TransitionDiffusion.fit trains the same model whether it uses the flat
+    buffer (small models on CPU) or per-tensor clip/Adam/EMA (large models on CPU)."""
+    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", False)
     x = rng.standard_normal((300, 4)).astype(np.float32)
     cfg = SynthERConfig.preset("tiny").replace(device="cpu")
     flat_fit = TransitionDiffusion(4, cfg)

@@ -215,8 +215,9 @@ def test_nan_mid_retrain_keeps_old_pool_and_model(tiny_cfg, monkeypatch, caplog,
     old_draw = old_model.sample(16, seed=3)
 
     if where == "fit_loss":
-        real_loss = diffusion_mod.edm_loss_from_noise
-        monkeypatch.setattr(diffusion_mod, "edm_loss_from_noise", lambda *a, **k: real_loss(*a, **k) * float("nan"))
+        for name in ("edm_loss_from_noise", "edm_loss_and_grads"):   # autograd and manual paths
+            real = getattr(diffusion_mod, name)
+            monkeypatch.setattr(diffusion_mod, name, lambda *a, _real=real, **k: _real(*a, **k) * float("nan"))
     else:
         monkeypatch.setattr(diffusion_mod, "heun_sample",
                             lambda denoise, x, *a, **k: torch.full_like(x, float("nan")))

@@ -57,7 +57,7 @@ def test_ours_rates(quick):
     for r in res["train"]:
         assert r["unit"] == "steps/s" and r["k2"] > r["k1"] >= 1
         assert _positive(r["ours_rate"]) and _positive(r["ours_peak_frac"])
-        assert r["flops_per_step"] > 0
+        assert r["flops_per_step"] > 0 and _positive(r["floor_gflops"]) and _positive(r["floor_peak_frac"])
     samplers = {(r["sampler"], r["sample_steps"]) for r in res["sample"]}
     assert {s for s, _ in samplers} == {"stochastic", "deterministic"}
     for r in res["sample"]:
@@ -122,6 +122,38 @@ def test_flop_count_matches_linear_weights():
     net = tp.ResidualMLPDenoiser(tp.DIM, width=64, depth=2, rff_dim=16, time_dim=32)
     weights = (tp.DIM * 32) + (17 * 32) + (32 * 32) + (32 * 64) + 2 * (64 * 64) + (64 * tp.DIM)
     assert tp.linear_flops_per_row(net) == 2 * weights
+
+
+def test_matmul_floor_counts_the_step_flops(monkeypatch):
+    """The floor runs 3 matmuls per Linear per step (forward, weight grad, input grad) and divides the
+    step's FLOPs (3 x 2 x weights x batch) by the time taken."""
+    net = tp.ResidualMLPDenoiser(tp.DIM, width=32, depth=2, rff_dim=16, time_dim=16)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in net.modules())
+    calls = []
+    real_mm, real_addmm = torch.mm, torch.addmm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append("mm") or real_mm(*a, **k))
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append("addmm") or real_addmm(*a, **k))
+    monkeypatch.setattr(tp, "_timed", lambda fn, device: (fn(), 0.5)[1])  # every timed run "takes" 0.5 s
+    g = tp.matmul_floor_gflops(net, 8, torch.device("cpu"), steps=2, reps=3)
+    assert calls.count("addmm") == 4 * 2 * n_linear and calls.count("mm") == 4 * 2 * 2 * n_linear  # warm-up + 3
+    assert g == pytest.approx(2 * 3 * tp.linear_flops_per_row(net) * 8 / 0.5 / 1e9)
+
+
+def test_autograd_context_row(torch_one_thread):
+    """The "ours: autograd" row runs our loop without the hand-written gradients, is left out of the
+    targets, and restores the library's setting afterwards."""
+    p = tp.plan(True, torch.device("cpu"))
+    x = torch.randn(p["rows"], tp.DIM).numpy()
+    peaks = [tp.matmul_peak_gflops(torch.device("cpu"), p["peak_n"], reps=1)]
+    assert tp.diffusion_mod.MANUAL_GRADIENTS is True
+    r = tp.bench_train(None, 64, 2, 64, x, None, p, torch.device("cpu"), True, peaks, "index", gradients="autograd")
+    assert r["gradients"] == "autograd" and _positive(r["ours_rate"])
+    assert tp.diffusion_mod.MANUAL_GRADIENTS is True
+    assert tp.bench_train(None, 64, 2, 64, x, None, p, torch.device("cpu"), True, peaks, "index")["gradients"] == "manual"
+    fake = dict(r, width=256, depth=4, batch=256, ratio=0.9, ours_peak_frac=0.5)
+    assert tp.check_targets({"train": [fake], "sample": []}) == []
+    with pytest.raises(ValueError, match="gradients"):
+        tp.bench_train(None, 64, 2, 64, x, None, p, torch.device("cpu"), True, peaks, "index", gradients="bogus")
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),

@@ -102,6 +102,7 @@ def test_demo_defaults_fit_the_cpu_budget():
     due = sorted({max(s, cfg.min_real) for s in grid if max(s, cfg.min_real) <= args.total_steps})
     assert due == [1000, 1500]
     assert train_mod.synther_config(p.parse_args(["--preset", "tiny", "--retrain-every", "50"])).retrain_every == 50
+    assert cfg.compile is False and train_mod.synther_config(p.parse_args(["--compile"])).compile is True
 
 
 # ------------------------------------------------------------------------------- synther_buffer.results

@@ -1,0 +1,139 @@
+"""edm_loss_and_grads: the hand-derived loss and gradients equal autograd's, are written (not added)
+into p.grad / the flat gradient buffer, and TransitionDiffusion.fit trains the same model with them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import synther_buffer.diffusion as diffusion_mod
+from synther_buffer import SynthERConfig, TransitionDiffusion
+from synther_buffer.denoiser import ResidualMLPDenoiser
+from synther_buffer.edm import EDMPrecond, edm_loss_from_noise
+from synther_buffer.flat import flatten_parameters
+from synther_buffer.manual_grad import edm_loss_and_grads, supports
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _denoiser(dim=5, width=16, depth=2, sigma_data=1.0, seed=0, device="cpu") -> EDMPrecond:
+    torch.manual_seed(seed)
+    net = ResidualMLPDenoiser(dim, width=width, depth=depth, rff_dim=4, time_dim=8)
+    with torch.no_grad():  # non-trivial LayerNorm affines, so their gradients are exercised
+        for m in net.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return EDMPrecond(net, sigma_data).to(device)
+
+
+def _draws(batch, dim, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=g) * 2
+    return x.to(device), torch.randn(batch, 1, generator=g).to(device), torch.randn(batch, dim, generator=g).to(device)
+
+
+def _autograd(model, x, rn, un, p_mean=-1.2, p_std=1.2):
+    model.zero_grad(set_to_none=True)
+    loss = edm_loss_from_noise(model, x, rn, un, p_mean, p_std)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_matches_autograd(model, x, rn, un, p_mean=-1.2, p_std=1.2):
+    ref_loss, ref_grads = _autograd(model, x, rn, un, p_mean, p_std)
+    model.zero_grad(set_to_none=True)
+    loss = edm_loss_and_grads(model, x, rn, un, p_mean, p_std)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    # float32 round-off of backprop scales with the largest gradients flowing, not with each tensor's
+    # own (a LayerNorm over 1-2 features has near-zero, cancellation-made input gradients)
+    scale = max(g.abs().max().item() for g in ref_grads.values()) + 1e-6
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+# width >= 4: a LayerNorm over one feature outputs its bias whatever the input, so the gradients
+# below it are pure round-off on both paths (opposite signs seen at width 1)
+@settings(max_examples=25, deadline=None)
+@given(dim=st.integers(1, 9), width=st.integers(4, 24), depth=st.integers(0, 3), batch=st.integers(1, 20),
+       sigma_data=st.floats(0.2, 3.0), p_mean=st.floats(-2.0, 1.0), p_std=st.floats(0.1, 2.0),
+       seed=st.integers(0, 1000))
+def test_loss_and_every_gradient_equal_autograd(dim, width, depth, batch, sigma_data, p_mean, p_std, seed):
+    model = _denoiser(dim, width, depth, sigma_data, seed=seed)
+    _assert_matches_autograd(model, *_draws(batch, dim, seed=seed + 1), p_mean, p_std)
+
+
+def test_gradients_are_overwritten_not_accumulated():
+    model = _denoiser()
+    x, rn, un = _draws(12, 5)
+    _, ref = _autograd(model, x, rn, un)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 123.0)                 # stale gradients from anywhere
+    edm_loss_and_grads(model, x, rn, un)
+    edm_loss_and_grads(model, x, rn, un)                   # twice: still one step's gradient
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradients_land_in_the_flat_buffer():
+    model = _denoiser(width=20, depth=3)
+    x, rn, un = _draws(16, 5)
+    _, ref = _autograd(model, x, rn, un)
+    flat = flatten_parameters(model, with_grads=True)
+    flat.grad.fill_(7.0)                                   # the padding between views too
+    edm_loss_and_grads(model, x, rn, un)
+    for name, p in model.named_parameters():
+        assert p.grad.untyped_storage().data_ptr() == flat.grad.untyped_storage().data_ptr()
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    written = sum(p.numel() for p in model.parameters())
+    assert (flat.grad == 7.0).sum().item() == flat.numel() - written   # only padding left untouched
+    assert torch.isfinite(flat.grad).all()
+
+
+def test_unsupported_networks_are_refused():
+    model = _denoiser()
+    assert supports(model)
+
+    class Custom(EDMPrecond):
+        pass
+
+    assert not supports(Custom(model.net))
+    assert not supports(model.net)                         # not preconditioned
+    no_affine = _denoiser()
+    no_affine.net.norm_out = nn.LayerNorm(16, elementwise_affine=False)
+    assert not supports(no_affine)
+    assert not supports(_denoiser().double())
+    with pytest.raises(TypeError, match="EDMPrecond"):
+        edm_loss_and_grads(Custom(model.net), *_draws(4, 5))
+
+
+def _cfg(**kw) -> SynthERConfig:
+    return SynthERConfig.preset("tiny").replace(device="cpu", progress=False, **kw)
+
+
+def test_fit_with_manual_gradients_matches_autograd_fit(monkeypatch, rng):
+    """Same draws, same optimiser: the manual path trains the autograd path's model (float sums
+    reordered only), and last_fit says which path ran."""
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    manual = TransitionDiffusion(4, _cfg())
+    a = manual.fit(x, steps=60)
+    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", False)
+    auto = TransitionDiffusion(4, _cfg())
+    b = auto.fit(x, steps=60)
+    assert a["gradients"] == "manual" and b["gradients"] == "autograd"
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+    for (name, pa), pb in zip(manual.ema.state_dict().items(), auto.ema.state_dict().values()):
+        torch.testing.assert_close(pa, pb, rtol=1e-3, atol=1e-4, msg=name)
+    np.testing.assert_allclose(manual.sample(64, seed=1), auto.sample(64, seed=1), rtol=1e-3, atol=1e-3)
+    assert all(p.grad is None for p in manual.model.parameters())   # no gradient buffer kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loss_and_gradients_equal_autograd_on_cuda():
+    model = _denoiser(dim=41, width=256, depth=4, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _assert_matches_autograd(model, *_draws(256, 41, device="cuda"))
