@@ -226,6 +226,7 @@ def _tiny() -> SynthERConfig:
 
 # the ``--compile`` help of ``synther upsample`` and ``synther train`` (argparse: %% is a literal %)
 COMPILE_HELP = ("torch.compile the diffusion training step (SynthERConfig.compile): ~10%% more steps/s at "
-                "width 256 on CPU after ~15 s of compilation; needs a C++ compiler, else trains eagerly")
+                "width 256 on CPU (more on a contended machine) after ~15 s of compilation; needs a C++ "
+                "compiler, else trains eagerly")
 
 PRESETS = {"paper": _paper, "fast": _fast, "tiny": _tiny}

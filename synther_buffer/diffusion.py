@@ -17,7 +17,7 @@ from .config import SynthERConfig
 from .denoiser import ResidualMLPDenoiser, count_parameters
 from .edm import EDMPrecond, edm_loss_from_noise, heun_sample, sigma_schedule
 from .flat import flatten_parameters
-from .manual_grad import edm_loss_and_grads, supports as manual_grad_supports
+from .manual_grad import edm_loss_and_grads_unchecked, supports as manual_grad_supports
 from .normalizer import Normalizer
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,9 @@ _COMPILED: dict = {}
 
 
 def compiled(fn):
-    """``fn`` (``edm_loss_and_grads`` or ``edm_loss_from_noise``) through ``torch.compile``, built once
-    per process: every fit (a fresh network of the same shapes) reuses the compiled code instead of
-    recompiling."""
+    """``fn`` (``edm_loss_and_grads_unchecked`` or ``edm_loss_from_noise``) through ``torch.compile``,
+    built once per process: every fit (a fresh network of the same shapes) reuses the compiled code
+    instead of recompiling."""
     if fn not in _COMPILED:
         # static shapes: one fit has one batch shape; a new shape recompiles (not a slower dynamic kernel)
         _COMPILED[fn] = torch.compile(fn, dynamic=False)
@@ -164,7 +164,8 @@ class TransitionDiffusion:
         window, last_loss = 0, float("nan")
         bar = tqdm(total=steps, desc="diffusion fit", unit="step", disable=not show, leave=False)
         model.train()
-        eager_fn = edm_loss_and_grads if manual else edm_loss_from_noise
+        # manual: supported network (checked above), gradients allocated by the flat buffer
+        eager_fn = edm_loss_and_grads_unchecked if manual else edm_loss_from_noise
         loss_fn = compiled(eager_fn) if c.compile else eager_fn
         for step in range(1, steps + 1):
             idx = torch.randint(n, (bs,), device=self.device, generator=gen)

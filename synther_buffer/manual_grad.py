@@ -60,19 +60,28 @@ def _norm_backward(norm: nn.LayerNorm, da: torch.Tensor, h: torch.Tensor, mean: 
     return dh
 
 
-@torch.no_grad()
 def edm_loss_and_grads(denoiser: EDMPrecond, x: torch.Tensor, rnd_normal: torch.Tensor,
                        unit_noise: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
     """``edm_loss_from_noise(denoiser, x, rnd_normal, unit_noise, p_mean, p_std)`` (returned, detached)
     with every parameter's gradient of it OVERWRITTEN into ``p.grad`` (allocated if missing).
 
-    ``denoiser`` must satisfy ``supports``; ``x`` and ``unit_noise`` are [B, dim], ``rnd_normal`` [B, 1].
+    ``denoiser`` must satisfy ``supports`` (else ``TypeError``); ``x`` and ``unit_noise`` are [B, dim],
+    ``rnd_normal`` [B, 1].
     """
     if not supports(denoiser):
         raise TypeError(f"edm_loss_and_grads needs EDMPrecond(ResidualMLPDenoiser), got {denoiser!r}")
     for p in denoiser.parameters():
         if p.grad is None:
             p.grad = torch.empty_like(p)
+    return edm_loss_and_grads_unchecked(denoiser, x, rnd_normal, unit_noise, p_mean, p_std)
+
+
+@torch.no_grad()
+def edm_loss_and_grads_unchecked(denoiser: EDMPrecond, x: torch.Tensor, rnd_normal: torch.Tensor,
+                                 unit_noise: torch.Tensor, p_mean: float = -1.2,
+                                 p_std: float = 1.2) -> torch.Tensor:
+    """``edm_loss_and_grads`` without its checks, for a training loop that made them once: ``denoiser``
+    satisfies ``supports`` and every parameter has a ``.grad`` (~70 us of Python per step saved)."""
     net: ResidualMLPDenoiser = denoiser.net
     rff, time1, time2 = net.time_mlp[0], net.time_mlp[1], net.time_mlp[3]
 
