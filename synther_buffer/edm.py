@@ -27,14 +27,19 @@ class EDMPrecond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``x`` [B, D]; ``sigma`` [B] (one level per row) or [1] (one for the batch, broadcast)."""
-        sigma = sigma.to(x.dtype).reshape(-1, 1)
-        sd2 = self.sigma_data ** 2
-        c_skip = sd2 / (sigma ** 2 + sd2)                               # c_skip = sd^2 / (s^2 + sd^2)
-        c_out = sigma * self.sigma_data / (sigma ** 2 + sd2).sqrt()     # c_out  = s sd / sqrt(s^2 + sd^2)
-        c_in = 1.0 / (sd2 + sigma ** 2).sqrt()                          # c_in   = 1 / sqrt(sd^2 + s^2)
-        c_noise = sigma.log() / 4                                       # c_noise = ln(s) / 4
+        c_skip, c_out, c_in, c_noise = preconditioning(sigma.to(x.dtype).reshape(-1, 1), self.sigma_data)
         f_x = self.net(c_in * x, c_noise.flatten())
         return c_skip * x + c_out * f_x
+
+
+def preconditioning(sigma: torch.Tensor, sigma_data: float):
+    """Table 1: (c_skip, c_out, c_in, c_noise) for noise levels ``sigma`` (any shape, elementwise)."""
+    sd2 = sigma_data ** 2
+    c_skip = sd2 / (sigma ** 2 + sd2)                               # c_skip = sd^2 / (s^2 + sd^2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sd2).sqrt()          # c_out  = s sd / sqrt(s^2 + sd^2)
+    c_in = 1.0 / (sd2 + sigma ** 2).sqrt()                          # c_in   = 1 / sqrt(sd^2 + s^2)
+    c_noise = sigma.log() / 4                                       # c_noise = ln(s) / 4
+    return c_skip, c_out, c_in, c_noise
 
 
 def edm_loss(denoiser: EDMPrecond, x: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2,

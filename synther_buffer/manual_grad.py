@@ -22,13 +22,11 @@ z = a W^T + b:  dW = dz^T a,  db = sum_rows dz,  da = dz W;  relu: da * [a > 0];
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .denoiser import ResidualMLPDenoiser
-from .edm import EDMPrecond
+from .edm import EDMPrecond, preconditioning
 
 aten = torch.ops.aten
 
@@ -88,16 +86,11 @@ def edm_loss_and_grads_unchecked(denoiser: EDMPrecond, x: torch.Tensor, rnd_norm
     # ---- forward, as edm_loss_from_noise / EDMPrecond.forward / ResidualMLPDenoiser.forward
     sigma = (rnd_normal * p_std + p_mean).exp()                    # ln(sigma) ~ N(P_mean, P_std^2)
     sd = denoiser.sigma_data
-    sd2 = sd ** 2
-    weight = (sigma ** 2 + sd2) / (sigma * sd) ** 2                # lambda(sigma)
+    weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2            # lambda(sigma)
     y = x + unit_noise * sigma                                     # x + n, n ~ N(0, sigma^2 I)
-    c_skip = sd2 / (sigma ** 2 + sd2)                              # Table 1
-    c_out = sigma * sd / (sigma ** 2 + sd2).sqrt()
-    c_in = 1.0 / (sd2 + sigma ** 2).sqrt()
-    c_noise = sigma.log() / 4
+    c_skip, c_out, c_in, c_noise = preconditioning(sigma, sd)      # Table 1
     x_in = c_in * y
-    freqs = c_noise * rff.weights[None, :] * (2 * math.pi)         # random Fourier features
-    e = torch.cat([c_noise, freqs.sin(), freqs.cos()], dim=-1)
+    e = rff(c_noise)                                               # random Fourier features (no parameters)
     t1 = torch.addmm(time1.bias, e, time1.weight.t())
     t2 = torch.nn.functional.silu(t1)
     u = torch.addmm(time2.bias, t2, time2.weight.t())               # time embedding ...
