@@ -23,7 +23,8 @@ Methodology (2 shared cores: absolute numbers are noisy, ratios are the result):
     gradients of ``synther_buffer/manual_grad.py`` (``--no-autograd`` skips it);
   * machine peak: a large fp32 ``torch.mm`` at the same thread count, sampled between repeats;
     "matmuls alone": the training step's matmuls (same shapes) and nothing else, as % of that peak --
-    the ceiling for "% peak" of a training row;
+    the ceiling for "% peak" of a training row; "matmuls + Adam": the same plus ``fit``'s clipped fused
+    Adam step over as many parameters -- the ceiling for any step that keeps an fp32 Adam;
     model FLOPs counted analytically: 2 * (Linear weights) per row per forward, x3 for training.
   * replay latency: ``GenerativeReplayBuffer.sample(256)`` (real data added, synthetic pool filled
     by a real retrain) vs plain SB3 ``ReplayBuffer.sample(256)`` on the same real data.
@@ -60,6 +61,7 @@ from synther_buffer.config import SynthERConfig
 from synther_buffer.denoiser import ResidualMLPDenoiser
 import synther_buffer.diffusion as diffusion_mod
 from synther_buffer.diffusion import TransitionDiffusion, resolve_device
+from synther_buffer.flat import clipped_adam_step
 
 DIM = 41            # HalfCheetah: 17 obs + 6 action + 1 reward + 17 next_obs
 OBS_DIM, ACT_DIM = 17, 6
@@ -139,15 +141,25 @@ def matmul_peak_gflops(device: torch.device, n: int, reps: int = 3) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def matmul_floor_gflops(net: nn.Module, batch: int, device: torch.device, steps: int, reps: int = 3) -> float:
+def matmul_floor_gflops(net: nn.Module, batch: int, device: torch.device, steps: int, reps: int = 3,
+                        with_adam: bool = False) -> float:
     """GFLOP/s of the matmuls of ``steps`` training steps and nothing else: per Linear of ``net``, the
     forward ``addmm`` and the backward's weight- and input-gradient ``mm`` at ``batch`` rows (the
     shapes and transposes of ``synther_buffer/manual_grad.py``). Best of ``reps``, like the peak: the
-    most a training step of this network could reach on this machine."""
+    most a training step of this network could reach on this machine.
+
+    ``with_adam``: each step also takes ``fit``'s optimizer step (clipped fused Adam,
+    ``synther_buffer/flat.py``) over a flat tensor of ``net``'s parameter count, gradient norm below
+    the clip as in a real fit: the most any step with an fp32 Adam could reach."""
     ops = []
     for m in (m for m in net.modules() if isinstance(m, nn.Linear)):
         ops.append((torch.randn(batch, m.in_features, device=device), torch.randn(batch, m.out_features, device=device),
                     m.weight.detach(), m.bias.detach(), torch.empty_like(m.weight)))
+    if with_adam:
+        n = sum(p.numel() for p in net.parameters())
+        flat = nn.Parameter(torch.zeros(n, device=device))
+        flat.grad = torch.randn(n, device=device) * (0.3 / n ** 0.5)  # norm ~0.3 < the clip of 1.0
+        opt = diffusion_mod._adam([flat], 3e-4)
 
     def run():
         for _ in range(steps):
@@ -156,6 +168,8 @@ def matmul_floor_gflops(net: nn.Module, batch: int, device: torch.device, steps:
             for a, dz, w, b, gw in reversed(ops):
                 torch.mm(dz.t(), a, out=gw)
                 torch.mm(dz, w)
+            if with_adam:
+                clipped_adam_step(opt, [flat], 1.0)
 
     run()  # warm-up
     best = min(_timed(run, device) for _ in range(reps))
@@ -369,7 +383,9 @@ def _bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images
     t_peer = _timed(lambda: peer_fit(peer, cfg, images, w, batch, device, loader), device) if peer else t_ours
     step_s = max(min(t_ours, t_peer) / w, 1e-6)
     k2 = max(2 * p["min_steps"], int(p["target_s"] / step_s))
-    floor = matmul_floor_gflops(ours.model, batch, device, steps=max(1, int(p["target_s"] / 8 / step_s)))
+    floor_steps = max(1, int(p["target_s"] / 8 / step_s))
+    floor = matmul_floor_gflops(ours.model, batch, device, steps=floor_steps)
+    floor_adam = matmul_floor_gflops(ours.model, batch, device, steps=floor_steps, with_adam=True)
     k1 = max(1, k2 // 4)
     runs = {"ours": {k1: [], k2: []}, "peer": {k1: [], k2: []}}
     for _ in range(p["repeats"]):
@@ -390,7 +406,7 @@ def _bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images
                ours_rate=_median(ours_rates), peer_rate=_median(peer_rates) if peer else None,
                ours_rates=ours_rates, peer_rates=peer_rates, ours_cpu_rates=ours_cpu, peer_cpu_rates=peer_cpu,
                unit="steps/s", peer_loader=loader, compile=compile, gradients=ours.last_fit["gradients"],
-               floor_gflops=floor)
+               floor_gflops=floor, floor_adam_gflops=floor_adam)
     return row
 
 
@@ -612,6 +628,7 @@ def run(args: argparse.Namespace) -> dict:
         r["ours_peak_frac"] = r["ours_rate"] * fl / (peak * 1e9)
         r["peer_peak_frac"] = r["peer_rate"] * fl / (peak * 1e9) if r["peer_rate"] else None
         r["floor_peak_frac"] = r["floor_gflops"] / peak if r.get("floor_gflops") else None
+        r["floor_adam_peak_frac"] = r["floor_adam_gflops"] / peak if r.get("floor_adam_gflops") else None
 
     result = {
         "meta": {
@@ -672,8 +689,8 @@ def markdown(res: dict) -> str:
              f"median of {m['repeats']} interleaved repeats, matmul peak {res['peak_gflops']:.1f} GFLOP/s, "
              f"{m['seconds']} s", "",
              "| what | width/depth | batch or rows | ours | peer | ours/peer | ours/peer (CPU time) "
-             "| ours % peak | peer % peak | matmuls alone % peak |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| ours % peak | peer % peak | matmuls alone % peak | matmuls + Adam % peak |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     pct = lambda v: _f(None if v is None else v * 100, "{:.0f}%")  # noqa: E731
     for r in res["train"]:
         what = "train steps/s" + (" (peer: DataLoader)" if r.get("peer_loader") == "dataloader" else "") \
@@ -681,11 +698,12 @@ def markdown(res: dict) -> str:
             + (" (ours: autograd)" if r.get("gradients") == "autograd" else "")
         lines.append(f"| {what} | {r['width']}/{r['depth']} | {r['batch']} | {_f(r['ours_rate'])} | "
                      f"{_f(r['peer_rate'])} | {_f(r['ratio'], '{:.2f}x')} | {_f(r['ratio_cpu'], '{:.2f}x')} | "
-                     f"{pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} | {pct(r.get('floor_peak_frac'))} |")
+                     f"{pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} | {pct(r.get('floor_peak_frac'))} | "
+                     f"{pct(r.get('floor_adam_peak_frac'))} |")
     for r in res["sample"]:
         lines.append(f"| samples/s, {r['sampler']} {r['sample_steps']} steps | {r['width']}/{r['depth']} | "
                      f"{r['rows']} | {_f(r['ours_rate'])} | {_f(r['peer_rate'])} | {_f(r['ratio'], '{:.2f}x')} | "
-                     f"{_f(r['ratio_cpu'], '{:.2f}x')} | {pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} | - |")
+                     f"{_f(r['ratio_cpu'], '{:.2f}x')} | {pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} | - | - |")
     b = res["buffer"]
     if b:
         lines += ["", "| replay sample(256) | GenerativeReplayBuffer | SB3 ReplayBuffer | ours/plain |",
@@ -711,7 +729,8 @@ def markdown(res: dict) -> str:
 
 
 CSV_FIELDS = ["kind", "width", "depth", "batch", "sampler", "sample_steps", "rows", "unit", "peer_loader", "compile",
-              "gradients", "ours_rate", "peer_rate", "ratio", "ratio_cpu", "ours_peak_frac", "peer_peak_frac", "floor_peak_frac", "ours_us",
+              "gradients", "ours_rate", "peer_rate", "ratio", "ratio_cpu", "ours_peak_frac", "peer_peak_frac", "floor_peak_frac",
+              "floor_adam_peak_frac", "ours_us",
               "plain_us", "threads", "device"]
 
 

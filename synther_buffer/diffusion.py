@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .config import SynthERConfig
 from .denoiser import ResidualMLPDenoiser, count_parameters
 from .edm import EDMPrecond, edm_loss_from_noise, heun_sample, sigma_schedule
-from .flat import flatten_parameters
+from .flat import clipped_adam_step, flatten_parameters
 from .manual_grad import edm_loss_and_grads_unchecked, supports as manual_grad_supports
 from .normalizer import Normalizer
 
@@ -188,8 +188,7 @@ class TransitionDiffusion:
                 else:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, c.grad_clip, foreach=True)
-            opt.step()
+            clipped_adam_step(opt, params, c.grad_clip)  # clip_grad_norm_ + Adam, one pass less
             sched.step()
             loss_sum += loss.detach()
             window += 1

@@ -1,9 +1,12 @@
 """flatten_parameters: re-seat a module's parameters (and gradients) as views into one contiguous
 buffer, so that gradient clipping, Adam and the EMA each run as one op on one tensor instead of one
-op per layer (the multi-tensor trick of apex / DeepSpeed, with plain torch ops).
+op per layer (the multi-tensor trick of apex / DeepSpeed, with plain torch ops); clipped_adam_step:
+the clipped optimizer step on such a buffer, the clip folded into the fused Adam kernel.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -44,3 +47,34 @@ def flatten_parameters(module: nn.Module, *, with_grads: bool) -> nn.Parameter:
     out = nn.Parameter(flat, requires_grad=first.requires_grad)
     out.grad = grad
     return out
+
+
+def clipped_adam_step(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], max_norm: float) -> None:
+    """``clip_grad_norm_(params, max_norm)`` then ``opt.step()``, with one pass less over the gradient
+    when ``params`` is one flat tensor and ``opt`` a fused Adam: the clip becomes the kernel's
+    ``grad_scale`` (the fused kernel divides each gradient element by it as it reads it, as it does
+    for ``GradScaler``), so the gradient is read twice (norm, Adam) instead of three times and written
+    once instead of twice. Scale = max(1, (||g|| + 1e-6) / max_norm) = 1 / clip_grad_norm_'s clamped
+    coefficient. On CPU, when no clip is due (the usual case: gradient norms ~0.3-0.6 against the
+    reference's max_norm 1.0 in a HalfCheetah fit), Adam runs without a scale and the gradient is not
+    written at all.
+
+    The gradient is left divided by the scale, as after ``clip_grad_norm_``. Any other optimizer or
+    parameter list takes the plain ``clip_grad_norm_`` + ``step`` path.
+    """
+    params = list(params)
+    if len(params) == 1 and opt.defaults.get("fused") and params[0].grad is not None:
+        g = params[0].grad.view(-1)
+        # ||g|| by one dot product: half the time of vector_norm on CPU for a 6.5M-element gradient
+        scale = torch.dot(g, g).sqrt_().add_(1e-6).div_(max_norm)
+        if g.device.type == "cpu":  # reading it waits for no device: skip the division when no clip is due
+            opt.grad_scale = scale if scale.item() > 1.0 else None
+        else:                       # no host sync on CUDA
+            opt.grad_scale = scale.clamp_(min=1.0)
+        try:
+            opt.step()
+        finally:
+            opt.grad_scale = None
+        return
+    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    opt.step()

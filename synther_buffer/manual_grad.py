@@ -48,6 +48,12 @@ def _linear_grads(layer: nn.Linear, dz: torch.Tensor, a: torch.Tensor) -> None:
     torch.sum(dz, 0, out=layer.bias.grad)
 
 
+def _relu_backward_(da: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """a = relu(n):  dL/dn = dL/da * [a > 0], in place in ``da`` (the matmul's fresh output, still in
+    cache: no new buffer)."""
+    return aten.threshold_backward.grad_input(da, a, 0.0, grad_input=da)
+
+
 def _norm_backward(norm: nn.LayerNorm, da: torch.Tensor, h: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor) -> torch.Tensor:
     """Back through LN(h) (its gamma/beta gradients written into ``.grad``); returns dL/dh."""
@@ -114,11 +120,11 @@ def edm_loss_and_grads_unchecked(denoiser: EDMPrecond, x: torch.Tensor, rnd_norm
     # ---- backward
     df = wr.mul_(c_out * (2.0 / r.numel()))                         # dL/df = c_out 2 lambda (D - x) / (B dim)
     _linear_grads(net.linear_out, df, a_out)
-    da = aten.threshold_backward(torch.mm(df, net.linear_out.weight), a_out, 0.0)  # relu
+    da = _relu_backward_(torch.mm(df, net.linear_out.weight), a_out)
     dh = _norm_backward(net.norm_out, da, h, mean_out, rstd_out)
     for blk, (h_k, a, mean, rstd) in zip(reversed(net.blocks), reversed(saved)):
         _linear_grads(blk.linear, dh, a)
-        da = aten.threshold_backward(torch.mm(dh, blk.linear.weight), a, 0.0)
+        da = _relu_backward_(torch.mm(dh, blk.linear.weight), a)
         dh = _norm_backward(blk.norm, da, h_k, mean, rstd).add_(dh)  # + the residual path
     _linear_grads(net.linear_in, dh, u)
     du = torch.mm(dh, net.linear_in.weight)                        # u = proj(x_in) + time2(t2)

@@ -15,7 +15,7 @@ from torch import nn
 import synther_buffer.diffusion as diffusion_mod
 from synther_buffer import SynthERConfig, TransitionDiffusion
 from synther_buffer.denoiser import ResidualMLPDenoiser
-from synther_buffer.flat import ALIGN, flatten_parameters
+from synther_buffer.flat import ALIGN, clipped_adam_step, flatten_parameters
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -87,6 +87,46 @@ def test_flat_clip_and_adam_train_like_per_tensor():
         start = (p.data_ptr() - flat.data_ptr()) // 4
         pad[start:start + p.numel()] = False
     assert not flat.detach()[pad].any()                    # padding never moves
+
+
+@settings(max_examples=10, deadline=None)
+@given(max_norm=st.floats(0.05, 20.0), scales=st.lists(st.floats(1e-3, 1e3), min_size=3, max_size=8),
+       fused=st.booleans())
+def test_clipped_adam_step_is_clip_grad_norm_then_adam(max_norm, scales, fused):
+    """The clip folded into fused Adam's grad_scale takes the steps of clip_grad_norm_ + Adam, with
+    gradients above and below max_norm (Adam is near scale-invariant on one step, not across steps
+    of different scales: a missing clamp or a wrong scale shows up here)."""
+    net = _net()
+    ref = copy.deepcopy(net)
+    flat = flatten_parameters(net, with_grads=True)
+    ref_flat = flatten_parameters(ref, with_grads=True)
+    opt = torch.optim.Adam([flat], lr=1e-2, fused=fused)
+    ref_opt = torch.optim.Adam([ref_flat], lr=1e-2, fused=fused)
+    g = torch.Generator().manual_seed(2)
+    for scale in scales:
+        grad = torch.randn(flat.shape, generator=g) * scale / flat.numel() ** 0.5   # norm ~ scale
+        flat.grad.copy_(grad)
+        ref_flat.grad.copy_(grad)
+        clipped_adam_step(opt, [flat], max_norm)
+        torch.nn.utils.clip_grad_norm_([ref_flat], max_norm)
+        ref_opt.step()
+        torch.testing.assert_close(flat.grad, ref_flat.grad, rtol=1e-5, atol=1e-7)   # left clipped
+        torch.testing.assert_close(flat.detach(), ref_flat.detach(), rtol=1e-5, atol=1e-6)
+    assert getattr(opt, "grad_scale", None) is None        # nothing left on the optimizer
+
+
+def test_clipped_adam_step_on_a_parameter_list_clips_globally():
+    net, ref = _net(), _net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, fused=True)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, fused=True)
+    for m in (net, ref):
+        m(torch.ones(3, 5), torch.ones(3)).square().sum().mul(100).backward()
+    clipped_adam_step(opt, list(net.parameters()), 0.5)
+    torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 0.5)
+    ref_opt.step()
+    for p, r in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r)
+        torch.testing.assert_close(p.grad, r.grad)
 
 
 def test_bad_modules_raise():

@@ -58,6 +58,7 @@ def test_ours_rates(quick):
         assert r["unit"] == "steps/s" and r["k2"] > r["k1"] >= 1
         assert _positive(r["ours_rate"]) and _positive(r["ours_peak_frac"])
         assert r["flops_per_step"] > 0 and _positive(r["floor_gflops"]) and _positive(r["floor_peak_frac"])
+        assert _positive(r["floor_adam_gflops"]) and _positive(r["floor_adam_peak_frac"])
     samplers = {(r["sampler"], r["sample_steps"]) for r in res["sample"]}
     assert {s for s, _ in samplers} == {"stochastic", "deterministic"}
     for r in res["sample"]:
@@ -136,6 +137,27 @@ def test_matmul_floor_counts_the_step_flops(monkeypatch):
     monkeypatch.setattr(tp, "_timed", lambda fn, device: (fn(), 0.5)[1])  # every timed run "takes" 0.5 s
     g = tp.matmul_floor_gflops(net, 8, torch.device("cpu"), steps=2, reps=3)
     assert calls.count("addmm") == 4 * 2 * n_linear and calls.count("mm") == 4 * 2 * 2 * n_linear  # warm-up + 3
+    assert g == pytest.approx(2 * 3 * tp.linear_flops_per_row(net) * 8 / 0.5 / 1e9)
+
+
+def test_matmul_floor_with_adam_takes_one_optimizer_step_per_step(monkeypatch):
+    """with_adam adds fit's clipped Adam step (over as many parameters as the net has) per step, and
+    counts the same FLOPs."""
+    net = tp.ResidualMLPDenoiser(tp.DIM, width=32, depth=2, rff_dim=16, time_dim=16)
+    n_params = sum(p.numel() for p in net.parameters())
+    steps = []
+    real_step = tp.clipped_adam_step
+
+    def counting(opt, params, max_norm):
+        assert max_norm == 1.0 and len(params) == 1 and params[0].numel() == n_params
+        steps.append(params[0].detach().clone())
+        real_step(opt, params, max_norm)
+
+    monkeypatch.setattr(tp, "clipped_adam_step", counting)
+    monkeypatch.setattr(tp, "_timed", lambda fn, device: (fn(), 0.5)[1])
+    g = tp.matmul_floor_gflops(net, 8, torch.device("cpu"), steps=2, reps=3, with_adam=True)
+    assert len(steps) == 4 * 2                                    # warm-up + 3 timed runs, 2 steps each
+    assert not torch.equal(steps[0], steps[-1])                   # the optimizer really moves the tensor
     assert g == pytest.approx(2 * 3 * tp.linear_flops_per_row(net) * 8 / 0.5 / 1e9)
 
 
