@@ -89,13 +89,14 @@ def test_flat_clip_and_adam_train_like_per_tensor():
     assert not flat.detach()[pad].any()                    # padding never moves
 
 
-@settings(max_examples=10, deadline=None)
-@given(max_norm=st.floats(0.05, 20.0), scales=st.lists(st.floats(1e-3, 1e3), min_size=3, max_size=8),
-       fused=st.booleans())
-def test_clipped_adam_step_is_clip_grad_norm_then_adam(max_norm, scales, fused):
+@pytest.mark.parametrize("fused,host_check", [(True, None), (True, True), (True, False), (False, None)])
+@settings(max_examples=6, deadline=None)
+@given(max_norm=st.floats(0.05, 20.0), scales=st.lists(st.floats(1e-3, 1e3), min_size=3, max_size=8))
+def test_clipped_adam_step_is_clip_grad_norm_then_adam(fused, host_check, max_norm, scales):
     """The clip folded into fused Adam's grad_scale takes the steps of clip_grad_norm_ + Adam, with
     gradients above and below max_norm (Adam is near scale-invariant on one step, not across steps
-    of different scales: a missing clamp or a wrong scale shows up here)."""
+    of different scales: a missing clamp or a wrong scale shows up here), with the norm read on the host
+    (CPU's default) or kept on the device (CUDA's)."""
     net = _net()
     ref = copy.deepcopy(net)
     flat = flatten_parameters(net, with_grads=True)
@@ -107,7 +108,7 @@ def test_clipped_adam_step_is_clip_grad_norm_then_adam(max_norm, scales, fused):
         grad = torch.randn(flat.shape, generator=g) * scale / flat.numel() ** 0.5   # norm ~ scale
         flat.grad.copy_(grad)
         ref_flat.grad.copy_(grad)
-        clipped_adam_step(opt, [flat], max_norm)
+        clipped_adam_step(opt, [flat], max_norm, host_check=host_check)   # False: CUDA's way
         torch.nn.utils.clip_grad_norm_([ref_flat], max_norm)
         ref_opt.step()
         torch.testing.assert_close(flat.grad, ref_flat.grad, rtol=1e-5, atol=1e-7)   # left clipped
