@@ -64,8 +64,15 @@ def clipped_adam_step(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]
     all. Off (CUDA): the scale stays on the device, clamped to >= 1, and no host sync happens.
 
     The gradient is left divided by the scale, as after ``clip_grad_norm_``. Any other optimizer or
-    parameter list takes the plain ``clip_grad_norm_`` + ``step`` path.
+    parameter list takes the plain ``clip_grad_norm_`` + ``step`` path. ``max_norm`` must be a positive
+    finite number (``ValueError`` otherwise).
     """
+    try:
+        ok = 0 < float(max_norm) < float("inf")   # numpy scalars pass, None / strings / nan do not
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
     params = list(params)
     if len(params) == 1 and opt.defaults.get("fused") and params[0].grad is not None:
         g = params[0].grad.view(-1)

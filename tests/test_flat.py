@@ -130,6 +130,16 @@ def test_clipped_adam_step_on_a_parameter_list_clips_globally():
         torch.testing.assert_close(p.grad, r.grad)
 
 
+@pytest.mark.parametrize("max_norm", [0.0, -1.0, float("inf"), float("nan"), None])
+def test_clipped_adam_step_refuses_a_bad_max_norm(max_norm):
+    flat = flatten_parameters(_net(), with_grads=True)
+    opt = torch.optim.Adam([flat], lr=1e-2, fused=True)
+    before = flat.detach().clone()
+    with pytest.raises(ValueError, match="max_norm"):
+        clipped_adam_step(opt, [flat], max_norm)
+    assert torch.equal(flat.detach(), before)              # nothing stepped
+
+
 def test_bad_modules_raise():
     with pytest.raises(ValueError, match="no parameters"):
         flatten_parameters(nn.ReLU(), with_grads=False)
