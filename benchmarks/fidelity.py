@@ -988,9 +988,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                                                 progress=args.progress)
                 if args.train_steps:
                     cfg = cfg.replace(train_steps=args.train_steps)
+                if args.precision:
+                    cfg = cfg.replace(precision=args.precision)
                 model = make_model(layout, layout.dim, cfg)
                 _log(f"SynthER: preset {args.preset}, {model!r}, {cfg.train_steps} steps, "
-                     f"sampler {cfg.sample_steps}-step {cfg.sampler}")
+                     f"sampler {cfg.sample_steps}-step {cfg.sampler}, precision {cfg.precision}")
                 fit = model.fit(train_rows)
                 _log(f"SynthER fit: {fit['seconds']:.1f}s, loss {fit['loss']:.4f}")
                 t = time.perf_counter()
@@ -1085,6 +1087,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", default="HalfCheetah-v5", help=f"environment ({', '.join(SUPPORTED_ENVS)})")
     p.add_argument("--preset", default="fast", choices=("paper", "fast", "tiny"), help="SynthERConfig preset")
     p.add_argument("--train-steps", type=int, default=None, help="override the preset's train_steps")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="SynthERConfig.precision of the SynthER model (default: the preset's, fp32)")
     p.add_argument("--num-real", type=int, default=10_000, help="real training transitions")
     p.add_argument("--num-synthetic", type=int, default=10_000, help="rows generated (and scored) per generator")
     p.add_argument("--num-eval", type=int, default=None,

@@ -19,6 +19,11 @@ Methodology (2 shared cores: absolute numbers are noisy, ratios are the result):
   * sampling: one batch of ``n`` rows (same n, same sampler steps for both), rows/s;
   * extra training rows "ours: torch.compile" (``SynthERConfig.compile=True``, opt-in) at the online
     batch size; compilation happens in an untimed warm-up fit (``--no-compile`` skips these rows);
+  * rows "bf16" (``SynthERConfig.precision="bf16"``, opt-in) at the online batch size and for the
+    paper's 128-step sampler, when the device has native bfloat16 matmuls (``--no-bf16`` skips them):
+    ours with bfloat16 matmuls, and the peer under ``torch.autocast(bfloat16)`` (the same precision, as
+    its trainer's mixed-precision option would run it); "% peak" of these rows is of a bfloat16
+    ``torch.mm`` peak, sampled beside the fp32 one;
   * a context row "ours: autograd" at w256/b256: our loop with autograd instead of the hand-written
     gradients of ``synther_buffer/manual_grad.py`` (``--no-autograd`` skips it);
   * machine peak: a large fp32 ``torch.mm`` at the same thread count, sampled between repeats;
@@ -60,7 +65,7 @@ from torch import nn
 from synther_buffer.config import SynthERConfig
 from synther_buffer.denoiser import ResidualMLPDenoiser
 import synther_buffer.diffusion as diffusion_mod
-from synther_buffer.diffusion import TransitionDiffusion, resolve_device
+from synther_buffer.diffusion import TransitionDiffusion, bf16_is_native, matmul_autocast, resolve_device
 from synther_buffer.flat import clipped_adam_step
 
 DIM = 41            # HalfCheetah: 17 obs + 6 action + 1 reward + 17 next_obs
@@ -127,11 +132,12 @@ def linear_flops_per_row(net: nn.Module) -> int:
     return 2 * sum(m.weight.numel() for m in net.modules() if isinstance(m, nn.Linear))
 
 
-def matmul_peak_gflops(device: torch.device, n: int, reps: int = 3) -> float:
-    """Best-of-``reps`` fp32 GFLOP/s of an [n, n] @ [n, n] torch.mm (TF32 as configured: off by default)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    c = torch.empty(n, n, device=device)
+def matmul_peak_gflops(device: torch.device, n: int, reps: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-``reps`` GFLOP/s of an [n, n] @ [n, n] torch.mm in ``dtype`` (fp32: TF32 as configured,
+    off by default)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=c)  # warm-up
     inner = 1 if device.type == "cpu" else 10
     best = float("inf")
@@ -355,22 +361,31 @@ def model_cfg(width: int, depth: int, device: torch.device, quick: bool) -> Synt
 
 def bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images: Optional[torch.Tensor],
                 p: dict, device: torch.device, quick: bool, peak_samples: List[float], loader: str,
-                compile: bool = False, gradients: str = "manual") -> dict:
-    """One training row; ``gradients="autograd"`` runs our loop without ``manual_grad`` (context row)."""
+                compile: bool = False, gradients: str = "manual", precision: str = "fp32") -> dict:
+    """One training row; ``gradients="autograd"`` runs our loop without ``manual_grad`` (context row);
+    ``precision="bf16"``: ours with ``SynthERConfig.precision="bf16"``, the peer under autocast."""
     if gradients not in ("manual", "autograd"):
         raise ValueError(f"gradients must be 'manual' or 'autograd', got {gradients!r}")
     manual_before = diffusion_mod.MANUAL_GRADIENTS
     diffusion_mod.MANUAL_GRADIENTS = gradients == "manual"
     try:
-        return _bench_train(peer, width, depth, batch, x, images, p, device, quick, peak_samples, loader, compile)
+        return _bench_train(peer, width, depth, batch, x, images, p, device, quick, peak_samples, loader, compile,
+                            precision)
     finally:
         diffusion_mod.MANUAL_GRADIENTS = manual_before
 
 
 def _bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images: Optional[torch.Tensor],
                  p: dict, device: torch.device, quick: bool, peak_samples: List[float], loader: str,
-                 compile: bool) -> dict:
-    cfg = model_cfg(width, depth, device, quick).replace(batch_size=batch, train_steps=10, compile=compile)
+                 compile: bool, precision: str) -> dict:
+    cfg = model_cfg(width, depth, device, quick).replace(batch_size=batch, train_steps=10, compile=compile,
+                                                         precision=precision)
+    bf16 = precision == "bf16"
+
+    def peer_run(k):
+        with matmul_autocast(device, precision):
+            return peer_fit(peer, cfg, images, k, batch, device, loader)
+
     ours = TransitionDiffusion(DIM, cfg)
     flops_row = linear_flops_per_row(ours.model)
     # Warm-up both (allocator, kernels; with compile=True the compilation) and estimate the step
@@ -380,20 +395,22 @@ def _bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images
         torch.compiler.reset()  # static kernels for this row's shapes, as in a fresh process
         ours.fit(x, steps=w, progress=False)
     t_ours = _timed(lambda: ours.fit(x, steps=w, progress=False), device)
-    t_peer = _timed(lambda: peer_fit(peer, cfg, images, w, batch, device, loader), device) if peer else t_ours
+    t_peer = _timed(lambda: peer_run(w), device) if peer else t_ours
     step_s = max(min(t_ours, t_peer) / w, 1e-6)
     k2 = max(2 * p["min_steps"], int(p["target_s"] / step_s))
     floor_steps = max(1, int(p["target_s"] / 8 / step_s))
-    floor = matmul_floor_gflops(ours.model, batch, device, steps=floor_steps)
-    floor_adam = matmul_floor_gflops(ours.model, batch, device, steps=floor_steps, with_adam=True)
+    # the floors are fp32 matmuls: no ceiling for a bf16 row
+    floor = None if bf16 else matmul_floor_gflops(ours.model, batch, device, steps=floor_steps)
+    floor_adam = None if bf16 else matmul_floor_gflops(ours.model, batch, device, steps=floor_steps, with_adam=True)
     k1 = max(1, k2 // 4)
     runs = {"ours": {k1: [], k2: []}, "peer": {k1: [], k2: []}}
     for _ in range(p["repeats"]):
         for k in (k1, k2):  # A B A B
             runs["ours"][k].append(_timed2(lambda: ours.fit(x, steps=k, progress=False), device))
             if peer:
-                runs["peer"][k].append(_timed2(lambda: peer_fit(peer, cfg, images, k, batch, device, loader), device))
-        peak_samples.append(matmul_peak_gflops(device, p["peak_n"], reps=2))
+                runs["peer"][k].append(_timed2(lambda: peer_run(k), device))
+        if not bf16:
+            peak_samples.append(matmul_peak_gflops(device, p["peak_n"], reps=2))
 
     def rates(side, j):  # j = 0: wall clock, 1: CPU time
         r = runs[side]
@@ -406,16 +423,22 @@ def _bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images
                ours_rate=_median(ours_rates), peer_rate=_median(peer_rates) if peer else None,
                ours_rates=ours_rates, peer_rates=peer_rates, ours_cpu_rates=ours_cpu, peer_cpu_rates=peer_cpu,
                unit="steps/s", peer_loader=loader, compile=compile, gradients=ours.last_fit["gradients"],
+               precision=precision,
                floor_gflops=floor, floor_adam_gflops=floor_adam)
     return row
 
 
 def bench_sample(peer, width: int, depth: int, sampler: str, steps: int, x: np.ndarray,
                  images: Optional[torch.Tensor], p: dict, device: torch.device, quick: bool,
-                 peak_gflops: float, loader: str) -> dict:
+                 peak_gflops: float, loader: str, precision: str = "fp32") -> dict:
     cfg = model_cfg(width, depth, device, quick).replace(
         batch_size=min(256, x.shape[0]), sample_steps=steps, sampler=sampler,
-        s_churn=80.0 if sampler == "stochastic" else 0.0)
+        s_churn=80.0 if sampler == "stochastic" else 0.0, precision=precision)
+
+    def peer_run(m):
+        with matmul_autocast(device, precision):
+            return peer_sample(ema.ema_model, m, steps)
+
     ours = TransitionDiffusion(DIM, cfg)
     ours.fit(x, steps=p["min_steps"], progress=False)
     flops_row = linear_flops_per_row(ours.model)
@@ -428,19 +451,19 @@ def bench_sample(peer, width: int, depth: int, sampler: str, steps: int, x: np.n
     # warm-up
     ours.sample(min(n, 64), batch_size=n, progress=False)
     if peer:
-        peer_sample(ema.ema_model, min(n, 64), steps)
+        peer_run(min(n, 64))
     times = {"ours": [], "peer": []}
     for _ in range(p["repeats"]):  # A B A B
         times["ours"].append(_timed2(lambda: ours.sample(n, batch_size=n, progress=False), device))
         if peer:
-            times["peer"].append(_timed2(lambda: peer_sample(ema.ema_model, n, steps), device))
+            times["peer"].append(_timed2(lambda: peer_run(n), device))
     rates = {side: [n / t[0] for t in ts] for side, ts in times.items()}
     cpu = {side: [n / t[1] if t[1] > 0 else float("nan") for t in ts] for side, ts in times.items()}
     return dict(kind="sample", width=width, depth=depth, sampler=sampler, sample_steps=steps, rows=n,
                 flops_per_row=flops_row * nfe, ours_rate=_median(rates["ours"]),
                 peer_rate=_median(rates["peer"]) if peer else None, ours_rates=rates["ours"],
                 peer_rates=rates["peer"], ours_cpu_rates=cpu["ours"], peer_cpu_rates=cpu["peer"],
-                unit="samples/s")
+                unit="samples/s", precision=precision)
 
 
 def bench_buffer(p: dict, device: torch.device) -> dict:
@@ -585,36 +608,51 @@ def run(args: argparse.Namespace) -> dict:
     images = torch.as_tensor((xn + 1) / 2, dtype=torch.float32, device=device).reshape(-1, DIM, 1, 1)
 
     peak_samples = [matmul_peak_gflops(device, p["peak_n"])]
+    with_bf16 = not args.no_bf16 and bf16_is_native(device)
+    peak_bf16_samples = [matmul_peak_gflops(device, p["peak_n"], dtype=torch.bfloat16)] if with_bf16 else []
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
     train_rows, sample_rows = [], []
-    # (width, depth, batch, peer loader, ours compiled, ours gradients)
-    jobs = [(w, d, b, args.peer_loader, False, "manual") for (w, d) in p["models"] for b in p["batches"]]
+    # (width, depth, batch, peer loader, ours compiled, ours gradients, precision)
+    jobs = [(w, d, b, args.peer_loader, False, "manual", "fp32") for (w, d) in p["models"] for b in p["batches"]]
     w0, d0, b0 = *p["models"][0], p["batches"][0]
     if peer and not args.quick and args.peer_loader == "index":
         # context row: the peer fed by the reference trainer's shuffled DataLoader (in-process)
-        jobs.insert(1, (w0, d0, b0, "dataloader", False, "manual"))
+        jobs.insert(1, (w0, d0, b0, "dataloader", False, "manual", "fp32"))
     if not args.quick and not args.no_autograd:
         # context row: our loop on autograd (what the hand-written gradients replaced)
-        jobs.insert(1, (w0, d0, b0, args.peer_loader, False, "autograd"))
+        jobs.insert(1, (w0, d0, b0, args.peer_loader, False, "autograd", "fp32"))
     if not args.quick and not args.no_compile:
         # ours with SynthERConfig.compile=True (opt-in), at the online batch size, after each eager row
         for (w, d) in p["models"]:
             i = max(i for i, j in enumerate(jobs) if j[:3] == (w, d, b0))
-            jobs.insert(i + 1, (w, d, b0, args.peer_loader, True, "manual"))
-    for (w, d, b, loader, comp, grads) in jobs:
-        r = bench_train(peer, w, d, b, x, images, p, device, args.quick, peak_samples, loader, comp, grads)
+            jobs.insert(i + 1, (w, d, b0, args.peer_loader, True, "manual", "fp32"))
+    if with_bf16:
+        # SynthERConfig.precision="bf16" (opt-in), at the online batch size, after each eager row
+        for (w, d) in p["models"]:
+            i = min(i for i, j in enumerate(jobs) if j[:3] == (w, d, b0))
+            jobs.insert(i + 1, (w, d, b0, args.peer_loader, False, "manual", "bf16"))
+    for (w, d, b, loader, comp, grads, prec) in jobs:
+        r = bench_train(peer, w, d, b, x, images, p, device, args.quick, peak_samples, loader, comp, grads, prec)
         log(f"train w{w}/d{d} b{b} (peer {loader}{', ours compiled' if comp else ''}"
-            f"{', ours autograd' if grads == 'autograd' else ''}): "
+            f"{', ours autograd' if grads == 'autograd' else ''}{', both bf16' if prec == 'bf16' else ''}): "
             f"ours {r['ours_rate']:.1f} peer {_f(r['peer_rate'])} steps/s")
         train_rows.append(r)
     peak = _median(peak_samples)
-    for (w, d) in p["models"]:
-        for sampler, steps in p["sample_steps"]:
-            r = bench_sample(peer, w, d, sampler, steps, x, images, p, device, args.quick, peak, args.peer_loader)
-            log(f"sample w{w}/d{d} {sampler}-{steps}: ours {r['ours_rate']:.1f} peer {_f(r['peer_rate'])} rows/s")
-            sample_rows.append(r)
+    sample_jobs = [(w, d, sampler, steps, "fp32") for (w, d) in p["models"] for sampler, steps in p["sample_steps"]]
+    if with_bf16:  # the paper's sampler (the first setting) in bf16, after its fp32 row
+        for (w, d) in p["models"]:
+            sampler, steps = p["sample_steps"][0]
+            sample_jobs.insert(sample_jobs.index((w, d, sampler, steps, "fp32")) + 1, (w, d, sampler, steps, "bf16"))
+    for (w, d, sampler, steps, prec) in sample_jobs:
+        r = bench_sample(peer, w, d, sampler, steps, x, images, p, device, args.quick, peak, args.peer_loader, prec)
+        log(f"sample w{w}/d{d} {sampler}-{steps}{' (both bf16)' if prec == 'bf16' else ''}: "
+            f"ours {r['ours_rate']:.1f} peer {_f(r['peer_rate'])} rows/s")
+        sample_rows.append(r)
     peak_samples.append(matmul_peak_gflops(device, p["peak_n"]))
     peak = _median(peak_samples)
+    if with_bf16:
+        peak_bf16_samples.append(matmul_peak_gflops(device, p["peak_n"], dtype=torch.bfloat16))
+    peak_bf16 = _median(peak_bf16_samples) if with_bf16 else None
     buffer = None if args.no_buffer else bench_buffer(p, device)
     memory = None if args.no_memory else bench_memory(p["memory_rows"])
 
@@ -625,8 +663,9 @@ def run(args: argparse.Namespace) -> dict:
         r["ratio"] = _median([a / b for a, b in zip(r["ours_rates"], r["peer_rates"])]) if r["peer_rate"] else None
         r["ratio_cpu"] = _median([a / b for a, b in zip(r["ours_cpu_rates"], r["peer_cpu_rates"])]) \
             if r["peer_rate"] else None
-        r["ours_peak_frac"] = r["ours_rate"] * fl / (peak * 1e9)
-        r["peer_peak_frac"] = r["peer_rate"] * fl / (peak * 1e9) if r["peer_rate"] else None
+        pk = peak_bf16 if r.get("precision") == "bf16" else peak  # % of the peak of the row's precision
+        r["ours_peak_frac"] = r["ours_rate"] * fl / (pk * 1e9)
+        r["peer_peak_frac"] = r["peer_rate"] * fl / (pk * 1e9) if r["peer_rate"] else None
         r["floor_peak_frac"] = r["floor_gflops"] / peak if r.get("floor_gflops") else None
         r["floor_adam_peak_frac"] = r["floor_adam_gflops"] / peak if r.get("floor_adam_gflops") else None
 
@@ -643,6 +682,7 @@ def run(args: argparse.Namespace) -> dict:
             "seconds": round(time.perf_counter() - t_start, 1),
         },
         "peak_gflops": peak, "peak_samples": peak_samples,
+        "peak_bf16_gflops": peak_bf16, "peak_bf16_samples": peak_bf16_samples,
         "train": train_rows, "sample": sample_rows, "buffer": buffer, "memory": memory,
     }
     result["targets"] = check_targets(result)
@@ -656,11 +696,11 @@ def _device_name(device: torch.device) -> str:
 
 
 def check_targets(res: dict) -> List[dict]:
-    """Issue 6 targets: train >= 1.3x the peer at w256/d4/b256; >= 85% of matmul peak at w1024;
-    sampling >= the peer's rows/s at equal sampler steps."""
+    """Issue 6 targets (fp32 rows): train >= 1.3x the peer at w256/d4/b256; >= 85% of matmul peak at
+    w1024; sampling >= the peer's rows/s at equal sampler steps."""
     out = []
     for r in res["train"]:
-        if r.get("peer_loader") == "dataloader" or r.get("gradients") == "autograd":
+        if r.get("peer_loader") == "dataloader" or r.get("gradients") == "autograd" or r.get("precision") == "bf16":
             continue  # context rows
         how = " (ours: torch.compile)" if r.get("compile") else ""
         if (r["width"], r["depth"], r["batch"]) == (256, 4, 256) and r["ratio"] is not None:
@@ -670,7 +710,7 @@ def check_targets(res: dict) -> List[dict]:
             out.append(dict(target=f"train w1024/d{r['depth']}/b{r['batch']}{how} >= 85% of matmul peak",
                             value=r["ours_peak_frac"], met=r["ours_peak_frac"] >= 0.85))
     for r in res["sample"]:
-        if r["ratio"] is not None:
+        if r["ratio"] is not None and r.get("precision") != "bf16":
             name = f"sample w{r['width']}/d{r['depth']} {r['sampler']}-{r['sample_steps']} >= 1.0x peer"
             out.append(dict(target=name, value=r["ratio"], met=r["ratio"] >= 1.0))
     return out
@@ -686,7 +726,8 @@ def markdown(res: dict) -> str:
              f"{m['threads']} thread(s) of {m['cores']} cores{', glibc mallopt' if m.get('mallopt') else ''}, "
              f"load avg before {m['loadavg_before']} "
              f"after {m['loadavg_after']}, peer {m['peer']} (EMA: {m['peer_ema']}, batches: {m['peer_loader']}), "
-             f"median of {m['repeats']} interleaved repeats, matmul peak {res['peak_gflops']:.1f} GFLOP/s, "
+             f"median of {m['repeats']} interleaved repeats, matmul peak {res['peak_gflops']:.1f} GFLOP/s"
+             + (f" (bf16: {res['peak_bf16_gflops']:.1f})" if res.get("peak_bf16_gflops") else "") + ", "
              f"{m['seconds']} s", "",
              "| what | width/depth | batch or rows | ours | peer | ours/peer | ours/peer (CPU time) "
              "| ours % peak | peer % peak | matmuls alone % peak | matmuls + Adam % peak |",
@@ -695,13 +736,15 @@ def markdown(res: dict) -> str:
     for r in res["train"]:
         what = "train steps/s" + (" (peer: DataLoader)" if r.get("peer_loader") == "dataloader" else "") \
             + (" (ours: torch.compile)" if r.get("compile") else "") \
-            + (" (ours: autograd)" if r.get("gradients") == "autograd" else "")
+            + (" (ours: autograd)" if r.get("gradients") == "autograd" else "") \
+            + (" (both bf16)" if r.get("precision") == "bf16" else "")
         lines.append(f"| {what} | {r['width']}/{r['depth']} | {r['batch']} | {_f(r['ours_rate'])} | "
                      f"{_f(r['peer_rate'])} | {_f(r['ratio'], '{:.2f}x')} | {_f(r['ratio_cpu'], '{:.2f}x')} | "
                      f"{pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} | {pct(r.get('floor_peak_frac'))} | "
                      f"{pct(r.get('floor_adam_peak_frac'))} |")
     for r in res["sample"]:
-        lines.append(f"| samples/s, {r['sampler']} {r['sample_steps']} steps | {r['width']}/{r['depth']} | "
+        bf = " (both bf16)" if r.get("precision") == "bf16" else ""
+        lines.append(f"| samples/s, {r['sampler']} {r['sample_steps']} steps{bf} | {r['width']}/{r['depth']} | "
                      f"{r['rows']} | {_f(r['ours_rate'])} | {_f(r['peer_rate'])} | {_f(r['ratio'], '{:.2f}x')} | "
                      f"{_f(r['ratio_cpu'], '{:.2f}x')} | {pct(r['ours_peak_frac'])} | {pct(r['peer_peak_frac'])} | - | - |")
     b = res["buffer"]
@@ -729,7 +772,7 @@ def markdown(res: dict) -> str:
 
 
 CSV_FIELDS = ["kind", "width", "depth", "batch", "sampler", "sample_steps", "rows", "unit", "peer_loader", "compile",
-              "gradients", "ours_rate", "peer_rate", "ratio", "ratio_cpu", "ours_peak_frac", "peer_peak_frac", "floor_peak_frac",
+              "gradients", "precision", "ours_rate", "peer_rate", "ratio", "ratio_cpu", "ours_peak_frac", "peer_peak_frac", "floor_peak_frac",
               "floor_adam_peak_frac", "ours_us",
               "plain_us", "threads", "device"]
 
@@ -768,6 +811,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the extra training rows with SynthERConfig.compile=True")
     ap.add_argument("--no-memory", action="store_true", help="skip the 1M-row pool memory probe")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="skip the bf16 rows (SynthERConfig.precision='bf16'; run only where bf16 is native)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -22,7 +22,7 @@ import importlib
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .config import COMPILE_HELP
+from .config import COMPILE_HELP, PRECISION_HELP, PRECISIONS
 
 # subcommand -> candidate modules providing ``add_arguments(parser)`` and ``run(args)``
 DELEGATES: Dict[str, Tuple[str, ...]] = {
@@ -58,6 +58,7 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=None,
                    help="rows generated and written per chunk (default: the sampler batch, 16K on CPU, 100K on CUDA)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 avoids thread oversubscription on a "
                         "busy machine, where 2 threads on 2 shared cores can run >10x slower")
@@ -133,6 +134,8 @@ def _config(args: argparse.Namespace):
         cfg = cfg.replace(device=args.device)
     if getattr(args, "compile", False):
         cfg = cfg.replace(compile=True)
+    if getattr(args, "precision", None) is not None:
+        cfg = cfg.replace(precision=args.precision)
     return cfg, preset
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 SAMPLERS = ("stochastic", "deterministic")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,11 @@ class SynthERConfig:
             of the same shapes reuse it). On 2 CPU cores, width 256: 1.51x the reference stack's
             steps/s vs 1.38x eager (benchmarks/THROUGHPUT.md); at width 1024 no faster than eager.
             Needs a C++ compiler on CPU; if compilation fails the fit warns and trains eagerly.
+        precision: ``"fp32"`` (default: the paper's, reproducible) or ``"bf16"``: the denoiser's
+            matmuls in bfloat16 for training and sampling, as ``torch.autocast`` does (fp32 weights,
+            Adam state, LayerNorm, loss and sampler arithmetic). For CUDA GPUs with bf16 support and
+            CPUs with AVX512-BF16 / AMX (elsewhere it works but is slower than fp32). Measured cost
+            and speed: benchmarks/THROUGHPUT.md, benchmarks/FIDELITY.md.
     EDM (Karras et al. 2022):
         sigma_min, sigma_max, sigma_data, rho: noise range, data scale and schedule curvature (eq. 5).
         p_mean, p_std: log-normal training noise distribution.
@@ -79,6 +85,7 @@ class SynthERConfig:
     ema_every: int = 10
     grad_clip: float = 1.0
     compile: bool = False
+    precision: str = "fp32"
     # EDM
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -154,6 +161,8 @@ class SynthERConfig:
             raise ValueError(f"SynthERConfig.compile must be a bool, got {self.compile!r}")
         if not isinstance(self.normalize_reward, bool):
             raise ValueError(f"SynthERConfig.normalize_reward must be a bool, got {self.normalize_reward!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"SynthERConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"SynthERConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if not isinstance(self.device, str) or not self.device:
@@ -228,5 +237,9 @@ def _tiny() -> SynthERConfig:
 COMPILE_HELP = ("torch.compile the diffusion training step (SynthERConfig.compile): ~10%% more steps/s at "
                 "width 256 on CPU (more on a contended machine) after ~15 s of compilation; needs a C++ "
                 "compiler, else trains eagerly")
+
+# the ``--precision`` help of ``synther upsample`` and ``synther train``
+PRECISION_HELP = ("matmul precision of the diffusion model (SynthERConfig.precision): fp32 (default, the paper's) "
+                  "or bf16 (autocast-style bfloat16 matmuls: faster on GPUs and CPUs with AVX512-BF16 / AMX)")
 
 PRESETS = {"paper": _paper, "fast": _fast, "tiny": _tiny}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -11,6 +12,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SynthERConfig
@@ -51,6 +53,27 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available (use 'auto' or 'cpu')")
     return dev
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively (CUDA: ``torch.cuda.is_bf16_supported``; CPU:
+    oneDNN's check for AVX512-BF16 / AMX). Elsewhere bfloat16 is emulated: correct, but slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def matmul_autocast(device: torch.device, precision: str):
+    """The context the denoiser's forward passes run in: ``torch.autocast`` to bfloat16 for
+    ``precision == "bf16"``, a no-op context for ``"fp32"``."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def ema_decay_at(step: int, max_decay: float, warmup: int = EMA_WARMUP) -> float:
@@ -105,6 +128,9 @@ class TransitionDiffusion:
         if not isinstance(self.config, SynthERConfig):
             raise ValueError(f"config must be a SynthERConfig, got {type(self.config).__name__}")
         self.device = resolve_device(self.config.device)
+        if self.config.precision == "bf16" and not bf16_is_native(self.device):
+            log.warning("precision='bf16' on %s, which has no native bfloat16 matmuls: it works, but "
+                        "slower than 'fp32'", self.device)
         self.normalizer = Normalizer(self.dim, terminal_dims, skip_dims)
         self.model = self._build_network(self.config.seed)     # trained weights
         self.ema = copy.deepcopy(self.model).requires_grad_(False)  # weights used for sampling
@@ -167,6 +193,9 @@ class TransitionDiffusion:
         # manual: supported network (checked above), gradients allocated by the flat buffer
         eager_fn = edm_loss_and_grads_unchecked if manual else edm_loss_from_noise
         loss_fn = compiled(eager_fn) if c.compile else eager_fn
+        # bf16: the manual path casts its matmul operands itself; autograd's forward runs under autocast
+        kw = {"matmul_dtype": torch.bfloat16 if c.precision == "bf16" else torch.float32} if manual else {}
+        autocast = matmul_autocast(self.device, "fp32" if manual else c.precision)
         for step in range(1, steps + 1):
             idx = torch.randint(n, (bs,), device=self.device, generator=gen)
             # index_select, not data[idx]: fancy indexing opens a parallel region that stalls for
@@ -175,13 +204,15 @@ class TransitionDiffusion:
             rnd_normal = torch.randn(bs, 1, device=self.device, generator=gen)   # edm_loss's draws,
             unit_noise = torch.randn(bs, self.dim, device=self.device, generator=gen)  # same order
             try:  # manual: the loss, with the gradients written into the flat gradient buffer
-                loss = loss_fn(model, batch, rnd_normal, unit_noise, c.p_mean, c.p_std)
+                with autocast:
+                    loss = loss_fn(model, batch, rnd_normal, unit_noise, c.p_mean, c.p_std, **kw)
             except Exception as e:  # compilation happens on the first call: fall back, keep the fit
                 if loss_fn is eager_fn or step > 1:
                     raise
                 log.warning("torch.compile failed (%s: %s); this fit trains eagerly", type(e).__name__, e)
                 loss_fn = eager_fn
-                loss = loss_fn(model, batch, rnd_normal, unit_noise, c.p_mean, c.p_std)
+                with autocast:
+                    loss = loss_fn(model, batch, rnd_normal, unit_noise, c.p_mean, c.p_std, **kw)
             if not manual:
                 if flat:
                     params[0].grad.zero_()  # backward accumulates into the views of this buffer
@@ -258,12 +289,13 @@ class TransitionDiffusion:
         bar = tqdm(total=n_batches * c.sample_steps, desc="diffusion sample", unit="step",
                    disable=not show, leave=False)
         start = 0
-        with torch.inference_mode():
+        with torch.inference_mode(), matmul_autocast(self.device, c.precision):
+            net = self._sampling_network(c.precision)
             while start < n:
                 b = min(bs, n - start)
                 noise = torch.randn(b, self.dim, device=self.device, generator=gen)
                 try:
-                    x = heun_sample(self.ema, noise, sigmas,
+                    x = heun_sample(net, noise, sigmas,
                                     s_churn=c.s_churn if stochastic else 0.0,
                                     s_tmin=c.s_tmin, s_tmax=c.s_tmax, s_noise=c.s_noise,
                                     generator=gen, on_step=lambda _: bar.update(1))
@@ -282,6 +314,18 @@ class TransitionDiffusion:
         if not np.isfinite(out).all():
             raise DiffusionTrainingError("diffusion samples contain non-finite values")
         return out
+
+    def _sampling_network(self, precision: str) -> nn.Module:
+        """The EMA network, or for ``"bf16"`` a copy of it whose Linear weights and biases are cast to
+        bfloat16 once (autocast would re-cast them on every network evaluation: its weight cache skips
+        parameters that do not require grad). Under autocast that is the same computation."""
+        if precision != "bf16":
+            return self.ema
+        net = copy.deepcopy(self.ema)
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                m.to(torch.bfloat16)
+        return net
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

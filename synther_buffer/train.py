@@ -27,7 +27,7 @@ import argparse
 import sys
 from typing import Optional
 
-from .config import COMPILE_HELP
+from .config import COMPILE_HELP, PRECISION_HELP, PRECISIONS
 
 DEFAULT_ENV = "dm_control/cheetah-run-v0"
 PRESETS = ("demo", "fast", "paper", "tiny")
@@ -85,6 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-generate", type=int, default=None,
                    help="synthetic rows generated per retrain (default: preset's)")
     g.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    g.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     g.add_argument("--async-retrain", action="store_true",
                    help="retrain in a background thread while SAC keeps training on the previous pool "
                         "(default: the paper's synchronous schedule)")
@@ -107,6 +108,8 @@ def synther_config(args: argparse.Namespace):
             changes[field] = getattr(args, field)
     if getattr(args, "compile", False):
         changes["compile"] = True
+    if getattr(args, "precision", None) is not None:
+        changes["precision"] = args.precision
     if getattr(args, "async_retrain", False):
         changes["async_retrain"] = True   # ValueError naming the field if this version lacks it
     return cfg.replace(**changes)

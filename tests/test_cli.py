@@ -123,6 +123,17 @@ def test_compile_flag_reaches_the_config():
     assert compiled.replace(compile=False) == plain          # nothing else changes
 
 
+def test_precision_flag_reaches_the_config(capsys):
+    argv = ["upsample", "real.npz", "--out", "syn.npz", "--preset", "tiny"]
+    plain = cli._config(cli.build_parser(argv).parse_args(argv))[0]
+    bf16 = cli._config(cli.build_parser(argv).parse_args(argv + ["--precision", "bf16"]))[0]
+    assert plain.precision == "fp32" and bf16.precision == "bf16"
+    assert bf16.replace(precision="fp32") == plain           # nothing else changes
+    with pytest.raises(SystemExit):
+        cli.build_parser(argv).parse_args(argv + ["--precision", "fp16"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_console_script_declared():
     eps = [e for e in metadata.entry_points(group="console_scripts") if e.name == "synther"]
     assert eps and eps[0].value == "synther_buffer.cli:main"

@@ -113,7 +113,8 @@ def test_replace_unknown_field_raises_naming_it():
     ("rff_dim", 15), ("real_ratio", 1.5), ("real_ratio", -0.1), ("sampler", "euler"),
     ("lr", 0.0), ("sigma_min", -1.0), ("ema_decay", 1.0), ("batch_size", 0), ("s_churn", -1.0),
     ("width", 2.5), ("train_steps", True), ("real_ratio", float("nan")), ("device", ""),
-    ("compile", 1), ("compile", "yes"), ("async_retrain", 0),
+    ("compile", 1), ("compile", "yes"), ("async_retrain", 0), ("precision", "fp16"), ("precision", None),
+    ("precision", "BF16"),
 ])
 def test_invalid_values_raise_naming_field(field, value):
     with pytest.raises(ValueError, match=field):

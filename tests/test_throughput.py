@@ -57,6 +57,9 @@ def test_ours_rates(quick):
     for r in res["train"]:
         assert r["unit"] == "steps/s" and r["k2"] > r["k1"] >= 1
         assert _positive(r["ours_rate"]) and _positive(r["ours_peak_frac"])
+        if r["precision"] == "bf16":  # fp32 floors are no ceiling for bf16 matmuls
+            assert r["floor_gflops"] is None and r["floor_peak_frac"] is None
+            continue
         assert r["flops_per_step"] > 0 and _positive(r["floor_gflops"]) and _positive(r["floor_peak_frac"])
         assert _positive(r["floor_adam_gflops"]) and _positive(r["floor_adam_peak_frac"])
     samplers = {(r["sampler"], r["sample_steps"]) for r in res["sample"]}
@@ -190,3 +193,29 @@ def test_compiled_training_row(torch_one_thread):
     fake = dict(r, width=256, depth=4, batch=256, ratio=1.31, ours_peak_frac=0.5)
     (t,) = tp.check_targets({"train": [fake], "sample": []})
     assert t["target"] == "train w256/d4/b256 (ours: torch.compile) >= 1.3x peer" and t["met"]
+
+
+def test_bf16_rows(torch_one_thread, quick):
+    """precision="bf16" rows: ours trains and samples with SynthERConfig.precision="bf16" (the peer, when
+    installed, under autocast), "% peak" is of the bf16 peak, and they are left out of the fp32
+    targets. In the quick run they appear exactly when the CPU has native bf16 matmuls."""
+    res, out = quick
+    native = tp.bf16_is_native(torch.device("cpu"))
+    bf_rows = [r for r in res["train"] + res["sample"] if r["precision"] == "bf16"]
+    assert bool(bf_rows) == native and (res["peak_bf16_gflops"] is not None) == native
+    if native:
+        assert {r["kind"] for r in bf_rows} == {"train", "sample"}
+        assert "(both bf16)" in (out / "throughput.md").read_text()
+    p = tp.plan(True, torch.device("cpu"))
+    x = torch.randn(p["rows"], tp.DIM).numpy()
+    peaks = [tp.matmul_peak_gflops(torch.device("cpu"), p["peak_n"], reps=1)]
+    r = tp.bench_train(None, 64, 2, 64, x, None, p, torch.device("cpu"), True, peaks, "index", precision="bf16")
+    assert r["precision"] == "bf16" and _positive(r["ours_rate"]) and r["floor_gflops"] is None
+    assert len(peaks) == 1                                        # the fp32 peak is not sampled in a bf16 row
+    s = tp.bench_sample(None, 64, 2, "stochastic", 4, x, None, p, torch.device("cpu"), True, peaks[0], "index",
+                        precision="bf16")
+    assert s["precision"] == "bf16" and _positive(s["ours_rate"])
+    fake_train = dict(r, width=256, depth=4, batch=256, ratio=2.0, ours_peak_frac=0.5)
+    fake_sample = dict(s, ratio=0.5)
+    assert tp.check_targets({"train": [fake_train], "sample": [fake_sample]}) == []
+    assert tp.matmul_peak_gflops(torch.device("cpu"), 64, reps=1, dtype=torch.bfloat16) > 0

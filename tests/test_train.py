@@ -103,6 +103,8 @@ def test_demo_defaults_fit_the_cpu_budget():
     assert due == [1000, 1500]
     assert train_mod.synther_config(p.parse_args(["--preset", "tiny", "--retrain-every", "50"])).retrain_every == 50
     assert cfg.compile is False and train_mod.synther_config(p.parse_args(["--compile"])).compile is True
+    assert cfg.precision == "fp32"
+    assert train_mod.synther_config(p.parse_args(["--precision", "bf16"])).precision == "bf16"
 
 
 # ------------------------------------------------------------------------------- synther_buffer.results
