@@ -48,6 +48,7 @@ def supports(denoiser: nn.Module) -> bool:
             and all(p.dtype == torch.float32 for p in denoiser.parameters()))
 
 
+# the matmul dtypes edm_loss_and_grads takes (float16 would need loss scaling: not offered)
 MATMUL_DTYPES = (torch.float32, torch.bfloat16)
 
 
