@@ -263,3 +263,14 @@ def test_custom_sac_learns_pendulum(custom_sac, tmp_path):
                             "--device", "cpu", "--threads", "1", "--quiet", "--out", str(out)]) == 0
     d = json.loads((out / "results.json").read_text())
     assert d["final_eval"]["mean_return"] > -400, d["final_eval"]
+
+
+@pytest.mark.parametrize("script", ["sb3_sac", "custom_sac"])
+def test_precision_flag_reaches_the_diffusion_model(script, tmp_path, request):
+    """--precision bf16: the run retrains and samples with SynthERConfig.precision="bf16" and says so."""
+    out = tmp_path / script
+    assert request.getfixturevalue(script).main([*PENDULUM, *TINY, "--total-steps", "150", "--eval-every", "0",
+                                                 "--retrain-every", "100", "--precision", "bf16",
+                                                 "--out", str(out)]) == 0
+    d = _check_outputs(out, [0, 150])
+    assert d["config"]["synther"]["precision"] == "bf16"
