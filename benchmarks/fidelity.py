@@ -74,6 +74,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from synther_buffer.config import PRECISIONS
 from synther_buffer.offline import json_default
 
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
@@ -1087,7 +1088,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", default="HalfCheetah-v5", help=f"environment ({', '.join(SUPPORTED_ENVS)})")
     p.add_argument("--preset", default="fast", choices=("paper", "fast", "tiny"), help="SynthERConfig preset")
     p.add_argument("--train-steps", type=int, default=None, help="override the preset's train_steps")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="SynthERConfig.precision of the SynthER model (default: the preset's, fp32)")
     p.add_argument("--num-real", type=int, default=10_000, help="real training transitions")
     p.add_argument("--num-synthetic", type=int, default=10_000, help="rows generated (and scored) per generator")

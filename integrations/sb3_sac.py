@@ -33,6 +33,7 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 
 from synther_buffer import SynthERConfig
+from synther_buffer.config import PRECISIONS
 from synther_buffer.checkpoint import RunCheckpoint, check_resume_settings, set_rng_state
 from synther_buffer.envs import can_terminate, make_env
 from synther_buffer.results import Results, TimingSplit, TrainingMonitor, format_summary
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--real-ratio", type=float, default=None, help="real fraction of each batch (default: preset's)")
     p.add_argument("--train-steps", type=int, default=None, help="diffusion steps per retrain (default: preset's)")
     p.add_argument("--num-generate", type=int, default=None, help="synthetic rows per retrain (default: preset's)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="diffusion matmul precision (default: preset's, fp32; bf16 pays on GPUs and AVX512-BF16 CPUs)")
     p.add_argument("--async-retrain", action="store_true",
                    help="retrain in a background thread; SAC keeps training on the previous pool meanwhile")
