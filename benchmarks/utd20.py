@@ -4,6 +4,7 @@
     python -m benchmarks.utd20 --preset paper --seeds 5          # 8 tasks, 100K steps, paper diffusion (GPU)
     python -m benchmarks.utd20 --preset smoke --out /tmp/utd20   # seconds: Pendulum-v1, tiny everything
     python -m benchmarks.utd20 --preset cpu --report-only        # tables / plots / IQM from what has finished
+    python -m benchmarks.utd20 --preset paper --precision bf16   # the SynthER arms' diffusion in bfloat16
 
 Arms (same envs, same seeds):
 
@@ -116,7 +117,7 @@ class Preset:
     eval_every: int
     eval_episodes: int
     synther_preset: str           # SynthERConfig preset for the SynthER arm
-    synther_overrides: Dict[str, int] = field(default_factory=dict)   # --retrain-every etc.
+    synther_overrides: Dict[str, Any] = field(default_factory=dict)   # --retrain-every etc.
     hidden: int = 256
     device: str = "auto"
     default_out: str = "results/utd20"
@@ -709,6 +710,8 @@ def write_report(out: Path, reps: int = 2000) -> Dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from synther_buffer.config import PRECISIONS  # here: the package imports torch
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.utd20", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -719,6 +722,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--total-steps", type=int, default=None, help="override the preset's env steps per run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 on shared CPUs)")
     p.add_argument("--device", default=None, help="'cpu', 'cuda', 'auto' (default: the preset's)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the SynthER arms' diffusion matmul precision (default: the preset's, fp32; "
+                        "bf16 pays on GPUs and AVX512-BF16 CPUs). Part of a unit's settings: a finished "
+                        "unit run in the other precision counts as stale and is re-run")
     p.add_argument("--jobs", type=int, default=1, help="units run at once")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished unit's checkpoint/ (its final agent and buffer; default: delete)")
@@ -736,6 +743,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.total_steps <= preset.learning_starts:
             raise SystemExit(f"--total-steps must exceed the preset's learning starts ({preset.learning_starts})")
         preset = dataclasses.replace(preset, total_steps=args.total_steps)
+    if args.precision is not None:  # the SynthER arms only: unit_args passes it as --precision
+        preset = dataclasses.replace(preset, synther_overrides={**preset.synther_overrides,
+                                                                "precision": args.precision})
     out = Path(args.out or preset.default_out)
     if not out.is_absolute():
         out = Path.cwd() / out

@@ -131,6 +131,24 @@ def test_unit_args_per_arm():
     assert utd20.unit_settings(p, utd20.Unit("x", "redq_utd20", 0))["script"] == "integrations/custom_sac.py"
 
 
+def test_precision_flag_reaches_the_synther_arms_only_and_is_part_of_their_settings(tmp_path, capsys):
+    p = utd20.PRESETS["smoke"]
+    assert utd20.main(["--preset", "smoke", "--out", str(tmp_path), "--dry-run", "--precision", "bf16"]) == 0
+    lines = {line.split()[1].rstrip(":"): line for line in capsys.readouterr().out.splitlines()}
+    assert all(("--precision bf16" in line) == ("synther" in key) for key, line in lines.items())
+    assert sum("synther" in key for key in lines) == 2
+    # a unit finished in fp32 is stale under --precision bf16 (and done again without the flag)
+    syn = _fake_unit(tmp_path, p, "Pendulum-v1", "synther_utd20", 0, -1000.0)
+    bf16 = utd20.dataclasses.replace(p, synther_overrides={**p.synther_overrides, "precision": "bf16"})
+    assert utd20.unit_settings(bf16, syn)["synther_config"]["precision"] == "bf16"
+    assert utd20.unit_status(bf16, syn, tmp_path) == "stale"
+    assert utd20.unit_status(p, syn, tmp_path) == "done"
+    plain = _fake_unit(tmp_path, p, "Pendulum-v1", "sac_utd20", 0, -1000.0)
+    assert utd20.unit_status(bf16, plain, tmp_path) == "done"   # no diffusion: unaffected
+    with pytest.raises(SystemExit):
+        utd20.main(["--preset", "smoke", "--out", str(tmp_path), "--dry-run", "--precision", "fp16"])
+
+
 def test_report_with_two_envs_has_aggregates(tmp_path):
     p = utd20.PRESETS["cpu"]
     for env, scale in (("cheetah-run", 1.0), ("walker-walk", 2.0)):
