@@ -2,7 +2,7 @@
 
     synther upsample DATASET --num-samples 5000000 --out OUT.npz [--preset paper|fast|tiny] [--mix 0.5]
                      [--seed S] [--device D] [--train-steps N] [--save-model PATH] [--load-model PATH]
-                     [--chunk-size ROWS] [--threads N] [--quiet]
+                     [--chunk-size ROWS] [--action-bounds LOW HIGH] [--threads N] [--quiet]
     synther report DATASET SYNTHETIC [--out report.png] [--env-id ID] [--max-rows N]
     synther train ...   (delegates to synther_buffer.train: add_arguments(parser) / run(args))
     synther bench ...   (delegates to synther_buffer.bench, else benchmarks.bench: add_arguments / run)
@@ -57,6 +57,9 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
                    help="sample from this saved model instead of fitting one (its width must match the data)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="rows generated and written per chunk (default: the sampler batch, 16K on CPU, 100K on CUDA)")
+    p.add_argument("--action-bounds", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="clip the synthetic actions to [LOW, HIGH] (e.g. -1 1 for D4RL / Minari MuJoCo); "
+                        "default: as generated (the paper)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--precision", choices=PRECISIONS, default=None, help=PRECISION_HELP)
     p.add_argument("--threads", type=int, default=None,
@@ -158,7 +161,8 @@ def cmd_upsample(args: argparse.Namespace) -> int:
           + (f"model {args.load_model}" if model else f"preset {preset}") + ")", flush=True)
     s = offline.upsample(args.dataset, args.out, num_samples=args.num_samples, config=cfg, mix=args.mix,
                          seed=args.seed, train_steps=args.train_steps, save_model=args.save_model, model=model,
-                         chunk_size=args.chunk_size, progress=not args.quiet)
+                         chunk_size=args.chunk_size, progress=not args.quiet,
+                         action_bounds=tuple(args.action_bounds) if args.action_bounds else None)
     fit = s["fit"]
     print(f"data: {s['dataset_rows']:,} rows x {s['dim']} dims"
           + (" (terminals modelled)" if s["model_terminals"] else ""))
@@ -170,6 +174,12 @@ def cmd_upsample(args: argparse.Namespace) -> int:
           f"{s['chunks']} chunks, {s['generate_seconds']:.1f}s"
           + (f" ({rate:,.0f} synthetic rows/s)" if rate else "") + f" -> {s['out']} "
           f"({s['output_bytes'] / 1024 ** 2:.1f} MiB; {s['writer']})")
+    if s["synthetic_actions_outside_real_range"] is not None and s["num_synthetic"]:
+        line = (f"synthetic rows with an action outside the real data's range: "
+                f"{s['synthetic_actions_outside_real_range']:,} of {s['num_synthetic']:,}")
+        if s["synthetic_actions_clipped"] is not None:
+            line += f"; clipped to --action-bounds: {s['synthetic_actions_clipped']:,}"
+        print(line)
     print(offline.format_compression(s["compression"]))
     print(f"total {s['total_seconds']:.1f}s; summary JSON: {s.get('json')}")
     return 0

@@ -28,6 +28,13 @@ Real and synthetic rows are spread evenly over the chunks (chunk ``[s, e)`` hold
 ``num_real * e // num_samples - num_real * s // num_samples`` real rows) and shuffled within each
 chunk, so any prefix of the file has about the requested ratio.
 
+Actions: synthetic actions are written as generated (the paper's offline data), and may leave the
+real data's range by a little. ``action_bounds=(low, high)`` clips the synthetic rows' action
+columns (e.g. ``(-1, 1)`` for D4RL / Minari MuJoCo, where a tanh-squashed policy gives an action on
+or outside the bound an infinite negative log-likelihood). Either way the summary counts the
+synthetic rows with an action outside the real data's per-dimension range, and, with bounds, those
+clipped.
+
 Compression (seed Table 5, ``compression_report``): the number of FP32s in the original data
 (``N x D``, D the modelled row width) against the denoiser's trainable parameters, their ratio,
 and the size of the saved model file (which also holds the EMA copy of the weights, so it is about
@@ -213,7 +220,8 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
              seed: Optional[int] = None, train_steps: Optional[int] = None,
              save_model: Optional[PathLike] = None, model: Optional[TransitionDiffusion] = None,
              model_terminals: Optional[bool] = None, chunk_size: Optional[int] = None,
-             progress: bool = True, write_json: bool = True) -> dict:
+             progress: bool = True, write_json: bool = True,
+             action_bounds: Optional[Tuple[Any, Any]] = None) -> dict:
     """Fit SynthER on a dataset and write ``num_samples`` rows to ``out``, streaming chunk by chunk (seed C.1).
 
     Args:
@@ -232,6 +240,9 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
             CUDA / 16K on CPU), so each chunk is one sampler batch.
         progress: tqdm bars for the fit and over the chunks (with ETA).
         write_json: also write the returned summary to ``out`` with suffix ``.compression.json``.
+        action_bounds: ``(low, high)``, scalars or one value per action dimension: the synthetic
+            rows' actions are clipped to them (real rows are written as they are). Transition data
+            only. None (default): actions as generated.
 
     Returns a summary dict: counts, timings, the writer used and ``"compression"``
     (``compression_report``). Raises ``ValueError`` for bad arguments or inputs before any training.
@@ -247,6 +258,8 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
     if not isinstance(mix, (int, float)) or isinstance(mix, bool) or not 0.0 <= float(mix) < 1.0:
         raise ValueError(f"mix must be a fraction of real rows in [0, 1), got {mix!r}")
     num_samples, mix = int(num_samples), float(mix)
+    if action_bounds is not None and (not isinstance(action_bounds, (tuple, list)) or len(action_bounds) != 2):
+        raise ValueError(f"action_bounds must be a (low, high) pair, got {action_bounds!r}")
     cfg = config if config is not None else SynthERConfig.preset("paper")
     changes: Dict[str, Any] = {}
     if seed is not None:
@@ -275,6 +288,14 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
                              f"of transition {bad[0]}")
         real_timeouts = data.get("timeouts") if layout.timeouts else None
         del data
+    if action_bounds is not None:
+        if layout is None:
+            raise ValueError("action_bounds needs transition data (a plain array has no action columns)")
+        action_low, action_high = _action_bounds(action_bounds, layout.action_dim)
+    act = layout.slices()["actions"] if layout is not None else None
+    if act is not None:  # the real data's action range, for the summary's count of synthetic rows outside it
+        real_low, real_high = rows[:, act].min(axis=0), rows[:, act].max(axis=0)
+    outside_real = clipped = 0
     n_real_data, dim = rows.shape
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -336,6 +357,12 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
                 t0 = time.perf_counter()
                 chunk[r:] = model.sample(b - r, seed=cfg.seed + 1_000_003 * (chunks + 1) + 17, progress=False)
                 sample_seconds += time.perf_counter() - t0
+                if act is not None:
+                    a = chunk[r:, act]  # a view: clipping below writes into the chunk
+                    outside_real += int(((a < real_low) | (a > real_high)).any(axis=1).sum())
+                    if action_bounds is not None:
+                        clipped += int(((a < action_low) | (a > action_high)).any(axis=1).sum())
+                        np.clip(a, action_low, action_high, out=a)
             if r:
                 idx = real_stream.take(r)
                 chunk[:r] = rows[idx]
@@ -371,12 +398,27 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
         "synthetic_rows_per_second": num_synth / sample_seconds if sample_seconds > 0 else None,
         "total_seconds": total, "device": str(model.device), "config": model.config.to_dict(),
         "output_bytes": out.stat().st_size, "compression": compression,
+        "action_bounds": None if action_bounds is None else [action_low.tolist(), action_high.tolist()],
+        "synthetic_actions_outside_real_range": outside_real if act is not None else None,
+        "synthetic_actions_clipped": clipped if action_bounds is not None else None,
     }
     if write_json:
         jpath = out.with_suffix(".compression.json")
         summary["json"] = str(jpath)
         _write_json(jpath, summary)
     return summary
+
+
+def _action_bounds(bounds: Tuple[Any, Any], action_dim: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``(low, high)`` as float32 arrays of ``action_dim``; ``ValueError`` unless broadcastable,
+    not NaN, and low <= high."""
+    try:
+        low, high = (np.broadcast_to(np.asarray(b, dtype=np.float32), (action_dim,)).copy() for b in bounds)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"action_bounds must be scalars or {action_dim} values each, got {bounds!r}") from e
+    if np.isnan(low).any() or np.isnan(high).any() or not (low <= high).all():
+        raise ValueError(f"action_bounds need low <= high (no NaN), got low={low.tolist()} high={high.tolist()}")
+    return low, high
 
 
 # ---------------------------------------------------------------------------------------------- compression

@@ -50,6 +50,14 @@ def test_upsample_then_report_end_to_end(dataset, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert rc == 0 and "20 real, 20 synthetic" in text
 
+    # --action-bounds clips the synthetic actions (negative numbers parse as values) and says how many
+    rc = cli.main(["upsample", str(dataset / "real.npz"), "--num-samples", "30", "--out", str(dataset / "clip.npz"),
+                   "--load-model", str(model), "--action-bounds", "-0.25", "0.25", "--quiet"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "clipped to --action-bounds:" in text and "outside the real data's range" in text
+    assert (np.abs(load_transitions(dataset / "clip.npz")["actions"]) <= 0.25).all()
+    assert json.loads((dataset / "clip.compression.json").read_text())["action_bounds"] == [[-0.25] * 2, [0.25] * 2]
+
     monkeypatch.setitem(sys.modules, "benchmarks.fidelity", None)
     rc = cli.main(["report", str(dataset / "real.npz"), str(out), "--env-id", "Hopper-v5"])
     text = capsys.readouterr().out

@@ -274,6 +274,57 @@ def test_chunked_npz_writes_exactly_n_rows(tmp_path, fitted, data, monkeypatch):
     assert js["num_samples"] == 103 and js["compression"]["original_floats"] == 300 * layout.dim
 
 
+def test_action_bounds_clip_the_synthetic_actions_only(tmp_path, fitted, data):
+    model, rows, layout = fitted
+    kw = dict(num_samples=120, model=model, chunk_size=50, progress=False, write_json=False, seed=3)
+    free = upsample(data, tmp_path / "free.npz", **kw)
+    got_free = load_transitions(tmp_path / "free.npz")
+    # no bounds: actions as generated; the summary counts rows outside the real data's range
+    lo, hi = data["actions"].min(0), data["actions"].max(0)
+    outside = ((got_free["actions"] < lo) | (got_free["actions"] > hi)).any(1).sum()
+    assert free["synthetic_actions_outside_real_range"] == outside
+    assert free["action_bounds"] is None and free["synthetic_actions_clipped"] is None
+    tight = (-0.5, 0.5)
+    assert (np.abs(got_free["actions"]) > 0.5).any()   # else the test below proves nothing
+
+    # same seed, per-dimension bounds: dim 0 clipped to +-0.5, dim 1 to +-1; everything else identical
+    s = upsample(data, tmp_path / "clip.npz", action_bounds=([-0.5, -1.0], [0.5, 1.0]), **kw)
+    got = load_transitions(tmp_path / "clip.npz")
+    expect = got_free["actions"].copy()
+    expect[:, 0] = np.clip(expect[:, 0], *tight)
+    expect[:, 1] = np.clip(expect[:, 1], -1.0, 1.0)
+    np.testing.assert_array_equal(got["actions"], expect)
+    for k in ("observations", "rewards", "next_observations", "terminals"):
+        np.testing.assert_array_equal(got[k], got_free[k])
+    assert s["synthetic_actions_clipped"] == (
+        (np.abs(got_free["actions"][:, 0]) > 0.5) | (np.abs(got_free["actions"][:, 1]) > 1.0)).sum()
+    assert s["action_bounds"] == [[-0.5, -1.0], [0.5, 1.0]]
+
+    # in a mixture the real rows keep their actions (real actions reach +-1), the synthetic ones are clipped
+    upsample(data, tmp_path / "mix.npz", action_bounds=tight, mix=0.5, **kw)
+    got = load_transitions(tmp_path / "mix.npz")
+    real = {o.tobytes(): a for o, a in zip(data["observations"], data["actions"])}
+    is_real = np.array([o.tobytes() in real for o in got["observations"]])
+    assert is_real.sum() == 60
+    np.testing.assert_array_equal(got["actions"][is_real], [real[o.tobytes()] for o in got["observations"][is_real]])
+    assert (np.abs(got["actions"][is_real]) > 0.5).any()
+    assert (np.abs(got["actions"][~is_real]) <= 0.5).all()
+
+
+@pytest.mark.parametrize("bounds,match", [
+    ((1.0, -1.0), "low <= high"), ((float("nan"), 1.0), "NaN"), (([-1, -1, -1], 1.0), "2 values"),
+    ((-1.0,), "pair"), ("-1 1", "pair")])
+def test_bad_action_bounds_are_refused_before_training(tmp_path, data, bounds, match, monkeypatch):
+    monkeypatch.setattr(TransitionDiffusion, "fit", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises(ValueError, match=match):
+        upsample(data, tmp_path / "o.npz", num_samples=10, config=tiny_config(), action_bounds=bounds,
+                 progress=False)
+    x = np.zeros((20, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="transition data"):
+        upsample(x, tmp_path / "o.npy", num_samples=10, config=tiny_config(), action_bounds=(-1, 1), progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_hdf5_output_preallocated(tmp_path, fitted, data):
     model, rows, layout = fitted
     out = tmp_path / "syn.hdf5"
