@@ -61,6 +61,7 @@ from .config import SynthERConfig
 from .datasets import (HDF5_SUFFIXES, NPY_SUFFIXES, NPZ_SUFFIXES, PathLike, RowLayout, _coerce, _import_h5py,
                        _suffix, from_rows, to_rows)
 from .diffusion import TransitionDiffusion
+from .pool import check_action_bounds
 
 DEFAULT_CHUNK_SIZE = 100_000  # on CUDA, when neither chunk_size nor config.sample_batch_size is set
 
@@ -291,7 +292,7 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
     if action_bounds is not None:
         if layout is None:
             raise ValueError("action_bounds needs transition data (a plain array has no action columns)")
-        action_low, action_high = _action_bounds(action_bounds, layout.action_dim)
+        action_low, action_high = check_action_bounds(*action_bounds, layout.action_dim)
     act = layout.slices()["actions"] if layout is not None else None
     if act is not None:  # the real data's action range, for the summary's count of synthetic rows outside it
         real_low, real_high = rows[:, act].min(axis=0), rows[:, act].max(axis=0)
@@ -407,18 +408,6 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
         summary["json"] = str(jpath)
         _write_json(jpath, summary)
     return summary
-
-
-def _action_bounds(bounds: Tuple[Any, Any], action_dim: int) -> Tuple[np.ndarray, np.ndarray]:
-    """``(low, high)`` as float32 arrays of ``action_dim``; ``ValueError`` unless broadcastable,
-    not NaN, and low <= high."""
-    try:
-        low, high = (np.broadcast_to(np.asarray(b, dtype=np.float32), (action_dim,)).copy() for b in bounds)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"action_bounds must be scalars or {action_dim} values each, got {bounds!r}") from e
-    if np.isnan(low).any() or np.isnan(high).any() or not (low <= high).all():
-        raise ValueError(f"action_bounds need low <= high (no NaN), got low={low.tolist()} high={high.tolist()}")
-    return low, high
 
 
 # ---------------------------------------------------------------------------------------------- compression

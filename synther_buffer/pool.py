@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 
 LogFn = Callable[[str, float], None]
 CHUNK_ROWS = 65_536  # rows per block when filtering / compacting a generated pool (no pool-sized temporaries)
+
+
+def check_action_bounds(low, high, action_dim: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``low`` / ``high`` (scalars or ``action_dim`` values each) as float32 arrays of ``action_dim``;
+    ``ValueError`` unless they broadcast and low <= high everywhere (which NaN never is)."""
+    try:
+        low, high = (np.broadcast_to(np.asarray(b, dtype=np.float32), (action_dim,)).copy() for b in (low, high))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"action bounds must be scalars or {action_dim} values each, got {low!r}, {high!r}") from e
+    if not (low <= high).all():
+        raise ValueError(f"action bounds need low <= high (NaN is neither), got {low.tolist()} and {high.tolist()}")
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -110,11 +122,7 @@ class SyntheticPool:
 
     def set_action_bounds(self, low, high) -> None:
         """Clip the action columns of generated rows to [low, high] (e.g. the env's action space)."""
-        low = np.broadcast_to(np.asarray(low, dtype=np.float32), (self.layout.action_dim,)).copy()
-        high = np.broadcast_to(np.asarray(high, dtype=np.float32), (self.layout.action_dim,)).copy()
-        if not (low <= high).all():
-            raise ValueError(f"action bounds need low <= high, got {low} and {high}")
-        self.action_low, self.action_high = low, high
+        self.action_low, self.action_high = check_action_bounds(low, high, self.layout.action_dim)
 
     # ------------------------------------------------------------------ schedule
     @property
