@@ -28,9 +28,9 @@ Real and synthetic rows are spread evenly over the chunks (chunk ``[s, e)`` hold
 ``num_real * e // num_samples - num_real * s // num_samples`` real rows) and shuffled within each
 chunk, so any prefix of the file has about the requested ratio.
 
-Actions: synthetic actions are written as generated (the paper's offline data), and may leave the
-real data's range by a little. ``action_bounds=(low, high)`` clips the synthetic rows' action
-columns (e.g. ``(-1, 1)`` for D4RL / Minari MuJoCo, where a tanh-squashed policy gives an action on
+Actions: synthetic actions are written as generated (the paper's offline data), and can leave the
+real data's range (31% of rows in a HalfCheetah test, README). ``action_bounds=(low, high)`` clips
+the synthetic rows' action columns (e.g. ``(-1, 1)`` for D4RL / Minari MuJoCo, where a tanh-squashed policy gives an action on
 or outside the bound an infinite negative log-likelihood). Either way the summary counts the
 synthetic rows with an action outside the real data's per-dimension range, and, with bounds, those
 clipped.
