@@ -121,6 +121,11 @@ class Preset:
     hidden: int = 256
     device: str = "auto"
     default_out: str = "results/utd20"
+    # Where units run (checkpoints, stdout.log); None = in ``out``. A separate work root keeps the
+    # results directory to the small files that are committed (benchmarks/results/<preset>/).
+    default_work: Optional[str] = None
+    env_seeds: Dict[str, int] = field(default_factory=dict)             # seeds per env, where not ``seeds``
+    arm_envs: Dict[str, Tuple[str, ...]] = field(default_factory=dict)   # an arm run only on these envs
 
 
 PRESETS: Dict[str, Preset] = {
@@ -130,14 +135,17 @@ PRESETS: Dict[str, Preset] = {
     "paper": Preset("paper", PAPER_ENVS, PAPER_ARMS, seeds=5, total_steps=100_000, learning_starts=5_000,
                     utd=20, eval_every=5_000, eval_episodes=10, synther_preset="paper",
                     synther_overrides={}, device="auto", default_out="results/utd20_paper"),
-    # 2 CPU cores, a few hours: cheetah-run, 2 seeds, 10K env steps (1K random), SynthER's `fast`
-    # diffusion (256x4, 15K steps, 32-step Heun, 100K rows) retrained every 2,250 env
-    # steps (at 2,250 / 4,500 / 6,750 / 9,000: none wasted at the end). REDQ is opt-in (--arms):
-    # its 10-critic update is ~2x SAC's, ~2 h per unit here. Arithmetic: benchmarks/UTD20.md.
-    "cpu": Preset("cpu", ("cheetah-run",), ("sac_utd20", "synther_utd20", "sac_utd1"), seeds=2,
+    # 2 CPU cores, many sessions: three DMC tasks, 10K env steps (1K random), seeds 0-1 (0-2 on
+    # cheetah-run), REDQ on cheetah-run only (its 10-critic update is ~2x SAC's). SynthER's `fast`
+    # diffusion retrained every 2,250 env steps (at 2,250 / 4,500 / 6,750 / 9,000: none wasted at the
+    # end). Results are committed under benchmarks/results/cpu/; checkpoints live outside the checkout.
+    # Arithmetic: benchmarks/UTD20.md.
+    "cpu": Preset("cpu", ("cheetah-run", "walker-walk", "reacher-hard"),
+                  ("sac_utd20", "synther_utd20", "redq_utd20", "sac_utd1"), seeds=2,
                   total_steps=10_000, learning_starts=1_000, utd=20, eval_every=1_000, eval_episodes=5,
                   synther_preset="fast", synther_overrides={"retrain_every": 2_250}, device="cpu",
-                  default_out="results/utd20"),
+                  default_out="benchmarks/results/cpu", default_work="~/.cache/synther_buffer/utd20/cpu",
+                  env_seeds={"cheetah-run": 3}, arm_envs={"redq_utd20": ("cheetah-run",)}),
     # Seconds, for tests: Pendulum-v1, 200 steps, UTD 2, tiny nets, tiny diffusion retrained at 100/200.
     "smoke": Preset("smoke", ("Pendulum-v1",), tuple(ARMS), seeds=1, total_steps=200, learning_starts=100,
                     utd=2, eval_every=100, eval_episodes=1, synther_preset="tiny",
@@ -208,9 +216,15 @@ def settings_match(recorded: Optional[dict], current: dict) -> bool:
     return all(recorded.get(k) == v for k, v in current.items() if k in recorded or k in ("script", "args"))
 
 
-def plan(preset: Preset, envs: Sequence[str], arms: Sequence[str], seeds: int) -> List[Unit]:
-    """Units in run order: seed-major (a whole seed of every arm finishes before the next seed starts)."""
-    return [Unit(env, arm, s) for s in range(seeds) for env in envs for arm in arms]
+def plan(preset: Preset, envs: Sequence[str], arms: Sequence[str], seeds: Optional[int] = None) -> List[Unit]:
+    """Units in run order: seed-major (a whole seed of every arm finishes before the next seed starts).
+
+    ``seeds`` = N runs seeds 0..N-1 on every env; ``None`` takes the preset's (``env_seeds`` per env,
+    else ``seeds``). An arm listed in the preset's ``arm_envs`` runs only on those envs.
+    """
+    per_env = {env: seeds if seeds is not None else preset.env_seeds.get(env, preset.seeds) for env in envs}
+    return [Unit(env, arm, s) for s in range(max(per_env.values(), default=0)) for env in envs for arm in arms
+            if s < per_env[env] and env in preset.arm_envs.get(arm, (env,))]
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -236,14 +250,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def unit_status(preset: Preset, unit: Unit, out: Path) -> str:
-    """``done`` | ``stale`` (done, other settings) | ``running`` (its child is alive) | ``partial`` | ``todo``."""
-    d = unit.dir(out)
-    if not d.exists():
-        return "todo"
-    marker = _read_json(d / UNIT_FILE)
+def unit_status(preset: Preset, unit: Unit, out: Path, work: Optional[Path] = None) -> str:
+    """``done`` | ``stale`` (done, other settings) | ``running`` (its child is alive) | ``partial`` | ``todo``.
+
+    Done-ness is read from ``out`` (the results); a run in progress from ``work`` (default ``out``).
+    """
+    marker = _read_json(unit.dir(out) / UNIT_FILE)
     if marker and marker.get("status") == "done":
         return "done" if settings_match(marker.get("settings"), unit_settings(preset, unit)) else "stale"
+    d = unit.dir(work if work is not None else out)
+    if not d.exists():
+        return "todo"
     running = _read_json(d / RUNNING_FILE)
     if running and _pid_alive(running.get("pid", -1)) and _cmdline_mentions(running["pid"], str(d)):
         return "running"
@@ -314,11 +331,20 @@ def _checkpoint_step(d: Path) -> Optional[int]:
     return None if loaded is None else int(loaded[1]["env_steps"])
 
 
+# What a finished unit keeps in ``out`` when it ran in a separate work directory (small, committed).
+RESULT_FILES = ("results.json", "eval_returns.csv")
+
+
 def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
-             heartbeat_s: float = 300.0, keep_checkpoint: bool = False) -> str:
-    """Run ``unit`` unless done; returns ``skipped`` | ``done`` | ``failed``."""
-    d = unit.dir(out)
-    status = unit_status(preset, unit, out)
+             heartbeat_s: float = 300.0, keep_checkpoint: bool = False, work: Optional[Path] = None) -> str:
+    """Run ``unit`` unless done; returns ``skipped`` | ``done`` | ``failed``.
+
+    The unit runs in ``unit.dir(work)`` (default: in ``out``); when done, its :data:`RESULT_FILES` and
+    ``unit.json`` land in ``unit.dir(out)``.
+    """
+    work = out if work is None else work
+    d, d_out = unit.dir(work), unit.dir(out)
+    status = unit_status(preset, unit, out, work)
     settings = unit_settings(preset, unit)
     if status == "done":
         _log(f"skip {unit.key}: done")
@@ -328,10 +354,12 @@ def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
                            f"(a previous benchmark's child); stop it or wait")
     if status == "stale":
         n = 1
-        while d.with_name(f"{d.name}.stale-{n}").exists():
+        while d_out.with_name(f"{d_out.name}.stale-{n}").exists():
             n += 1
-        d.rename(d.with_name(f"{d.name}.stale-{n}"))
-        _log(f"{unit.key}: finished with other settings; moved to {d.name}.stale-{n}, re-running")
+        d_out.rename(d_out.with_name(f"{d_out.name}.stale-{n}"))
+        if d != d_out:
+            shutil.rmtree(d, ignore_errors=True)   # its checkpoint belongs to the old settings
+        _log(f"{unit.key}: finished with other settings; moved to {d_out.name}.stale-{n}, re-running")
     elif status == "partial":
         ckpt = _checkpoint_step(d)
         if ckpt is None:
@@ -381,7 +409,11 @@ def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
     (d / RUNNING_FILE).unlink(missing_ok=True)
     if not keep_checkpoint:
         shutil.rmtree(d / "checkpoint", ignore_errors=True)
-    _write_json(d / UNIT_FILE, {"status": "done", "unit": dataclasses.asdict(unit), "preset": preset.name,
+    if d != d_out:
+        d_out.mkdir(parents=True, exist_ok=True)
+        for name in RESULT_FILES:
+            shutil.copy2(d / name, d_out / name)
+    _write_json(d_out / UNIT_FILE, {"status": "done", "unit": dataclasses.asdict(unit), "preset": preset.name,
                                 "settings": settings, "command": cmd[:2] + ["<boot>"] + cmd[3:],
                                 "returncode": proc.returncode, "wall_seconds": round(wall, 1),
                                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -499,8 +531,8 @@ def normaliser(env: str, all_returns: Sequence[float]) -> Tuple[Callable[[float]
 TIMING_KEYS = ("total", "rl", "diffusion_fit", "diffusion_sample", "eval", "setup")
 
 
-def collect(out: Path) -> Dict[str, Any]:
-    """Finished and in-progress units under ``out`` (whatever preset wrote them)."""
+def collect(out: Path, work: Optional[Path] = None) -> Dict[str, Any]:
+    """Finished units under ``out`` and in-progress ones under ``out`` and ``work`` (whatever preset wrote them)."""
     done: List[Dict[str, Any]] = []
     partial: List[Dict[str, Any]] = []
     for marker in sorted(Path(out).glob(f"*/*/seed*/{UNIT_FILE}")):
@@ -516,9 +548,11 @@ def collect(out: Path) -> Dict[str, Any]:
                      "final_return": res["final_eval"]["mean_return"], "final_step": res["final_eval"]["env_step"],
                      "timing": res.get("timing_seconds", {}), "retrains": res.get("retrain_count", 0),
                      "utd": _flag(m["settings"].get("args", []), "--utd")})
-    done_dirs = {u["dir"] for u in done}
-    for d in sorted(Path(out).glob("*/*/seed*")):
-        if not d.is_dir() or not re.fullmatch(r"seed\d+", d.name) or str(d) in done_dirs:
+    done_keys = {(Path(u["dir"]).parent.parent.name, u["arm"], u["seed"]) for u in done}
+    roots = [Path(out)] + ([Path(work)] if work is not None and Path(work) != Path(out) else [])
+    for d in sorted(d for root in roots for d in root.glob("*/*/seed*")):
+        if (not d.is_dir() or not re.fullmatch(r"seed\d+", d.name)
+                or (d.parent.parent.name, d.parent.name, int(d.name[4:])) in done_keys):
             continue
         row = _last_eval(d)
         res = _read_json(d / "results.json") or {}
@@ -598,11 +632,11 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
         w.writerows(rows)
 
 
-def write_report(out: Path, reps: int = 2000) -> Dict[str, Any]:
+def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Dict[str, Any]:
     """Tables, plots and aggregates from the units under ``out``; returns the summary dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = collect(out)
+    data = collect(out, work)
     done = data["done"]
     envs = sorted({u["env"] for u in done})
     arms = _arm_order(u["arm"] for u in done)
@@ -718,7 +752,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envs", nargs="+", default=None, help="env ids (default: the preset's)")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=None, help="arms (default: the preset's)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the preset's)")
-    p.add_argument("--out", default=None, help="output root (default: the preset's, e.g. results/utd20 for cpu)")
+    p.add_argument("--out", default=None,
+                   help="results root (default: the preset's, benchmarks/results/cpu for cpu)")
+    p.add_argument("--work", default=None,
+                   help="where units run: checkpoints, logs (default: the preset's, "
+                        "~/.cache/synther_buffer/utd20/cpu for cpu, else --out)")
     p.add_argument("--total-steps", type=int, default=None, help="override the preset's env steps per run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 on shared CPUs)")
     p.add_argument("--device", default=None, help="'cpu', 'cuda', 'auto' (default: the preset's)")
@@ -746,33 +784,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.precision is not None:  # the SynthER arms only: unit_args passes it as --precision
         preset = dataclasses.replace(preset, synther_overrides={**preset.synther_overrides,
                                                                 "precision": args.precision})
-    out = Path(args.out or preset.default_out)
-    if not out.is_absolute():
-        out = Path.cwd() / out
+    out = _root(args.out, preset.default_out)
+    work = _root(args.work, preset.default_work) if (args.work or (preset.default_work and not args.out)) else out
     if args.report_only:
-        s = write_report(out, reps=args.bootstrap_reps)
+        s = write_report(out, reps=args.bootstrap_reps, work=work)
         print((out / "summary.md").read_text())
         return 0 if s["units"] else 1
     envs = list(args.envs or preset.envs)
     arms = list(args.arms or preset.arms)
-    seeds = args.seeds if args.seeds is not None else preset.seeds
-    units = plan(preset, envs, arms, seeds)
+    units = plan(preset, envs, arms, args.seeds)
+    seeds = max((u.seed for u in units), default=-1) + 1
     device = args.device or preset.device
     if args.dry_run:
         for u in units:
-            print(f"{unit_status(preset, u, out):8s} {u.key}: {ARMS[u.arm].script} "
+            print(f"{unit_status(preset, u, out, work):8s} {u.key}: {ARMS[u.arm].script} "
                   f"{' '.join(unit_args(preset, u))}")
         return 0
     failed = 0
     with _out_lock(out):
-        _log(f"utd20 preset {preset.name}: {len(units)} units ({len(envs)} envs x {len(arms)} arms x {seeds} seeds), "
-             f"{preset.total_steps:,} env steps each, out {out}, pid {os.getpid()}")
-        todo = sum(unit_status(preset, u, out) != "done" for u in units)
+        _log(f"utd20 preset {preset.name}: {len(units)} units ({len(envs)} envs x {len(arms)} arms, up to {seeds} seeds), "
+             f"{preset.total_steps:,} env steps each, out {out}, work {work}, pid {os.getpid()}")
+        todo = sum(unit_status(preset, u, out, work) != "done" for u in units)
         _log(f"{len(units) - todo} done already, {todo} to run")
         t0 = time.time()
         try:
             run = lambda u: run_unit(preset, u, out, args.threads, device, args.heartbeat,  # noqa: E731
-                                     args.keep_checkpoints)
+                                     args.keep_checkpoints, work)
             if args.jobs <= 1:
                 results = [run(u) for u in units]
             else:
@@ -784,11 +821,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             CHILDREN.stop_all()
             try:
-                write_report(out, reps=args.bootstrap_reps)
+                write_report(out, reps=args.bootstrap_reps, work=work)
                 _log(f"report: {out / 'summary.md'}")
             except Exception as e:  # never mask the run's own error
                 _log(f"report failed: {e!r}")
     return 1 if failed else 0
+
+
+def _root(given: Optional[str], default: Optional[str]) -> Path:
+    """A results/work root: ``given`` relative to the current directory, else the preset's ``default``
+    (``~`` expanded, relative to the repository)."""
+    if given:
+        return Path(given).expanduser().absolute()
+    p = Path(default).expanduser()
+    return p if p.is_absolute() else REPO / p
 
 
 def _on_sigterm(signum, frame):  # pragma: no cover - exercised by killing the process

@@ -76,6 +76,38 @@ class ResidualMLPDenoiser(nn.Module):
         return self.linear_out(torch.relu_(self.norm_out(h)))
 
 
+def init_parameters(net: nn.Module, generator: torch.Generator) -> nn.Module:
+    """PyTorch's default initialisation, drawn from ``generator`` instead of the global RNG.
+
+    ``nn.Linear``'s default (Kaiming-uniform with a = sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the
+    weight and the bias; LayerNorm starts at (1, 0); the random Fourier frequencies are N(0, 1).
+    """
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.in_features)
+                m.weight.uniform_(-bound, bound, generator=generator)
+                m.bias.uniform_(-bound, bound, generator=generator)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, RandomFourierFeatures):
+                m.weights.normal_(generator=generator)
+    return net
+
+
+def build_denoiser(dim: int, width: int, depth: int, rff_dim: int, time_dim: int, *, seed: int) -> ResidualMLPDenoiser:
+    """A freshly initialised :class:`ResidualMLPDenoiser` (on the CPU) whose weights depend on ``seed`` alone.
+
+    The network is built on the meta device and initialised from a local generator, so building one never
+    reads or advances the process-global RNG (a background retrain must not disturb the agent's stream).
+    """
+    with torch.device("meta"):
+        net = ResidualMLPDenoiser(dim, width, depth, rff_dim, time_dim)
+    net = net.to_empty(device="cpu")
+    return init_parameters(net, torch.Generator(device="cpu").manual_seed(int(seed)))
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SynthERConfig
-from .denoiser import ResidualMLPDenoiser, count_parameters
+from .denoiser import build_denoiser, count_parameters
 from .edm import EDMPrecond, edm_loss_from_noise, heun_sample, sigma_schedule
 from .flat import clipped_adam_step, flatten_parameters
 from .manual_grad import edm_loss_and_grads_unchecked, supports as manual_grad_supports
@@ -141,10 +141,8 @@ class TransitionDiffusion:
 
     # ------------------------------------------------------------------ construction
     def _build_network(self, seed: int) -> EDMPrecond:
-        c = self.config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = ResidualMLPDenoiser(self.dim, c.width, c.depth, c.rff_dim, c.time_dim)
+        c = self.config  # no global RNG: safe beside an agent drawing random numbers on another thread
+        net = build_denoiser(self.dim, c.width, c.depth, c.rff_dim, c.time_dim, seed=seed)
         return EDMPrecond(net, c.sigma_data).to(self.device)
 
     @property

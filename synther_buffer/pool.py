@@ -157,13 +157,16 @@ class SyntheticPool:
         while self.next_retrain <= self.env_steps:
             self.next_retrain += self.config.retrain_every
         background = self.config.async_retrain if background is None else background
+        # Everything the work needs is captured here, on the caller's thread: the worker reads no
+        # counter the agent's thread moves on, and the recorded retrain step is the submission step.
+        index, step = self.retrain_count, self.env_steps
         if not background:
-            return self._install(self._build(rows, self.retrain_count, self.env_steps))
+            return self._install(self._build(rows, index, step))
         job = {"rows": np.array(rows, copy=True), "result": None, "error": None}
 
         def work():
             try:
-                job["result"] = self._build(job.pop("rows"), self.retrain_count, self.env_steps)
+                job["result"] = self._build(job.pop("rows"), index, step)
             except BaseException as e:  # re-raised in the caller by poll()
                 job["error"] = e
 

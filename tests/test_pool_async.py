@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import random
+import sys
 import time
 
 import numpy as np
@@ -49,6 +51,50 @@ def test_env_keeps_stepping_during_background_retrain(async_cfg, rng):
     s = buf.stats()
     assert s["retrain_count"] == 1 and s["num_synthetic"] == 500 and not s["retraining"]
     assert s["env_steps"] == 350
+
+
+def _agent_draw() -> tuple:
+    """What an agent's thread draws from the three process-global RNGs in one step."""
+    return torch.rand(1).item(), float(np.random.random()), random.random()
+
+
+def _seed_globals(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def test_background_retrain_leaves_the_agents_global_rng_alone(async_cfg, rng):
+    # A wide network takes long enough to build that the agent's thread (switching every 10 us) is sure
+    # to draw while the worker builds and trains it: with the worker on the global RNG it would get the
+    # diffusion seed's numbers, then have its stream rewound.
+    cfg = async_cfg.replace(width=1024, depth=4, train_steps=20, num_generate=64, synthetic_size=64)
+    buf = GenerativeReplay(3, 1, capacity=5000, config=cfg, model_terminals=False)
+    _feed(buf, 199, rng)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        _feed(buf, 1, rng)                   # step 200 submits the retrain
+        assert buf.pool.retraining
+        _seed_globals(1234)
+        draws = []
+        while buf.pool.retraining or not draws:
+            draws.append(_agent_draw())
+        buf.wait()
+    finally:
+        sys.setswitchinterval(switch)
+    assert buf.stats()["retrain_count"] == 1
+    _seed_globals(1234)                      # the same agent with no retrain running
+    assert draws == [_agent_draw() for _ in draws], "the background retrain moved the agent's RNG stream"
+
+
+def test_retrain_step_is_the_submission_step(async_cfg, rng):
+    buf = GenerativeReplay(3, 1, capacity=5000, config=async_cfg, model_terminals=False)
+    _feed(buf, 200, rng)                     # submitted at step 200
+    _feed(buf, 50, rng)                      # the agent moves on while it trains
+    buf.wait()
+    assert buf.stats()["env_steps"] == 250
+    assert buf.stats()["last_retrain_env_step"] == 200
 
 
 def test_background_pool_swap_is_atomic(async_cfg, rng):

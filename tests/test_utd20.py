@@ -229,3 +229,41 @@ def test_smoke_run_writes_report_and_resume_skips_finished_units(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks.utd20", "--preset", "smoke", "--out", str(out),
                         "--report-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "synther_utd20" in r.stdout
+
+
+# ------------------------------------------------------------------------------------ the cpu campaign
+def test_cpu_campaign_plan_per_env_seeds_and_arm_envs():
+    p = utd20.PRESETS["cpu"]
+    units = utd20.plan(p, list(p.envs), list(p.arms))
+    keys = {(u.env, u.arm, u.seed) for u in units}
+    assert {u.env for u in units} == {"cheetah-run", "walker-walk", "reacher-hard"}
+    assert {u.seed for u in units if u.env == "cheetah-run"} == {0, 1, 2}
+    assert {u.seed for u in units if u.env != "cheetah-run"} == {0, 1}
+    assert {u.env for u in units if u.arm == "redq_utd20"} == {"cheetah-run"}
+    assert ("walker-walk", "synther_utd20", 1) in keys and ("reacher-hard", "sac_utd20", 0) in keys
+    assert len(units) == 3 * 4 + 2 * 2 * 3                     # cheetah: 4 arms x 3 seeds; others: 3 arms x 2
+    assert [u.seed for u in units] == sorted(u.seed for u in units)          # seed-major
+    # an explicit --seeds N applies to every env (the arm restriction stays)
+    assert {u.seed for u in utd20.plan(p, ["walker-walk"], ["sac_utd20", "redq_utd20"], 3)} == {0, 1, 2}
+    assert not [u for u in utd20.plan(p, ["walker-walk"], ["redq_utd20"], 3)]
+
+
+def test_separate_work_dir_keeps_only_small_files_in_out(tmp_path):
+    out, work = tmp_path / "results", tmp_path / "work"
+    log = _bench(out, "--work", str(work))
+    assert log.count("done Pendulum-v1/") == 2
+    for arm in ("sac_utd20", "synther_utd20"):
+        kept = sorted(f.name for f in (out / "Pendulum-v1" / arm / "seed0").iterdir())
+        assert kept == ["eval_returns.csv", "results.json", "unit.json"], kept
+        assert (work / "Pendulum-v1" / arm / "seed0" / "stdout.log").exists()
+        assert not (work / "Pendulum-v1" / arm / "seed0" / "checkpoint").exists()
+    # done-ness is read from the results alone: a fresh work dir (another machine) re-runs nothing
+    log2 = _bench(out, "--work", str(tmp_path / "elsewhere"))
+    assert log2.count("skip Pendulum-v1/") == 2 and "start " not in log2
+    # an interrupted unit resumes from the work dir's checkpoint
+    shutil.rmtree(out / "Pendulum-v1" / "sac_utd20")
+    log3 = _bench(out, "--work", str(work), "--keep-checkpoints")
+    assert "start Pendulum-v1/sac_utd20/seed0" in log3 and (out / "Pendulum-v1" / "sac_utd20" / "seed0" / "unit.json").exists()
+    r = subprocess.run([sys.executable, "-m", "benchmarks.utd20", "--preset", "smoke", "--out", str(out),
+                        "--report-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "synther_utd20" in r.stdout
