@@ -13,9 +13,13 @@ Sources (see ../shared/seed/synther-supplementary.txt):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
+
+_log = logging.getLogger(__name__)
+_ANNOUNCED: set = set()   # presets for_device has logged (once per process each)
 
 SAMPLERS = ("stochastic", "deterministic")
 PRECISIONS = ("fp32", "bf16")
@@ -192,6 +196,24 @@ class SynthERConfig:
         if self.batch_size is not None:
             return self.batch_size
         return 256 if num_rows < 1_000_000 else 1024
+
+    @classmethod
+    def for_device(cls, device: str = "auto") -> "SynthERConfig":
+        """The preset that suits ``device``: ``"paper"`` where it resolves to CUDA, else ``"fast"``.
+
+        What ``config=None`` means for :class:`~synther_buffer.TransitionDiffusion`, ``GenerativeReplay``,
+        ``WrappedReplay`` and ``GenerativeReplayBuffer``: the paper preset trains for hours per retrain on a
+        CPU. The choice is logged once per process at INFO, with how to pick another.
+        """
+        import torch  # here: this module stays importable without torch
+
+        cuda = device == "cuda" or str(device).startswith("cuda:") or (device == "auto" and torch.cuda.is_available())
+        name = "paper" if cuda else "fast"
+        if name not in _ANNOUNCED:
+            _ANNOUNCED.add(name)
+            _log.info("SynthER config=None: the %r preset for %s (pass config=SynthERConfig.preset(...) to choose)",
+                      name, "CUDA" if cuda else "CPU")
+        return cls.preset(name).replace(device=device)
 
     @classmethod
     def preset(cls, name: str) -> "SynthERConfig":

@@ -174,3 +174,25 @@ def test_to_dict_values_are_plain_python():
         assert v is None or isinstance(v, (bool, int, float, str))
         if isinstance(v, float):
             assert math.isfinite(v)
+
+
+def test_for_device_picks_paper_on_cuda_and_fast_on_cpu_and_says_so_once(caplog, monkeypatch):
+    import logging
+
+    import synther_buffer.config as config_mod
+
+    monkeypatch.setattr(config_mod, "_ANNOUNCED", set())
+    with caplog.at_level(logging.INFO, logger="synther_buffer"):
+        cpu = SynthERConfig.for_device("cpu")
+        SynthERConfig.for_device("cpu")
+        cuda = SynthERConfig.for_device("cuda:1")
+    assert cpu == SynthERConfig.preset("fast").replace(device="cpu")
+    assert cuda == SynthERConfig.preset("paper").replace(device="cuda:1")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "'fast' preset for CPU" in said[0] and "'paper' preset for CUDA" in said[1]
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert SynthERConfig.for_device("auto") == SynthERConfig.preset("fast")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert SynthERConfig.for_device("auto") == SynthERConfig.preset("paper")
