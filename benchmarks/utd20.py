@@ -97,6 +97,12 @@ PAPER_ARMS = ("sac_utd1", "sac_utd20", "synther_utd20", "redq_utd20")   # the pa
 PAPER_ENVS = ("cheetah-run", "walker-walk", "quadruped-walk", "reacher-hard", "finger-turn_hard",
               "HalfCheetah-v5", "Walker2d-v5", "Hopper-v5")
 
+# Published 100K-env-step DMC returns (5 seeds, the SynthER and PGR papers' tables), for orientation
+# beside ours: a different budget (10x our cpu preset's), code and hardware. "SAC" is the papers' SAC row.
+PAPER_100K = {"cheetah-run": {"sac_utd20": 347, "redq_utd20": 607, "synther_utd20": 729},
+              "reacher-hard": {"sac_utd20": 654, "redq_utd20": 734, "synther_utd20": 839},
+              "quadruped-walk": {"sac_utd20": 178, "redq_utd20": 497, "synther_utd20": 727}}
+
 # D4RL's reference returns (random, expert) for its v2 MuJoCo tasks, used to normalise gymnasium scores.
 GYM_REFERENCE = {"HalfCheetah": (-280.178953, 12135.0), "Walker2d": (1.629008, 4592.3),
                  "Hopper": (-20.272305, 3234.3)}
@@ -472,6 +478,36 @@ def stratified_bootstrap_ci(scores: np.ndarray, stat: Callable[[np.ndarray], flo
     return float(np.percentile(stats, 100 * alpha / 2)), float(np.percentile(stats, 100 * (1 - alpha / 2)))
 
 
+def probability_of_improvement(x: Sequence[Sequence[float]], y: Sequence[Sequence[float]]) -> float:
+    """P(X > Y) averaged over tasks (rliable's definition): for each task, the fraction of (x run, y run)
+    pairs where x's score is higher, ties counting one half; then the mean over tasks.
+
+    Args:
+        x, y: per task, the runs' scores: ``x[t]`` and ``y[t]`` are sequences (their lengths may differ).
+    """
+    if len(x) != len(y) or not len(x):
+        raise ValueError(f"x and y need the same non-zero number of tasks, got {len(x)} and {len(y)}")
+    per_task = []
+    for xt, yt in zip(x, y):
+        a, b = np.asarray(xt, dtype=np.float64)[:, None], np.asarray(yt, dtype=np.float64)[None, :]
+        if a.size == 0 or b.size == 0:
+            raise ValueError("every task needs at least one run of each arm")
+        per_task.append(float(np.mean((a > b) + 0.5 * (a == b))))
+    return float(np.mean(per_task))
+
+
+def probability_of_improvement_ci(x, y, reps: int = 2000, alpha: float = 0.05, seed: int = 0
+                                  ) -> Tuple[float, float]:
+    """Percentile CI of :func:`probability_of_improvement`, resampling each arm's runs with replacement
+    within each task (stratified bootstrap)."""
+    rng = np.random.default_rng(seed)
+    xs = [np.asarray(t, dtype=np.float64) for t in x]
+    ys = [np.asarray(t, dtype=np.float64) for t in y]
+    stats = [probability_of_improvement([t[rng.integers(0, t.size, t.size)] for t in xs],
+                                        [t[rng.integers(0, t.size, t.size)] for t in ys]) for _ in range(reps)]
+    return float(np.percentile(stats, 100 * alpha / 2)), float(np.percentile(stats, 100 * (1 - alpha / 2)))
+
+
 def _rliable():
     try:
         from rliable import library as rly
@@ -653,9 +689,11 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
             steps = sorted({u["final_step"] for u in done if u["env"] == env and u["arm"] == arm})
             final_json.append({"env": env, "arm": arm, "mean": float(v.mean()), "std": sd, "n": int(v.size),
                                "env_steps": steps, "per_seed": {str(s): r for s, r in sorted(rs)}})
+            paper = PAPER_100K.get(env.split("/")[-1].removesuffix("-v0"), {}).get(arm)
             final_rows.append([env, arm, f"{v.mean():.1f}", _fmt(sd), v.size, "/".join(map(str, steps)),
-                               " ".join(f"{r:.1f}" for _, r in sorted(rs))])
-    final_header = ["env", "arm", "final return (mean)", "std over seeds", "seeds", "env steps", "per seed"]
+                               " ".join(f"{r:.1f}" for _, r in sorted(rs)), paper if paper else "-"])
+    final_header = ["env", "arm", "final return (mean)", "std over seeds", "seeds", "env steps", "per seed",
+                    "published, 100K steps"]
 
     # Wall-clock split per arm (means over its units).
     timing_rows, timing_json = [], []
@@ -699,6 +737,21 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
                                  f"[{a['mean_ci'][0]:.3f}, {a['mean_ci'][1]:.3f}]", a["backend"]])
     agg_header = ["arm", "runs", "tasks", "IQM", "IQM 95% CI", "mean", "mean 95% CI", "backend"]
 
+    # Probability of improvement of SynthER over each baseline, on the envs both arms finished.
+    poi_rows, poi_json = [], []
+    for base in ("sac_utd20", "redq_utd20"):
+        both = [e for e in envs if any(u["env"] == e and u["arm"] == "synther_utd20" for u in done)
+                and any(u["env"] == e and u["arm"] == base for u in done)]
+        if not both:
+            continue
+        runs = lambda arm: [[u["final_return"] for u in done if u["env"] == e and u["arm"] == arm]  # noqa: E731
+                            for e in both]
+        x, y = runs("synther_utd20"), runs(base)
+        p_hat, ci = probability_of_improvement(x, y), probability_of_improvement_ci(x, y, reps=reps)
+        poi_json.append({"x": "synther_utd20", "y": base, "envs": both, "poi": p_hat, "ci": list(ci)})
+        poi_rows.append([f"synther_utd20 > {base}", ", ".join(both), f"{p_hat:.2f}", f"[{ci[0]:.2f}, {ci[1]:.2f}]"])
+    poi_header = ["P(X > Y)", "envs", "estimate", "95% CI"]
+
     # Plots.
     pngs = []
     for env in envs:
@@ -722,6 +775,13 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
                "Normalisation: " + "; ".join(f"{e}: {h}" for e, h in norms.items()), ""]
     else:
         md += ["## Aggregate over envs", "", "(needs finished units on 2+ envs)", ""]
+    if poi_rows:
+        md += ["## Probability of improvement (final return; per env over all run pairs, averaged over envs; "
+               "95% stratified bootstrap CI)", "", _md_table(poi_header, poi_rows), ""]
+    md += ["How to read this: with 2-3 seeds per arm, only an effect several times the seed-to-seed spread "
+           "is distinguishable, and a CI from 2-3 runs per task is itself rough. 10K env steps is the early, "
+           "small-buffer regime where UTD=20 overfits most; it says nothing about 100K-step returns. The "
+           "published 100K numbers are for orientation only (10x the budget, other code and hardware).", ""]
     if data["partial"]:
         prow = [[p["env"], p["arm"], p["seed"], "running" if p["alive"] else "interrupted",
                  p["last_eval_step"] if p["last_eval_step"] is not None else "-",
@@ -731,6 +791,7 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
     md += ["## Curves", ""] + [f"![{p}]({p})" for p in pngs]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     summary = {"out": str(out), "final_returns": final_json, "timing": timing_json, "aggregate": agg_json,
+               "probability_of_improvement": poi_json,
                "normalisation": norms, "pngs": pngs,
                "units": [{k: u[k] for k in ("env", "arm", "seed", "dir", "final_return", "final_step",
                                             "unit_wall_seconds", "timing", "retrains", "settings")} for u in done],

@@ -267,3 +267,36 @@ def test_separate_work_dir_keeps_only_small_files_in_out(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks.utd20", "--preset", "smoke", "--out", str(out),
                         "--report-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "synther_utd20" in r.stdout
+
+
+def test_probability_of_improvement_known_numbers_and_ci():
+    # one task: x beats y in 3 of 4 pairs -> 0.75; a tie counts one half
+    assert utd20.probability_of_improvement([[2.0, 4.0]], [[1.0, 3.0]]) == pytest.approx(0.75)
+    assert utd20.probability_of_improvement([[1.0]], [[1.0]]) == pytest.approx(0.5)
+    # averaged over tasks, each task with its own run counts
+    assert utd20.probability_of_improvement([[5.0, 6.0, 7.0], [0.0]], [[1.0, 2.0], [9.0]]) == pytest.approx(0.5)
+    lo, hi = utd20.probability_of_improvement_ci([[2.0, 4.0]], [[1.0, 3.0]], reps=500)
+    assert 0.0 <= lo <= 0.75 <= hi <= 1.0
+    assert utd20.probability_of_improvement_ci([[10.0, 11.0]], [[1.0, 2.0]], reps=200) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        utd20.probability_of_improvement([[1.0]], [[1.0], [2.0]])
+    with pytest.raises(ValueError):
+        utd20.probability_of_improvement([[]], [[1.0]])
+
+
+def test_report_has_poi_and_the_published_numbers(tmp_path):
+    p = utd20.PRESETS["cpu"]
+    for seed in (0, 1):
+        _fake_unit(tmp_path, p, "cheetah-run", "sac_utd20", seed, 100.0 + seed)
+        _fake_unit(tmp_path, p, "cheetah-run", "synther_utd20", seed, 200.0 + seed)
+        _fake_unit(tmp_path, p, "walker-walk", "sac_utd20", seed, 300.0 + seed)
+        _fake_unit(tmp_path, p, "walker-walk", "synther_utd20", seed, 50.0 + seed)
+    s = utd20.write_report(tmp_path, reps=200)
+    poi = {r["y"]: r for r in s["probability_of_improvement"]}
+    assert set(poi) == {"sac_utd20"}                        # no REDQ units: no REDQ comparison
+    assert poi["sac_utd20"]["poi"] == pytest.approx(0.5)     # wins every pair on one task, loses all on the other
+    md = (tmp_path / "summary.md").read_text()
+    assert "Probability of improvement" in md and "published, 100K steps" in md
+    fr = (tmp_path / "final_returns.csv").read_text().splitlines()
+    assert any(line.startswith("cheetah-run,synther_utd20,") and line.endswith(",729") for line in fr)
+    assert any(line.startswith("walker-walk,sac_utd20,") and line.endswith(",-") for line in fr)
