@@ -450,6 +450,98 @@ def _out_lock(out: Path):
         f.close()
 
 
+# --------------------------------------------------------------------------------------- Ray
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ImportError('--ray needs Ray: pip install "synther-buffer[distributed]"') from None
+    return ray
+
+
+def ray_connect(address: Optional[str], num_cpus: Optional[int] = None) -> None:
+    """Join the cluster at ``address`` (``"auto"``: the one ``RAY_ADDRESS`` or ``ray start`` names), or start
+    a local instance when ``address`` is ``None`` / ``"local"``. A no-op when Ray is already initialised."""
+    ray = _ray()
+    if ray.is_initialized():
+        return
+    if address in (None, "local"):
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+    else:
+        ray.init(address=address)
+
+
+def _node_sees(path: str) -> Tuple[str, bool]:
+    """(host name, whether ``path`` exists), run on one Ray node."""
+    import socket
+    return socket.gethostname(), os.path.exists(path)
+
+
+def check_shared_path(out: Path, timeout_s: float = 60.0, probe: Callable[[str], Tuple[str, bool]] = _node_sees
+                      ) -> None:
+    """Raise ``RuntimeError`` unless every alive Ray node sees ``out`` (a unit may run on any of them
+    and writes its files there, so ``out`` must be on a shared filesystem). ``probe`` runs on each node."""
+    ray = _ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = f".ray-check-{os.getpid()}-{time.time_ns()}"
+    (out / token).write_text("shared?")
+    remote = ray.remote(num_cpus=0)(probe)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        refs = [remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(out / token)) for n in nodes]
+        blind = [f"{host} ({n['NodeManagerAddress']})" for n, (host, ok)
+                 in zip(nodes, ray.get(refs, timeout=timeout_s)) if not ok]
+    finally:
+        (out / token).unlink(missing_ok=True)
+    if blind:
+        raise RuntimeError(f"--out {out} is not visible on {len(blind)} of {len(nodes)} Ray nodes: "
+                           f"{', '.join(blind)}. Units write their results there: use a path on a "
+                           f"filesystem every node mounts (NFS, a shared volume)")
+
+
+def _run_unit_task(*args, **kwargs) -> str:
+    """The body of a unit's Ray task: :func:`run_unit` on whichever node Ray picked. A retry (after the
+    worker died) finds the unit partial and resumes it from its last checkpoint."""
+    return run_unit(*args, **kwargs)
+
+
+def run_units_on_ray(preset: Preset, units: Sequence[Unit], out: Path, work: Path, threads: int, device: str,
+                     heartbeat_s: float, keep_checkpoints: bool, cpus_per_unit: float, gpus_per_unit: float,
+                     max_retries: int) -> List[str]:
+    """Every unit as a Ray task with declared resources; returns each unit's result in ``units``' order
+    (``skipped`` | ``done`` | ``failed``). A unit whose worker died more than ``max_retries`` times is
+    ``failed``; the others go on."""
+    ray = _ray()
+    from tqdm.auto import tqdm
+
+    # workers import this module (and the unit's script) from the same checkout path on every node
+    env_vars = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    task = ray.remote(_run_unit_task).options(num_cpus=cpus_per_unit, num_gpus=gpus_per_unit,
+                                              max_retries=max_retries, retry_exceptions=False,
+                                              runtime_env={"env_vars": env_vars})
+    refs = {task.remote(preset, u, out, threads, device, heartbeat_s, keep_checkpoints, work): i
+            for i, u in enumerate(units)}
+    results: List[str] = ["failed"] * len(units)
+    pending = list(refs)
+    with tqdm(total=len(units), desc="utd20 units", unit="unit", file=sys.stdout) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            i = refs[ready[0]]
+            try:
+                results[i] = ray.get(ready[0])
+            except Exception as e:  # the worker died past its retries, or the task raised
+                _log(f"FAILED {units[i].key} on Ray: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            else:
+                if results[i] != "skipped":
+                    _log(f"{results[i]} {units[i].key} (Ray)")
+            bar.update(1)
+    return results
+
+
 # --------------------------------------------------------------------------------------- statistics
 
 
@@ -825,7 +917,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the SynthER arms' diffusion matmul precision (default: the preset's, fp32; "
                         "bf16 pays on GPUs and AVX512-BF16 CPUs). Part of a unit's settings: a finished "
                         "unit run in the other precision counts as stale and is re-run")
-    p.add_argument("--jobs", type=int, default=1, help="units run at once")
+    p.add_argument("--jobs", type=int, default=1, help="units run at once (without --ray)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run each unit as a Ray task: no ADDRESS starts a local Ray instance, 'auto' joins the "
+                        "cluster in RAY_ADDRESS, else the cluster at ADDRESS. --out must be visible on every node")
+    p.add_argument("--cpus-per-unit", type=float, default=1.0, help="Ray: CPUs a unit reserves")
+    p.add_argument("--gpus-per-unit", type=float, default=0.0,
+                   help="Ray: GPUs a unit reserves (fractions let several units share one GPU)")
+    p.add_argument("--max-retries", type=int, default=2,
+                   help="Ray: times a unit whose worker died is retried (from its checkpoint)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished unit's checkpoint/ (its final agent and buffer; default: delete)")
     p.add_argument("--report-only", action="store_true", help="only write the report from finished units")
@@ -871,7 +971,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             run = lambda u: run_unit(preset, u, out, args.threads, device, args.heartbeat,  # noqa: E731
                                      args.keep_checkpoints, work)
-            if args.jobs <= 1:
+            if args.ray is not None:
+                ray_connect(args.ray)
+                check_shared_path(out)
+                results = run_units_on_ray(preset, units, out, work, args.threads, device, args.heartbeat,
+                                           args.keep_checkpoints, args.cpus_per_unit, args.gpus_per_unit,
+                                           args.max_retries)
+            elif args.jobs <= 1:
                 results = [run(u) for u in units]
             else:
                 with ThreadPoolExecutor(args.jobs) as pool:
