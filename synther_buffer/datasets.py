@@ -130,7 +130,7 @@ def load_transitions(path: PathLike) -> Transitions:
             with np.load(p, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files if k in REQUIRED_KEYS + OPTIONAL_KEYS}
                 files = list(z.files)
-        except (zipfile.BadZipFile, OSError, ValueError) as e:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise ValueError(f"could not read {p} as .npz: {type(e).__name__}: {e}") from None
         _require_keys(data, files, p)
         return validate_transitions(data, source=str(p))
@@ -152,7 +152,7 @@ def load_array(path: PathLike) -> np.ndarray:
         raise ValueError(f"load_array expects a .npy file, got {p.name!r}")
     try:
         x = np.load(p, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"could not read {p} as .npy: {type(e).__name__}: {e}") from None
     return _check_array(x, str(p))
 
@@ -172,6 +172,7 @@ def _check_array(x: np.ndarray, source: str) -> np.ndarray:
         raise ValueError(f"{source}: expected a 2-D array [N, D], got shape {x.shape}")
     if x.shape[0] < 2 or x.shape[1] < 1:
         raise ValueError(f"{source}: need at least 2 rows and 1 column, got shape {x.shape}")
+    _check_finite(x, source)
     return x
 
 
@@ -314,7 +315,23 @@ def validate_transitions(data: Mapping[str, Any], source: str = "transitions") -
         if v.size != n:
             raise ValueError(f"{source}: {k!r} must hold one value per transition, got shape {v.shape}")
         out[k] = v.reshape(n).astype(np.float32, copy=False) if k == "rewards" else v.reshape(n)
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        _check_finite(out[k], f"{source}: {k!r}")
+    for k in ("terminals",) + tuple(k for k in OPTIONAL_KEYS if k in out):
+        flags = out[k]
+        bad = np.flatnonzero((flags != 0) & (flags != 1))   # NaN is neither
+        if bad.size:
+            raise ValueError(f"{source}: {k!r} must be 0/1 (or bool); transition {bad[0]} has {flags[bad[0]]!r}")
     return out
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    """Raise ``ValueError`` at the first NaN / inf of ``x`` (1-D or 2-D), naming its row (and column)."""
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        where = f"row {bad[0]}, column {bad[1]}" if x.ndim == 2 else f"transition {bad[0]}"
+        raise ValueError(f"{what} has non-finite values (first at {where})")
 
 
 def _coerce(source: Union[PathLike, Mapping[str, Any], np.ndarray]) -> Tuple[Union[Transitions, np.ndarray], str]:

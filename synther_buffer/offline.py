@@ -276,17 +276,13 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
         rows, layout = np.ascontiguousarray(data, dtype=np.float32), None
         if kind != "npy":
             raise ValueError(f"a plain array input writes a .npy output (got {out.name!r})")
-        if not np.isfinite(rows).all():
-            raise ValueError(f"{source_name}: the array has non-finite values")
+        if not np.isfinite(rows).all():   # finite as loaded, but float64 beyond float32's range
+            raise ValueError(f"{source_name}: the array has values beyond float32's range")
         real_timeouts = None
     else:
         if model is not None and model_terminals is None:  # follow the given model's layout
             model_terminals = bool(model.normalizer.terminal_dims)
-        rows, layout = to_rows(data, model_terminals=model_terminals)
-        if not np.isfinite(rows).all():
-            bad = np.argwhere(~np.isfinite(rows))[0]
-            raise ValueError(f"{source_name}: non-finite value in column {layout.column_names()[bad[1]]} "
-                             f"of transition {bad[0]}")
+        rows, layout = to_rows(data, model_terminals=model_terminals)   # validated: finite, 0/1 terminals
         real_timeouts = data.get("timeouts") if layout.timeouts else None
         del data
     if action_bounds is not None:

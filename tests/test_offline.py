@@ -211,7 +211,7 @@ def test_unknown_types_and_missing_paths(tmp_path, data):
     with pytest.raises(ValueError, match="plain array input writes a .npy"):
         upsample(np.zeros((10, 3), np.float32), tmp_path / "out.npz", num_samples=10, config=tiny_config())
     d = dict(data); d["rewards"] = d["rewards"].copy(); d["rewards"][3] = np.nan
-    with pytest.raises(ValueError, match="non-finite value in column reward of transition 3"):
+    with pytest.raises(ValueError, match=r"'rewards' has non-finite values \(first at transition 3\)"):
         upsample(d, tmp_path / "out.npz", num_samples=10, config=tiny_config())
     assert not list(tmp_path.glob("out*"))
 
