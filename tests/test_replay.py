@@ -64,7 +64,7 @@ def inject_pool(buf, n: int = 50) -> torch.Tensor:
     """Replace the synthetic pool with recognisable rows (every value >= 1000, distinct)."""
     d = buf.layout.dim
     rows = 1000.0 + torch.arange(n * d, dtype=torch.float32).reshape(n, d)
-    if buf.layout.model_terminals:
+    if buf.layout.terminal:
         rows[:, -1] = (torch.arange(n) % 2).float()
     buf.pool.pool = rows
     return rows
@@ -377,7 +377,7 @@ def test_model_terminals_true_gives_binary_synthetic_terminals(tiny_cfg):
     buf = GenerativeReplay(OBS, ACT, capacity=1000, config=small(tiny_cfg, real_ratio=0.0),
                            model_terminals=True)
     buf.add(*transitions(100, seed=3, term_p=0.3))
-    assert buf.stats()["retrain_count"] == 1 and buf.layout.model_terminals
+    assert buf.stats()["retrain_count"] == 1 and buf.layout.terminal
     batch = buf.sample(256)                             # real_ratio 0: all synthetic
     assert_batch_format(batch, 256, buf.device)
     assert set(torch.unique(batch.terminated).tolist()) == {0.0, 1.0}

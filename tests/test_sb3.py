@@ -106,7 +106,7 @@ def make_buffer(config=NO_RETRAIN, n_envs=1, model_terminals="auto", buffer_size
 def inject_pool(buf, n: int = 40) -> torch.Tensor:
     d = buf.pool.layout.dim
     rows = 1000.0 + torch.arange(n * d, dtype=torch.float32).reshape(n, d)
-    if buf.pool.layout.model_terminals:
+    if buf.pool.layout.terminal:
         rows[:, -1] = (torch.arange(n) % 2).float()
     buf.pool.pool = rows
     return rows
@@ -162,7 +162,7 @@ def test_utd20_batches_hold_half_synthetic_rows(utd20_run):
 def test_auto_terminals_pendulum_and_timeouts_are_not_terminals(utd20_run):
     buf = utd20_run.buf
     assert buf.model_terminals == "auto"
-    assert buf.pool.layout.model_terminals is False
+    assert buf.pool.layout.terminal is False
     assert buf.model.dim == 2 * PENDULUM_OBS + PENDULUM_ACT + 1     # no terminal column modelled
     assert buf.dones[:buf.pos].sum() >= 1 and buf.timeouts[:buf.pos].sum() >= 1   # 200-step time limit
     assert not buf.real_rows()[:, -1].any()
@@ -244,7 +244,7 @@ def test_auto_model_terminals_true_when_env_terminates(fake_diffusion):
     buf = make_buffer(cfg_small(), model_terminals="auto")
     feed(buf, 100, done_p=0.2)                                        # real terminals, not timeouts
     assert buf.stats()["retrain_count"] == 1
-    assert buf.pool.layout.model_terminals is True
+    assert buf.pool.layout.terminal is True
     assert buf.real_rows()[:, -1].any()
     b = buf.sample(200)
     assert set(torch.unique(b.dones[100:]).tolist()) == {0.0, 1.0}
@@ -254,14 +254,14 @@ def test_truncations_are_not_terminals(fake_diffusion):
     buf = make_buffer(cfg_small(), model_terminals="auto")
     feed(buf, 100, done_p=0.2, truncated=True)                        # every done is a time limit
     assert buf.dones.sum() > 0 and not buf.real_rows()[:, -1].any()
-    assert buf.pool.layout.model_terminals is False
+    assert buf.pool.layout.terminal is False
     assert (buf.sample(64).dones == 0).all()
 
 
 def test_model_terminals_false_forced(fake_diffusion):
     buf = make_buffer(cfg_small(real_ratio=0.0), model_terminals=False)
     feed(buf, 100, done_p=0.5)
-    assert buf.pool.layout.model_terminals is False and buf.stats()["retrain_count"] == 1
+    assert buf.pool.layout.terminal is False and buf.stats()["retrain_count"] == 1
     assert (buf.sample(64).dones == 0).all()
 
 
