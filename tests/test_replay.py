@@ -483,6 +483,15 @@ def test_pickle_keeps_pool_model_and_rng(tiny_cfg):
     assert_same_batch(clone.sample(64), buf.sample(64))
 
 
+def test_pickle_keeps_min_real_clamped_to_the_capacity(tiny_cfg, fake_diffusion):
+    cfg = tiny_cfg.replace(min_real=1_000, retrain_every=100, num_generate=50, synthetic_size=50)
+    buf = GenerativeReplay(OBS, ACT, capacity=150, config=cfg, model_terminals=False)
+    clone = pickle.loads(pickle.dumps(buf))
+    assert clone.pool.min_real == buf.pool.min_real == 150
+    clone.add(*transitions(150))                        # full: retrains although 150 < config.min_real
+    assert clone.stats()["retrain_count"] == 1
+
+
 # ============================================================================ save / load
 def test_save_load_roundtrip_and_schedule_continues(tiny_cfg, tmp_path):
     cfg = small(tiny_cfg, min_real=50)
