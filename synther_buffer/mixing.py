@@ -24,6 +24,7 @@ The contract with an owner is narrow. Real transitions cross it as *store rows*
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Dict, NamedTuple, Optional, Union
 
 import numpy as np
@@ -105,35 +106,16 @@ class MixingCore:
         if action_bounds is not None:
             self.pool.set_action_bounds(*action_bounds)
 
-    # ------------------------------------------------------------------ what owners expose
+    # ------------------------------------------------------------------ state
     @property
     def model_layout(self) -> RowLayout:
         """The layout of the rows the model is fitted on and the pool holds (terminal column or not)."""
         return self.pool.layout
 
     @property
-    def device(self) -> torch.device:
-        """Where the diffusion model and the synthetic pool live."""
-        return self.pool.device
-
-    @property
-    def model(self):
-        """The current ``TransitionDiffusion`` (None before the first retrain)."""
-        return self.pool.model
-
-    @property
-    def env_steps(self) -> int:
-        """Transitions added so far, as SB3's ``num_timesteps`` counts them."""
-        return self.pool.env_steps
-
-    @property
     def min_real(self) -> int:
         """Real transitions needed before the first retrain (``config.min_real``, clamped to the capacity)."""
         return self.pool.min_real
-
-    def wait(self) -> bool:
-        """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
-        return self.pool.wait()
 
     def stats(self, num_real: Optional[int] = None) -> Dict[str, float]:
         """The pool's counters and last-retrain metrics, plus ``num_real`` when the owner knows it."""
@@ -222,51 +204,32 @@ class MixingCore:
         if terminal_column is not None and bool(terminal_column) != self.model_layout.terminal:
             self.pool.set_layout(self.model_layout.with_terminal(terminal_column))
         self.pool.load_state_dict(pool_state)
-        if self.model is not None and self.model.dim != self.model_layout.dim:
-            raise ValueError(f"the saved model has width {self.model.dim}, the layout {self.model_layout.dim}")
+        model = self.pool.model
+        if model is not None and model.dim != self.model_layout.dim:
+            raise ValueError(f"the saved model has width {model.dim}, the layout {self.model_layout.dim}")
+
+
+def _core_attr(path: str, doc: str) -> property:
+    """A read-only property of a ``UsesMixingCore`` that reads ``self.core.<path>`` (dotted)."""
+    get = operator.attrgetter(path)
+    return property(lambda self: get(self.core), doc=doc)
 
 
 class UsesMixingCore:
-    """What a buffer built on ``self.core`` (a ``MixingCore``) exposes of it."""
+    """What a buffer built on ``self.core`` (a ``MixingCore``) exposes of it, read-only."""
 
     core: MixingCore
 
-    @property
-    def config(self) -> SynthERConfig:
-        """The ``SynthERConfig`` in use."""
-        return self.core.config
-
-    @property
-    def pool(self) -> SyntheticPool:
-        """The ``SyntheticPool`` (schedule, model, synthetic rows)."""
-        return self.core.pool
-
-    @property
-    def model(self):
-        """The current ``TransitionDiffusion`` (None before the first retrain)."""
-        return self.core.model
-
-    @property
-    def layout(self) -> RowLayout:
-        """The rows the model sees (``layout.terminal``: whether terminals are modelled)."""
-        return self.core.model_layout
-
-    @property
-    def store_layout(self) -> RowLayout:
-        """Real rows as they are stored and mixed: concat(obs, action, reward, next_obs, terminal)."""
-        return self.core.store_layout
-
-    @property
-    def model_terminals(self) -> Union[bool, str]:
-        """The ``model_terminals`` setting (``True``, ``False`` or ``"auto"``); the decision is
-        ``pool.layout.terminal``."""
-        return self.core.model_terminals
-
-    @property
-    def env_steps(self) -> int:
-        """Transitions added so far (as SB3's ``num_timesteps``)."""
-        return self.core.env_steps
+    config = _core_attr("config", "The ``SynthERConfig`` in use.")
+    pool = _core_attr("pool", "The ``SyntheticPool``: schedule, diffusion model, synthetic rows.")
+    model = _core_attr("pool.model", "The current ``TransitionDiffusion`` (None before the first retrain).")
+    env_steps = _core_attr("pool.env_steps", "Transitions added so far (as SB3's ``num_timesteps``).")
+    layout = _core_attr("model_layout", "The rows the model sees (``layout.terminal``: terminals modelled).")
+    store_layout = _core_attr("store_layout", "Real rows as stored and mixed: concat(obs, action, reward, "
+                                              "next_obs, terminal).")
+    model_terminals = _core_attr("model_terminals", "The ``model_terminals`` setting (True, False or "
+                                                    "\"auto\"); the decision is ``layout.terminal``.")
 
     def wait(self) -> bool:
         """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
-        return self.core.wait()
+        return self.core.pool.wait()

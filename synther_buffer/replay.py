@@ -85,7 +85,7 @@ class GenerativeReplay(UsesMixingCore):
     @property
     def device(self) -> torch.device:
         """Where batches, the model and the pool live (``config.device``)."""
-        return self.core.device
+        return self.core.pool.device
 
     # ------------------------------------------------------------------ adding
     def __len__(self) -> int:
@@ -283,7 +283,7 @@ class WrappedReplay(UsesMixingCore):
     @property
     def device(self) -> torch.device:
         """Where batches, the model and the pool live (``config.device``)."""
-        return self.core.device
+        return self.core.pool.device
 
     def _rows(self, fields: Sequence) -> np.ndarray:
         if len(fields) != 5:
