@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     # SynthER config: a preset, then the flags. The diffusion model runs on the same device as SAC.
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     preset = args.preset or ("paper" if cuda else "fast")
-    cfg = None if args.no_synther else synther_config(SynthERConfig.preset(preset), args)
+    synther = not args.no_synther
+    cfg = synther_config(SynthERConfig.preset(preset), args) if synther else None
     buffer_size = min(args.total_steps, 1_000_000)  # every real transition of the run is kept
 
     # The agent. SynthER = replay_buffer_class + replay_buffer_kwargs; everything else is stock SAC.
@@ -94,14 +95,14 @@ def main(argv=None) -> int:
             learning_starts=args.learning_starts, batch_size=args.batch_size, buffer_size=buffer_size,
             train_freq=1, gradient_steps=args.utd,  # UTD = gradient steps per env step
             policy_kwargs=dict(net_arch=[args.hidden, args.hidden]),
-            replay_buffer_class=GenerativeReplayBuffer if cfg else None,
-            replay_buffer_kwargs=dict(config=cfg, model_terminals=can_terminate(args.env)) if cfg else None,
+            replay_buffer_class=GenerativeReplayBuffer if synther else None,
+            replay_buffer_kwargs=dict(config=cfg, model_terminals=can_terminate(args.env)) if synther else None,
             seed=args.seed, device=args.device, verbose=0,
         )
 
     # The run (synther_buffer.sb3_run): threads, envs, the agent (or the checkpoint it resumes from),
     # an evaluation every --eval-every env steps, checkpoints, CSV / JSON / PNG and the summary table.
-    name = f"SB3 SAC + SynthER ({preset})" if cfg else "SB3 SAC (no SynthER)"
+    name = f"SB3 SAC + SynthER ({preset})" if synther else "SB3 SAC (no SynthER)"
     title = f"{name} on {args.env}: UTD {args.utd}, {args.total_steps:,} env steps, seed {args.seed}"
     try:
         run = SB3Run(args, make_agent, synther=cfg, title=title, buffer_size=buffer_size,

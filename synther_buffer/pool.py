@@ -27,8 +27,18 @@ CHUNK_ROWS = 65_536  # rows per block when filtering / compacting a generated po
 
 
 def check_action_bounds(low, high, action_dim: int) -> Tuple[np.ndarray, np.ndarray]:
-    """``low`` / ``high`` (scalars or ``action_dim`` values each) as float32 arrays of ``action_dim``;
-    ``ValueError`` unless they broadcast and low <= high everywhere (which NaN never is)."""
+    """Action bounds as two float32 arrays of ``action_dim`` values.
+
+    Args:
+        low, high: scalars or ``action_dim`` values each.
+        action_dim: the action width.
+
+    Returns:
+        ``(low, high)`` broadcast to ``action_dim`` (copies).
+
+    Raises:
+        ValueError: they do not broadcast, or low <= high fails somewhere (NaN never satisfies it).
+    """
     try:
         low, high = (np.broadcast_to(np.asarray(b, dtype=np.float32), (action_dim,)).copy() for b in (low, high))
     except (TypeError, ValueError) as e:
@@ -119,8 +129,15 @@ class SyntheticPool:
         self.env_steps += int(n)
 
     def due(self, num_real: int) -> bool:
-        """True when ``retrain_every`` env steps have passed since the last retrain and data suffices
-        (never while a background retrain is in flight)."""
+        """Whether a retrain is due.
+
+        Args:
+            num_real: real transitions stored now.
+
+        Returns:
+            True when ``retrain_every`` env steps have passed since the last retrain and
+            ``num_real >= min_real`` (never while a background retrain is in flight).
+        """
         self.poll()
         return (self._worker is None and self.env_steps >= self.next_retrain
                 and num_real >= self.min_real)
@@ -128,12 +145,21 @@ class SyntheticPool:
     def retrain(self, rows: np.ndarray, background: Optional[bool] = None) -> bool:
         """Fit a fresh model on ``rows`` (all real data), then regenerate the pool (replacing it).
 
-        Synchronous (default, the paper's schedule): returns True on success. A diverging fit or
-        non-finite samples keeps the previous model and pool, logs a warning and returns False: the
-        agent keeps training on the old pool. With ``background`` (default ``config.async_retrain``)
-        the work runs in a thread on a copy of ``rows`` and this returns True at once; the new pool
-        is swapped in by ``poll()`` (called from ``due``/``sample``/``stats``). An unexpected error
-        in the worker is raised by the next ``poll()``.
+        Synchronous (the paper's schedule): a diverging fit or non-finite samples keeps the previous
+        model and pool and logs a warning: the agent keeps training on the old pool. In the
+        background the work runs in a thread on a copy of ``rows``; the new pool is swapped in by
+        ``poll()`` (called from ``due`` / ``sample`` / ``stats``), and an unexpected error in the
+        worker is raised by the next ``poll()``. The schedule moves on either way.
+
+        Args:
+            rows: [N, layout.dim] float32 rows of every real transition.
+            background: run in a thread (default ``config.async_retrain``).
+
+        Returns:
+            True on success (at once, for a background retrain); False when the fit failed.
+
+        Raises:
+            RuntimeError: a background retrain is already running.
         """
         self.poll()
         if self._worker is not None:
@@ -252,7 +278,11 @@ class SyntheticPool:
 
     # ------------------------------------------------------------------ sampling
     def sample(self, k: int) -> torch.Tensor:
-        """``k`` synthetic rows [k, D] on the pool's device (uniform with replacement)."""
+        """``k`` synthetic rows [k, D] on the pool's device (uniform with replacement).
+
+        Raises:
+            RuntimeError: the pool is empty (no retrain yet).
+        """
         self.poll()
         if self.pool is None or self.num_synthetic == 0:
             raise RuntimeError("the synthetic pool is empty (no retrain yet)")
@@ -260,7 +290,10 @@ class SyntheticPool:
         return self.pool.index_select(0, idx)  # not pool[idx]: see diffusion.fit
 
     def split_batch(self, batch_size: int) -> tuple:
-        """(n_real, n_synthetic) for a batch: n_real = floor(real_ratio * B + 0.5); all real before any pool."""
+        """``(n_real, n_synthetic)`` for a batch of ``batch_size``.
+
+        ``n_real = floor(real_ratio * batch_size + 0.5)``; all real while the pool is empty.
+        """
         self.poll()
         if self.num_synthetic == 0:
             return batch_size, 0

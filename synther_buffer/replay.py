@@ -1,12 +1,14 @@
-"""GenerativeReplay: a framework-free SynthER replay buffer (real ring buffer + synthetic pool + mixed batches).
+"""The framework-free SynthER buffers, for custom training loops (CleanRL / REDQ style).
 
-For custom training loops (CleanRL / REDQ style). No RL framework is imported here.
+``GenerativeReplay`` keeps the real transitions itself (a ring buffer)::
 
-    buf = GenerativeReplay(obs_dim, action_dim, capacity=1_000_000, config=cfg, model_terminals=True)
+    buf = GenerativeReplay(obs_dim, action_dim, capacity=1_000_000, config=cfg)
     buf.add(obs, action, reward, next_obs, terminated)   # one transition or a batch [B, ...]
     batch = buf.sample(256)                              # ReplaySamples of torch tensors
 
-A loop that already owns a buffer keeps it and wraps it with ``WrappedReplay`` instead.
+``WrappedReplay`` leaves them in a loop's own buffer and reads them through two functions. Both are
+thin owners of a ``synther_buffer.mixing.MixingCore`` (pool, terminal column, batch split). No RL
+framework is imported here.
 """
 
 from __future__ import annotations
@@ -94,7 +96,16 @@ class GenerativeReplay(UsesMixingCore):
     def add(self, obs, action, reward, next_obs, terminated) -> None:
         """Store one transition (obs [obs_dim]) or a batch (obs [B, obs_dim]); retrain when due.
 
-        ``terminated`` is the true terminal flag (not ``truncated``): time-limit ends are not terminals.
+        Args:
+            obs, next_obs: [obs_dim] or [B, obs_dim].
+            action: [action_dim] or [B, action_dim].
+            reward: a scalar, [B] or [B, 1].
+            terminated: the true terminal flag (not ``truncated``: time-limit ends are not
+                terminals), 0/1 or bool; a scalar, [B] or [B, 1].
+
+        Raises:
+            ValueError: a field of the wrong shape or dtype (named), a non-binary ``terminated``,
+                or NaN/inf with ``on_invalid="raise"``. A rejected batch changes nothing.
         """
         rows = self._validated_rows(obs, action, reward, next_obs, terminated)
         b = rows.shape[0]
