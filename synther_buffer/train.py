@@ -144,12 +144,13 @@ def _setup(args: argparse.Namespace):
         learning_starts = min_real if min_real < args.total_steps else args.total_steps // 2
     buffer_size = args.buffer_size or min(args.total_steps, 1_000_000)
 
+    buffer_kwargs = None if cfg is None else dict(config=cfg, model_terminals=can_terminate(args.env))
+
     def make_agent(env) -> SAC:
         return SAC("MlpPolicy", env, learning_starts=learning_starts, batch_size=args.batch_size,
                    buffer_size=buffer_size, train_freq=1, gradient_steps=args.utd,
-                   replay_buffer_class=GenerativeReplayBuffer if cfg is not None else None,
-                   replay_buffer_kwargs=None if cfg is None else dict(config=cfg, model_terminals=can_terminate(args.env)),
-                   seed=args.seed, device=str(device), verbose=0)
+                   replay_buffer_class=None if cfg is None else GenerativeReplayBuffer,
+                   replay_buffer_kwargs=buffer_kwargs, seed=args.seed, device=str(device), verbose=0)
 
     label = "SB3 SAC" + (" (plain replay, no SynthER)" if cfg is None else f" + SynthER ({args.preset} preset)")
     title = (f"{label} on {args.env}: UTD {args.utd}, {args.total_steps:,} env steps, "
