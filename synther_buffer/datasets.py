@@ -19,7 +19,8 @@ Inputs (``load_transitions`` / ``load_array``):
   save the latents in the transition key format instead (``observations`` = actor/critic features
   of h, ``next_observations`` = those of h') and upsample the ``.npz``.
 
-Row layout (seed A): ``concat(obs, action, reward, next_obs[, terminal])``. The terminal column is
+Row layout (seed A): ``concat(obs, action, reward, next_obs[, terminal])``, described by
+``synther_buffer.layout.RowLayout`` (the layout the online buffers use too). The terminal column is
 modelled only if some terminal in the data is 1 (``model_terminals=None``); otherwise it is left out
 of the diffusion model and written as 0. Everything is converted to float32.
 """
@@ -28,11 +29,12 @@ from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .layout import RowLayout
 
 PathLike = Union[str, os.PathLike]
 Transitions = Dict[str, np.ndarray]
@@ -42,60 +44,6 @@ OPTIONAL_KEYS: Tuple[str, ...] = ("timeouts",)
 NPZ_SUFFIXES = (".npz",)
 HDF5_SUFFIXES = (".hdf5", ".h5")
 NPY_SUFFIXES = (".npy",)
-
-
-# ---------------------------------------------------------------------------------------------- layout
-@dataclass(frozen=True)
-class RowLayout:
-    """How a transition dict maps to the columns of a flat row: ``obs | action | reward | next_obs [| terminal]``.
-
-    Attributes:
-        obs_dim: observation width.
-        action_dim: action width.
-        terminal: whether the row carries a terminal column (the last one).
-        timeouts: whether the source dataset had a ``timeouts`` key (kept on output).
-        terminal_dtype: numpy dtype name used for ``terminals`` / ``timeouts`` on output.
-    """
-
-    obs_dim: int
-    action_dim: int
-    terminal: bool = False
-    timeouts: bool = False
-    terminal_dtype: str = "float32"
-
-    @property
-    def dim(self) -> int:
-        """Row width D."""
-        return 2 * self.obs_dim + self.action_dim + 1 + int(self.terminal)
-
-    @property
-    def reward_col(self) -> int:
-        """Index of the reward column."""
-        return self.obs_dim + self.action_dim
-
-    @property
-    def terminal_col(self) -> Optional[int]:
-        """Index of the terminal column, or None when terminals are not modelled."""
-        return self.dim - 1 if self.terminal else None
-
-    def slices(self) -> Dict[str, slice]:
-        """Column slice of each key (``terminals`` only when modelled)."""
-        o, a = self.obs_dim, self.action_dim
-        out = {"observations": slice(0, o), "actions": slice(o, o + a), "rewards": slice(o + a, o + a + 1),
-               "next_observations": slice(o + a + 1, 2 * o + a + 1)}
-        if self.terminal:
-            out["terminals"] = slice(2 * o + a + 1, 2 * o + a + 2)
-        return out
-
-    def column_names(self) -> List[str]:
-        """One name per row column: ``obs_0 .. action_0 .. reward next_obs_0 .. [terminal]``."""
-        names = [f"obs_{i}" for i in range(self.obs_dim)] + [f"action_{i}" for i in range(self.action_dim)]
-        names += ["reward"] + [f"next_obs_{i}" for i in range(self.obs_dim)]
-        return names + (["terminal"] if self.terminal else [])
-
-    def to_dict(self) -> dict:
-        """Plain-python dict (JSON friendly)."""
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------- loading

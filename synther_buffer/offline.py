@@ -61,7 +61,7 @@ from .config import SynthERConfig
 from .datasets import (HDF5_SUFFIXES, NPY_SUFFIXES, NPZ_SUFFIXES, PathLike, RowLayout, _coerce, _import_h5py,
                        _suffix, from_rows, to_rows)
 from .diffusion import TransitionDiffusion
-from .pool import check_action_bounds
+from .pool import check_action_bounds, model_for
 
 DEFAULT_CHUNK_SIZE = 100_000  # on CUDA, when neither chunk_size nor config.sample_batch_size is set
 
@@ -207,13 +207,11 @@ class _RealIndexStream:
 
 # ---------------------------------------------------------------------------------------------- upsample
 def make_model(layout: Optional[RowLayout], dim: int, config: SynthERConfig) -> TransitionDiffusion:
-    """A fresh ``TransitionDiffusion`` for rows of ``layout`` (terminal column raw; reward skipped if
-    ``config.normalize_reward`` is False), or for a plain [N, dim] array when ``layout`` is None."""
+    """A fresh ``TransitionDiffusion`` for rows of ``layout`` (see ``synther_buffer.pool.model_for``),
+    or for a plain [N, dim] array when ``layout`` is None."""
     if layout is None:
         return TransitionDiffusion(dim, config)
-    return TransitionDiffusion(layout.dim, config,
-                               terminal_dims=[layout.terminal_col] if layout.terminal else [],
-                               skip_dims=[] if config.normalize_reward else [layout.reward_col])
+    return model_for(layout, config)
 
 
 def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLike, *,

@@ -1,8 +1,8 @@
 """SyntheticPool: the retrain schedule, the diffusion model and the pool of synthetic transitions.
 
-Shared by ``GenerativeReplay`` (framework-free) and the stable-baselines3 ``GenerativeReplayBuffer``:
-whoever owns the real data calls ``step(n)`` as transitions arrive and ``retrain(rows)`` when due;
-``sample(k)`` draws synthetic rows. Row layout: concat(obs, action, reward, next_obs[, terminal]).
+Used through ``synther_buffer.mixing.MixingCore`` by every buffer: whoever owns the real data calls
+``step(n)`` as transitions arrive and ``retrain(rows)`` when ``due``; ``sample(k)`` draws synthetic
+rows. Rows follow ``synther_buffer.layout.RowLayout``: concat(obs, action, reward, next_obs[, terminal]).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from .config import SynthERConfig
 from .diffusion import DiffusionTrainingError, TransitionDiffusion, resolve_device
+from .layout import RowLayout, TransitionLayout  # TransitionLayout: deprecated, still importable from here
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,18 @@ CHUNK_ROWS = 65_536  # rows per block when filtering / compacting a generated po
 
 
 def check_action_bounds(low, high, action_dim: int) -> Tuple[np.ndarray, np.ndarray]:
-    """``low`` / ``high`` (scalars or ``action_dim`` values each) as float32 arrays of ``action_dim``;
-    ``ValueError`` unless they broadcast and low <= high everywhere (which NaN never is)."""
+    """Action bounds as two float32 arrays of ``action_dim`` values.
+
+    Args:
+        low, high: scalars or ``action_dim`` values each.
+        action_dim: the action width.
+
+    Returns:
+        ``(low, high)`` broadcast to ``action_dim`` (copies).
+
+    Raises:
+        ValueError: they do not broadcast, or low <= high fails somewhere (NaN never satisfies it).
+    """
     try:
         low, high = (np.broadcast_to(np.asarray(b, dtype=np.float32), (action_dim,)).copy() for b in (low, high))
     except (TypeError, ValueError) as e:
@@ -38,66 +48,34 @@ def check_action_bounds(low, high, action_dim: int) -> Tuple[np.ndarray, np.ndar
     return low, high
 
 
-@dataclass(frozen=True)
-class TransitionLayout:
-    """Where each field sits in a transition row: concat(obs, action, reward, next_obs[, terminal])."""
+def model_for(layout: RowLayout, config: SynthERConfig) -> TransitionDiffusion:
+    """A fresh ``TransitionDiffusion`` for rows of ``layout``.
 
-    obs_dim: int
-    action_dim: int
-    model_terminals: bool
+    The terminal column (if any) is left raw, and the reward column is not normalised unless
+    ``config.normalize_reward``. Used by the online pool and by offline ``upsample``.
 
-    def __post_init__(self):
-        for name in ("obs_dim", "action_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+    Args:
+        layout: the rows' layout.
+        config: the diffusion hyperparameters (and ``normalize_reward``).
 
-    @property
-    def dim(self) -> int:
-        """Row width D."""
-        return 2 * self.obs_dim + self.action_dim + 1 + int(self.model_terminals)
-
-    @property
-    def reward_col(self) -> int:
-        return self.obs_dim + self.action_dim
-
-    @property
-    def terminal_dims(self) -> tuple:
-        return (self.dim - 1,) if self.model_terminals else ()
-
-    def join(self, obs, action, reward, next_obs, terminated) -> np.ndarray:
-        """Rows [B, D] float32 from batched fields ([B, ...] each; reward/terminated [B] or [B, 1])."""
-        b = obs.shape[0]
-        parts = [obs.reshape(b, self.obs_dim), action.reshape(b, self.action_dim), reward.reshape(b, 1),
-                 next_obs.reshape(b, self.obs_dim)]
-        if self.model_terminals:
-            parts.append(terminated.reshape(b, 1))
-        return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts], axis=1)
-
-    def split(self, rows):
-        """(obs, action, reward [B], next_obs, terminated [B]) views of rows (numpy or torch)."""
-        o, a = self.obs_dim, self.action_dim
-        r = o + a
-        obs, action, reward = rows[:, :o], rows[:, o:r], rows[:, r]
-        next_obs = rows[:, r + 1:r + 1 + o]
-        if self.model_terminals:
-            terminated = rows[:, -1]
-        else:
-            terminated = rows[:, 0] * 0  # never terminal (same type/device as rows)
-        return obs, action, reward, next_obs, terminated
+    Returns:
+        An untrained model of width ``layout.dim``.
+    """
+    skip = () if config.normalize_reward else (layout.reward_col,)
+    return TransitionDiffusion(layout.dim, config, terminal_dims=layout.terminal_dims, skip_dims=skip)
 
 
 class SyntheticPool:
     """The online SynthER schedule (seed D.2) around a ``TransitionDiffusion`` and a synthetic pool.
 
     Args:
-        layout: row layout.
+        layout: the layout of the rows the model is fitted on (and the pool holds).
         config: ``retrain_every``, ``synthetic_size``, ``num_generate``, ``min_real``,
             ``normalize_reward``, ``outlier_std`` and the diffusion hyperparameters.
         log_fn: ``log_fn(key, value)`` called with the retrain metrics (SB3's logger.record, say).
     """
 
-    def __init__(self, layout: TransitionLayout, config: SynthERConfig, log_fn: Optional[LogFn] = None):
+    def __init__(self, layout: RowLayout, config: SynthERConfig, log_fn: Optional[LogFn] = None):
         self.layout = layout
         self.config = config
         self.device = resolve_device(config.device)
@@ -124,6 +102,23 @@ class SyntheticPool:
         """Clip the action columns of generated rows to [low, high] (e.g. the env's action space)."""
         self.action_low, self.action_high = check_action_bounds(low, high, self.layout.action_dim)
 
+    def set_layout(self, layout: RowLayout) -> None:
+        """Use ``layout`` for the next retrain (e.g. with the terminal column after all).
+
+        Args:
+            layout: the new layout, of the same observation and action widths.
+
+        Raises:
+            RuntimeError: a model is already installed or a background retrain is in flight (the
+                pool's rows and the model's width follow the layout they were made with).
+            ValueError: the widths differ.
+        """
+        if self.model is not None or self._worker is not None:
+            raise RuntimeError("the row layout is fixed once a retrain has run or started")
+        if (layout.obs_dim, layout.action_dim) != (self.layout.obs_dim, self.layout.action_dim):
+            raise ValueError(f"layout {layout} does not match the pool's widths {self.layout}")
+        self.layout = layout
+
     # ------------------------------------------------------------------ schedule
     @property
     def num_synthetic(self) -> int:
@@ -134,8 +129,15 @@ class SyntheticPool:
         self.env_steps += int(n)
 
     def due(self, num_real: int) -> bool:
-        """True when ``retrain_every`` env steps have passed since the last retrain and data suffices
-        (never while a background retrain is in flight)."""
+        """Whether a retrain is due.
+
+        Args:
+            num_real: real transitions stored now.
+
+        Returns:
+            True when ``retrain_every`` env steps have passed since the last retrain and
+            ``num_real >= min_real`` (never while a background retrain is in flight).
+        """
         self.poll()
         return (self._worker is None and self.env_steps >= self.next_retrain
                 and num_real >= self.min_real)
@@ -143,12 +145,21 @@ class SyntheticPool:
     def retrain(self, rows: np.ndarray, background: Optional[bool] = None) -> bool:
         """Fit a fresh model on ``rows`` (all real data), then regenerate the pool (replacing it).
 
-        Synchronous (default, the paper's schedule): returns True on success. A diverging fit or
-        non-finite samples keeps the previous model and pool, logs a warning and returns False: the
-        agent keeps training on the old pool. With ``background`` (default ``config.async_retrain``)
-        the work runs in a thread on a copy of ``rows`` and this returns True at once; the new pool
-        is swapped in by ``poll()`` (called from ``due``/``sample``/``stats``). An unexpected error
-        in the worker is raised by the next ``poll()``.
+        Synchronous (the paper's schedule): a diverging fit or non-finite samples keeps the previous
+        model and pool and logs a warning: the agent keeps training on the old pool. In the
+        background the work runs in a thread on a copy of ``rows``; the new pool is swapped in by
+        ``poll()`` (called from ``due`` / ``sample`` / ``stats``), and an unexpected error in the
+        worker is raised by the next ``poll()``. The schedule moves on either way.
+
+        Args:
+            rows: [N, layout.dim] float32 rows of every real transition.
+            background: run in a thread (default ``config.async_retrain``).
+
+        Returns:
+            True on success (at once, for a background retrain); False when the fit failed.
+
+        Raises:
+            RuntimeError: a background retrain is already running.
         """
         self.poll()
         if self._worker is not None:
@@ -159,14 +170,14 @@ class SyntheticPool:
         background = self.config.async_retrain if background is None else background
         # Everything the work needs is captured here, on the caller's thread: the worker reads no
         # counter the agent's thread moves on, and the recorded retrain step is the submission step.
-        index, step = self.retrain_count, self.env_steps
+        index, step, layout = self.retrain_count, self.env_steps, self.layout
         if not background:
-            return self._install(self._build(rows, index, step))
+            return self._install(self._build(rows, index, step, layout))
         job = {"rows": np.array(rows, copy=True), "result": None, "error": None}
 
         def work():
             try:
-                job["result"] = self._build(job.pop("rows"), index, step)
+                job["result"] = self._build(job.pop("rows"), index, step, layout)
             except BaseException as e:  # re-raised in the caller by poll()
                 job["error"] = e
 
@@ -200,12 +211,10 @@ class SyntheticPool:
             raise RuntimeError("SynthER background retrain crashed") from job["error"]
         return self._install(job["result"])
 
-    def _build(self, rows: np.ndarray, retrain_index: int, env_step: int) -> dict:
+    def _build(self, rows: np.ndarray, retrain_index: int, env_step: int, lay: RowLayout) -> dict:
         """Fit + generate + filter, touching no shared state (safe in a worker thread)."""
-        c, lay = self.config, self.layout
-        skip = () if c.normalize_reward else (lay.reward_col,)
-        model = TransitionDiffusion(lay.dim, c.replace(seed=c.seed + retrain_index),
-                                    terminal_dims=lay.terminal_dims, skip_dims=skip)
+        c = self.config
+        model = model_for(lay, c.replace(seed=c.seed + retrain_index))
         try:
             fit = model.fit(rows)
             t0 = time.perf_counter()
@@ -214,10 +223,8 @@ class SyntheticPool:
         except DiffusionTrainingError as e:
             return {"error": e, "env_step": env_step}
         if self.action_low is not None:
-            a0 = lay.obs_dim
-            np.clip(synth[:, a0:a0 + lay.action_dim], self.action_low, self.action_high,
-                    out=synth[:, a0:a0 + lay.action_dim])
-        keep = self._in_range(synth, rows)
+            np.clip(synth[:, lay.action_cols], self.action_low, self.action_high, out=synth[:, lay.action_cols])
+        keep = self._in_range(synth, rows, lay.terminal)
         return {"error": None, "env_step": env_step, "model": model, "pool": _compact(synth, keep),
                 "filtered": int((~keep).sum()), "fit": fit, "gen_seconds": gen_seconds,
                 "num_real": rows.shape[0]}
@@ -248,7 +255,7 @@ class SyntheticPool:
                  self.num_synthetic)
         return True
 
-    def _in_range(self, synth: np.ndarray, real: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
+    def _in_range(self, synth: np.ndarray, real: np.ndarray, terminal: bool, chunk: int = CHUNK_ROWS) -> np.ndarray:
         """Mask of synthetic rows within ``outlier_std`` real stds of the real mean on every dim.
 
         Computed in chunks of ``chunk`` rows in float32, so a 1M-row pool needs no pool-sized temporaries.
@@ -259,7 +266,7 @@ class SyntheticPool:
         mean = real.mean(axis=0, dtype=np.float64)
         std = real.std(axis=0, dtype=np.float64)
         judged = std >= 1e-6  # the model never reproduces a constant exactly: don't judge those
-        if self.layout.model_terminals:
+        if terminal:
             judged[-1] = False
         lo = (mean - k * std)[judged].astype(np.float32)
         hi = (mean + k * std)[judged].astype(np.float32)
@@ -271,7 +278,11 @@ class SyntheticPool:
 
     # ------------------------------------------------------------------ sampling
     def sample(self, k: int) -> torch.Tensor:
-        """``k`` synthetic rows [k, D] on the pool's device (uniform with replacement)."""
+        """``k`` synthetic rows [k, D] on the pool's device (uniform with replacement).
+
+        Raises:
+            RuntimeError: the pool is empty (no retrain yet).
+        """
         self.poll()
         if self.pool is None or self.num_synthetic == 0:
             raise RuntimeError("the synthetic pool is empty (no retrain yet)")
@@ -279,7 +290,10 @@ class SyntheticPool:
         return self.pool.index_select(0, idx)  # not pool[idx]: see diffusion.fit
 
     def split_batch(self, batch_size: int) -> tuple:
-        """(n_real, n_synthetic) for a batch: n_real = floor(real_ratio * B + 0.5); all real before any pool."""
+        """``(n_real, n_synthetic)`` for a batch of ``batch_size``.
+
+        ``n_real = floor(real_ratio * batch_size + 0.5)``; all real while the pool is empty.
+        """
         self.poll()
         if self.num_synthetic == 0:
             return batch_size, 0
@@ -332,10 +346,14 @@ class SyntheticPool:
 
     def __getstate__(self) -> dict:
         """Pickle-safe (SB3's save_replay_buffer): weights and pool on CPU, no callbacks."""
-        return {"layout": self.layout, "config": self.config, "state": self.state_dict()}
+        return {"layout": self.layout, "config": self.config, "min_real": self.min_real, "state": self.state_dict()}
 
     def __setstate__(self, d: dict) -> None:
-        self.__init__(d["layout"], d["config"])
+        layout = d["layout"]
+        if isinstance(layout, TransitionLayout):  # pickled by version 0.1.0
+            layout = layout.as_row_layout()
+        self.__init__(layout, d["config"])
+        self.min_real = d.get("min_real", self.min_real)   # absent in pickles of version 0.1.0
         self.load_state_dict(d["state"])
 
 

@@ -1,12 +1,14 @@
-"""GenerativeReplay: a framework-free SynthER replay buffer (real ring buffer + synthetic pool + mixed batches).
+"""The framework-free SynthER buffers, for custom training loops (CleanRL / REDQ style).
 
-For custom training loops (CleanRL / REDQ style). No RL framework is imported here.
+``GenerativeReplay`` keeps the real transitions itself (a ring buffer)::
 
-    buf = GenerativeReplay(obs_dim, action_dim, capacity=1_000_000, config=cfg, model_terminals=True)
+    buf = GenerativeReplay(obs_dim, action_dim, capacity=1_000_000, config=cfg)
     buf.add(obs, action, reward, next_obs, terminated)   # one transition or a batch [B, ...]
     batch = buf.sample(256)                              # ReplaySamples of torch tensors
 
-A loop that already owns a buffer keeps it and wraps it with ``WrappedReplay`` instead.
+``WrappedReplay`` leaves them in a loop's own buffer and reads them through two functions. Both are
+thin owners of a ``synther_buffer.mixing.MixingCore`` (pool, terminal column, batch split). No RL
+framework is imported here.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .checkpoint import atomic_directory, resolve_directory
 from .config import SynthERConfig
-from .pool import LogFn, SyntheticPool, TransitionLayout
+from .mixing import MixingCore, ReplaySamples, UsesMixingCore
+from .pool import LogFn
+
+__all__ = ["GenerativeReplay", "WrappedReplay", "ReplaySamples"]
 
 log = logging.getLogger(__name__)
 
@@ -30,88 +35,46 @@ ON_INVALID = ("raise", "drop")
 CHECKPOINT_VERSION = 1
 
 
-class ReplaySamples(NamedTuple):
-    """A mixed batch: the first ``n_real`` rows are real, the rest synthetic. All on the buffer's device."""
-
-    obs: torch.Tensor          # [B, obs_dim] float32
-    action: torch.Tensor       # [B, action_dim] float32
-    reward: torch.Tensor       # [B] float32
-    next_obs: torch.Tensor     # [B, obs_dim] float32
-    terminated: torch.Tensor   # [B] float32 in {0, 1}; truncations are not terminals
-
-
 def _log_to_logging(key: str, value: float) -> None:
     log.debug("%s = %s", key, value)
 
 
-class _Mixer:
-    """Shared logic: a SyntheticPool plus how to stitch real and synthetic rows into ReplaySamples."""
-
-    def __init__(self, obs_dim: int, action_dim: int, config: Optional[SynthERConfig], model_terminals: bool,
-                 log_fn: Optional[LogFn], action_bounds: Optional[tuple] = None):
-        self.config = config if config is not None else SynthERConfig.preset("paper")
-        if not isinstance(self.config, SynthERConfig):
-            raise ValueError(f"config must be a SynthERConfig, got {type(self.config).__name__}")
-        # Real rows always store the terminal; the model sees it only if model_terminals.
-        self.store_layout = TransitionLayout(obs_dim, action_dim, model_terminals=True)
-        self.layout = TransitionLayout(obs_dim, action_dim, model_terminals=bool(model_terminals))
-        self.pool = SyntheticPool(self.layout, self.config, log_fn or _log_to_logging)
-        if action_bounds is not None:
-            self.pool.set_action_bounds(*action_bounds)
-        self.device = self.pool.device
-
-    def wait(self) -> bool:
-        """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
-        return self.pool.wait()
-
-    @property
-    def model(self):
-        """The current ``TransitionDiffusion`` (None before the first retrain)."""
-        return self.pool.model
-
-    def _retrain_on(self, store_rows: np.ndarray) -> bool:
-        rows = store_rows if self.layout.model_terminals else store_rows[:, :-1]
-        return self.pool.retrain(np.ascontiguousarray(rows))
-
-    def _mix(self, real: torch.Tensor, n_syn: int) -> ReplaySamples:
-        """real: [n_real, D_store] on device. Appends n_syn synthetic rows and splits into fields."""
-        if n_syn:
-            syn = self.pool.sample(n_syn)
-            if not self.layout.model_terminals:
-                syn = torch.cat([syn, syn.new_zeros(n_syn, 1)], dim=1)
-            real = torch.cat([real, syn], dim=0)
-        return ReplaySamples(*self.store_layout.split(real))
-
-
-class GenerativeReplay(_Mixer):
+class GenerativeReplay(UsesMixingCore):
     """SynthER replay buffer without any RL framework.
 
     Args:
         obs_dim: flat observation size.
         action_dim: flat action size.
         capacity: real transitions kept (FIFO ring buffer, like SB3: the oldest are overwritten).
-        config: ``SynthERConfig`` (default: the paper preset).
-        model_terminals: model the terminal flag (only where the env can terminate; seed A).
+        config: ``SynthERConfig``; None means ``SynthERConfig.for_device("auto")`` (the ``paper``
+            preset on CUDA, ``fast`` on CPU; the choice is logged once).
+        model_terminals: model the terminal flag (seed A: only where the env can terminate).
+            ``"auto"`` (default) decides at the first retrain: modelled iff some stored real
+            transition has ``terminated`` 1 by then. Pass ``True`` / ``False`` when you know
+            (``synther_buffer.envs.can_terminate(env_id)``), e.g. for an env that terminates rarely.
         on_invalid: ``"raise"`` rejects NaN/inf transitions with a ValueError; ``"drop"`` counts
             and drops them (``stats()["num_dropped"]``). Never stored either way.
         log_fn: ``log_fn(key, value)`` for retrain metrics (default: the ``logging`` module, debug level).
         action_bounds: optional ``(low, high)``; synthetic actions are clipped to them.
 
+    Raises:
+        ValueError: a bad argument (named in the message).
+
     Every ``config.retrain_every`` env steps (transitions added) the diffusion model is retrained
     from scratch on all real transitions and the synthetic pool is regenerated. ``sample(B)`` draws
     ``floor(real_ratio * B + 0.5)`` real rows and the rest synthetic (all real before the first retrain).
+    The SynthER half (pool, terminal column, batch split) is a ``synther_buffer.mixing.MixingCore``
+    (``self.core``); this class adds the ring buffer, input validation and checkpoints.
     """
 
     def __init__(self, obs_dim: int, action_dim: int, capacity: int = 1_000_000,
-                 config: Optional[SynthERConfig] = None, model_terminals: bool = True,
+                 config: Optional[SynthERConfig] = None, model_terminals: Union[bool, str] = "auto",
                  on_invalid: str = "raise", log_fn: Optional[LogFn] = None,
                  action_bounds: Optional[tuple] = None):
-        super().__init__(obs_dim, action_dim, config, model_terminals, log_fn, action_bounds)
-        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        self.core = MixingCore(obs_dim, action_dim, config, model_terminals, capacity=capacity,
+                               log_fn=log_fn or _log_to_logging, action_bounds=action_bounds)
         if on_invalid not in ON_INVALID:
             raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
-        self.pool.min_real = min(self.config.min_real, int(capacity))  # a full buffer may always retrain
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
         self.capacity = int(capacity)
         self.on_invalid = on_invalid
@@ -121,19 +84,28 @@ class GenerativeReplay(_Mixer):
         self.num_dropped = 0
         self.rng = np.random.default_rng(self.config.seed + 1)
 
+    @property
+    def device(self) -> torch.device:
+        """Where batches, the model and the pool live (``config.device``)."""
+        return self.core.pool.device
+
     # ------------------------------------------------------------------ adding
     def __len__(self) -> int:
         return self.capacity if self.full else self.pos
 
-    @property
-    def env_steps(self) -> int:
-        """Transitions added so far (dropped invalid ones included), as SB3's num_timesteps counts."""
-        return self.pool.env_steps
-
     def add(self, obs, action, reward, next_obs, terminated) -> None:
         """Store one transition (obs [obs_dim]) or a batch (obs [B, obs_dim]); retrain when due.
 
-        ``terminated`` is the true terminal flag (not ``truncated``): time-limit ends are not terminals.
+        Args:
+            obs, next_obs: [obs_dim] or [B, obs_dim].
+            action: [action_dim] or [B, action_dim].
+            reward: a scalar, [B] or [B, 1].
+            terminated: the true terminal flag (not ``truncated``: time-limit ends are not
+                terminals), 0/1 or bool; a scalar, [B] or [B, 1].
+
+        Raises:
+            ValueError: a field of the wrong shape or dtype (named), a non-binary ``terminated``,
+                or NaN/inf with ``on_invalid="raise"``. A rejected batch changes nothing.
         """
         rows = self._validated_rows(obs, action, reward, next_obs, terminated)
         b = rows.shape[0]
@@ -149,9 +121,8 @@ class GenerativeReplay(_Mixer):
         if not np.isin(rows[:, -1], (0.0, 1.0)).all():
             raise ValueError("terminated must hold 0/1 (or bool) values: the true terminal flag, not a probability")
         self.num_dropped += b - rows.shape[0]
-        self.pool.step(b)  # dropped transitions were still env steps
         self._write(rows)
-        if self.pool.due(len(self)):
+        if self.core.step(b, len(self)):  # dropped transitions were still env steps
             self.retrain()
 
     def _write(self, rows: np.ndarray) -> None:
@@ -193,28 +164,36 @@ class GenerativeReplay(_Mixer):
         return self._rows[:len(self)]
 
     def retrain(self) -> bool:
-        """Retrain the diffusion model on all real data now and regenerate the pool. True on success."""
-        if len(self) < 2:
-            raise RuntimeError(f"need at least 2 real transitions to retrain, have {len(self)}")
-        return self._retrain_on(self.real_rows())
+        """Retrain the diffusion model on all real data now and regenerate the pool.
+
+        Returns:
+            True on success (or on submission of a background retrain).
+
+        Raises:
+            RuntimeError: fewer than 2 real transitions, or a background retrain is running.
+        """
+        return self.core.retrain(self.real_rows())
 
     def sample(self, batch_size: int) -> ReplaySamples:
-        """A mixed batch of ``batch_size`` transitions: real rows first, then synthetic rows."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        """A mixed batch of ``batch_size`` transitions: real rows first, then synthetic rows.
+
+        Raises:
+            ValueError: ``batch_size`` is not a positive int.
+            RuntimeError: the buffer is empty.
+        """
+        n_real, n_syn = self.core.split(batch_size)
         if len(self) == 0:
             raise RuntimeError("cannot sample from an empty GenerativeReplay: add() transitions first")
-        n_real, n_syn = self.pool.split_batch(int(batch_size))
         idx = self.rng.integers(0, len(self), size=n_real)
         real = torch.from_numpy(self._rows[idx]).to(self.device, non_blocking=True)
-        return self._mix(real, n_syn)
+        return self.core.batch(real, n_syn)
 
     def stats(self) -> dict:
         """env_steps, num_real, num_synthetic, retrain_count, last_train_loss, last_fit_seconds,
         last_generate_seconds, real_ratio, plus failed_retrains, num_filtered, num_dropped, next_retrain,
-        last_retrain_env_step, retraining."""
-        s = self.pool.stats()
-        s.update(num_real=len(self), num_dropped=self.num_dropped, capacity=self.capacity)
+        last_retrain_env_step, retraining, capacity."""
+        s = self.core.stats(num_real=len(self))
+        s.update(num_dropped=self.num_dropped, capacity=self.capacity)
         return s
 
     # ------------------------------------------------------------------ checkpoints
@@ -222,21 +201,35 @@ class GenerativeReplay(_Mixer):
         """Write real data, synthetic pool, model, normalizer and schedule counters to directory ``path``.
 
         Written to a temporary sibling directory first and swapped in, so a kill mid-save leaves the
-        previous checkpoint intact. Everything loads with ``torch.load(weights_only=True)``.
+        previous checkpoint intact. Everything loads with ``torch.load(weights_only=True)``. Waits for
+        an in-flight background retrain first.
         """
         with atomic_directory(path) as tmp:
             np.save(tmp / "real.npy", self._rows[:len(self)] if not self.full else self._rows)
             state = {"version": CHECKPOINT_VERSION, "obs_dim": self.obs_dim, "action_dim": self.action_dim,
-                     "capacity": self.capacity, "model_terminals": self.layout.model_terminals,
+                     "capacity": self.capacity, "model_terminals": self.model_terminals,
                      "on_invalid": self.on_invalid, "pos": self.pos, "full": self.full,
                      "num_dropped": self.num_dropped, "config": self.config.to_dict(),
-                     "rng": json.dumps(self.rng.bit_generator.state), "pool": self.pool.state_dict()}
+                     "rng": json.dumps(self.rng.bit_generator.state), **self.core.state_dict()}
             torch.save(state, tmp / "state.pt")
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], log_fn: Optional[LogFn] = None,
              device: Optional[str] = None) -> "GenerativeReplay":
-        """Restore a buffer saved with ``save``; the schedule continues where it stopped."""
+        """Restore a buffer saved with ``save``; the schedule continues where it stopped.
+
+        Args:
+            path: the checkpoint directory (``path.old`` is used after a kill between save's renames).
+            log_fn: as in the constructor (callbacks are not saved).
+            device: put the model and pool there instead of the saved config's device.
+
+        Returns:
+            The restored buffer.
+
+        Raises:
+            FileNotFoundError: no checkpoint at ``path``.
+            ValueError: the files are not a readable checkpoint of this version.
+        """
         path = resolve_directory(path) or Path(path)  # path.old after a kill between save()'s renames
         try:
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
@@ -260,13 +253,13 @@ class GenerativeReplay(_Mixer):
             buf._rows[:real.shape[0]] = real
             buf.pos, buf.full, buf.num_dropped = pos, full, int(state["num_dropped"])
             buf.rng.bit_generator.state = json.loads(state["rng"])
-            buf.pool.load_state_dict(state["pool"])
+            buf.core.load_state_dict(state["pool"], state.get("terminal_column"))
         except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, ValueError) as e:
             raise ValueError(f"corrupt GenerativeReplay checkpoint {path}: {type(e).__name__}: {e}") from None
         return buf
 
 
-class WrappedReplay(_Mixer):
+class WrappedReplay(UsesMixingCore):
     """SynthER for a training loop that already owns its replay buffer (no rewrite of the loop).
 
     Your buffer keeps storing and sampling real data; this object counts env steps, retrains on
@@ -275,8 +268,13 @@ class WrappedReplay(_Mixer):
     Args:
         sample_real: ``sample_real(n)`` -> (obs, action, reward, next_obs, terminated) for ``n`` real
             transitions (numpy arrays or tensors; reward/terminated [n] or [n, 1]).
-        real_data: ``real_data()`` -> the same five fields for *all* stored real transitions.
-        obs_dim, action_dim, config, model_terminals, log_fn, action_bounds: as in ``GenerativeReplay``.
+        real_data: ``real_data()`` -> the same five fields for *all* stored real transitions;
+            ``terminated`` is the true terminal flag (for an SB3-style buffer ``dones * (1 - timeouts)``).
+        obs_dim, action_dim, config, model_terminals, log_fn, action_bounds: as in ``GenerativeReplay``
+            (``"auto"`` decides from the terminals ``real_data()`` returns at the first retrain).
+
+    Raises:
+        ValueError: a bad argument (named in the message).
 
     Loop::
 
@@ -287,10 +285,16 @@ class WrappedReplay(_Mixer):
 
     def __init__(self, sample_real: Callable[[int], Sequence], real_data: Callable[[], Sequence],
                  obs_dim: int, action_dim: int, config: Optional[SynthERConfig] = None,
-                 model_terminals: bool = True, log_fn: Optional[LogFn] = None,
+                 model_terminals: Union[bool, str] = "auto", log_fn: Optional[LogFn] = None,
                  action_bounds: Optional[tuple] = None):
-        super().__init__(obs_dim, action_dim, config, model_terminals, log_fn, action_bounds)
+        self.core = MixingCore(obs_dim, action_dim, config, model_terminals, log_fn=log_fn or _log_to_logging,
+                               action_bounds=action_bounds)
         self.sample_real, self.real_data = sample_real, real_data
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches, the model and the pool live (``config.device``)."""
+        return self.core.pool.device
 
     def _rows(self, fields: Sequence) -> np.ndarray:
         if len(fields) != 5:
@@ -299,33 +303,36 @@ class WrappedReplay(_Mixer):
         return self.store_layout.join(*arrays)
 
     def step(self, n: int = 1) -> bool:
-        """Count ``n`` env steps; retrain on ``real_data()`` when due. True if a retrain ran."""
-        self.pool.step(n)
-        if not self.pool.due(self.config.min_real):  # counts only; the real count is checked below
+        """Count ``n`` env steps; retrain on ``real_data()`` when due. True if a retrain ran.
+
+        The real count is known only from ``real_data()``, which is called only when the schedule
+        is due; with fewer than ``min_real`` rows the retrain waits (retried at the next step).
+        """
+        if not self.core.step(n, self.core.min_real):
             return False
         rows = self._rows(self.real_data())
-        if rows.shape[0] < self.config.min_real:
-            return False
-        return self._retrain_on(rows)
+        return rows.shape[0] >= self.core.min_real and self.core.retrain(rows)
 
     def retrain(self) -> bool:
-        """Retrain now on ``real_data()``."""
-        return self._retrain_on(self._rows(self.real_data()))
+        """Retrain now on ``real_data()``; as ``GenerativeReplay.retrain``."""
+        return self.core.retrain(self._rows(self.real_data()))
 
     def sample(self, batch_size: int) -> ReplaySamples:
-        """``floor(real_ratio * B + 0.5)`` rows from your buffer, the rest synthetic."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        n_real, n_syn = self.pool.split_batch(int(batch_size))
+        """``floor(real_ratio * B + 0.5)`` rows from your buffer, the rest synthetic.
+
+        Raises:
+            ValueError: ``batch_size`` is not a positive int, or ``sample_real`` returned other than 5 fields.
+        """
+        n_real, n_syn = self.core.split(batch_size)
         if n_real:
             real = torch.from_numpy(self._rows(self.sample_real(n_real))).to(self.device)
         else:
             real = torch.empty(0, self.store_layout.dim, device=self.device)
-        return self._mix(real, n_syn)
+        return self.core.batch(real, n_syn)
 
     def stats(self) -> dict:
         """As ``GenerativeReplay.stats()`` (num_real is not known here)."""
-        return self.pool.stats()
+        return self.core.stats()
 
 
 def _as_array(name: str, value) -> np.ndarray:

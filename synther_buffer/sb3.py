@@ -5,8 +5,8 @@
         replay_buffer_kwargs=dict(config=SynthERConfig.preset("paper")))
 
 Real transitions live in SB3's own storage ([buffer_size, n_envs, ...]); the diffusion model, the
-retrain schedule and the synthetic pool live in a ``SyntheticPool``. Pass ``SynthERLogCallback()``
-to ``learn`` to see the diffusion metrics in SB3's logger (TensorBoard included).
+retrain schedule, the synthetic pool and the batch split live in a ``synther_buffer.mixing.MixingCore``.
+Pass ``SynthERLogCallback()`` to ``learn`` to see the diffusion metrics in SB3's logger (TensorBoard included).
 """
 
 from __future__ import annotations
@@ -23,32 +23,40 @@ from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.vec_env import VecNormalize
 
 from .config import SynthERConfig
-from .pool import SyntheticPool, TransitionLayout
+from .mixing import MixingCore, UsesMixingCore
 
 log = logging.getLogger(__name__)
 
 
-class GenerativeReplayBuffer(ReplayBuffer):
+class GenerativeReplayBuffer(UsesMixingCore, ReplayBuffer):
     """A stable-baselines3 ``ReplayBuffer`` whose batches mix real and SynthER-generated transitions.
 
-    :param buffer_size: max number of real transitions (split across ``n_envs`` as in SB3).
-    :param observation_space: a flat ``Box`` (Dict spaces: flatten first, e.g. ``synther_buffer.envs.make_env``).
-    :param action_space: a ``Box``.
-    :param device: where sampled tensors go (SB3 passes the policy's device).
-    :param n_envs: number of parallel envs.
-    :param optimize_memory_usage: SB3's memory-saving variant (obs and next_obs share one array).
-    :param handle_timeout_termination: time-limit truncations are not terminals (SB3 default True).
-    :param config: ``SynthERConfig`` (default: the paper preset). ``retrain_every`` counts
-        transitions added (a vector step adds ``n_envs``), like SB3's ``num_timesteps``.
-    :param model_terminals: model the terminal flag. ``"auto"`` (default): decided at the first
-        retrain, True iff a real terminal (not a timeout) has been stored by then.
+    Args:
+        buffer_size: max number of real transitions (split across ``n_envs`` as in SB3).
+        observation_space: a flat ``Box`` (Dict spaces: flatten first, e.g. ``synther_buffer.envs.make_env``).
+        action_space: a ``Box``.
+        device: where sampled tensors go (SB3 passes the policy's device).
+        n_envs: number of parallel envs.
+        optimize_memory_usage: SB3's memory-saving variant (obs and next_obs share one array).
+        handle_timeout_termination: time-limit truncations are not terminals (SB3 default True).
+        config: ``SynthERConfig``; None (default) means ``SynthERConfig.for_device(device)``: the
+            ``paper`` preset where the policy is on CUDA, ``fast`` on CPU (logged once).
+            ``retrain_every`` counts transitions added (a vector step adds ``n_envs``), like SB3's
+            ``num_timesteps``.
+        model_terminals: model the terminal flag. ``"auto"`` (default): decided at the first
+            retrain, True iff a real terminal (not a timeout) has been stored by then.
+
+    Raises:
+        ValueError: a Dict / non-flat observation space, a non-Box action space, or a bad
+            ``config`` / ``model_terminals``.
 
     Synthetic actions are clipped to [-1, 1], where SB3's off-policy algorithms store Box actions.
-
     Batches hold ``floor(real_ratio * B + 0.5)`` real rows first, then synthetic rows (all real
     before the first retrain). VecNormalize (``env`` argument of ``sample``) is applied to both.
-    Pickling (``save_replay_buffer``) keeps the real data, the diffusion weights, the normaliser,
-    the synthetic pool and the schedule counters; they load back onto this buffer's config device.
+    Real transitions stay in SB3's arrays; the SynthER half is a ``synther_buffer.mixing.MixingCore``
+    (``self.core``). Pickling (``save_replay_buffer``) keeps the real data, the diffusion weights,
+    the normaliser, the synthetic pool and the schedule counters; they load back onto this
+    buffer's config device.
     """
 
     def __init__(self, buffer_size: int, observation_space: spaces.Space, action_space: spaces.Space,
@@ -62,37 +70,20 @@ class GenerativeReplayBuffer(ReplayBuffer):
                 "synther_buffer.envs.make_env(env_id) which returns flat float32 observations.")
         if not isinstance(action_space, spaces.Box):
             raise ValueError(f"GenerativeReplayBuffer needs a Box action space, got {action_space}")
-        if model_terminals not in (True, False, "auto"):
-            raise ValueError(f"model_terminals must be True, False or 'auto', got {model_terminals!r}")
         super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs,
                          optimize_memory_usage=optimize_memory_usage,
                          handle_timeout_termination=handle_timeout_termination)
-        self.config = config if config is not None else SynthERConfig.preset("paper")
-        if not isinstance(self.config, SynthERConfig):
-            raise ValueError(f"config must be a SynthERConfig, got {type(self.config).__name__}")
-        self.model_terminals = model_terminals
         self.obs_size = int(observation_space.shape[0])
-        self.pool = self._make_pool(model_terminals is True)
-
-    def _make_pool(self, model_terminals: bool) -> SyntheticPool:
-        layout = TransitionLayout(self.obs_size, self.action_dim, model_terminals)
-        pool = SyntheticPool(layout, self.config)
-        pool.min_real = min(self.config.min_real, self.buffer_size * self.n_envs)  # a full buffer may retrain
         # SAC/TD3 store actions rescaled to [-1, 1] (policy.scale_action), whatever the env's bounds.
-        pool.set_action_bounds(-1.0, 1.0)
-        return pool
-
-    def wait(self) -> bool:
-        """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
-        return self.pool.wait()
+        self.core = MixingCore(self.obs_size, self.action_dim, config, model_terminals, device=str(self.device),
+                               capacity=self.buffer_size * self.n_envs, action_bounds=(-1.0, 1.0))
 
     # ------------------------------------------------------------------ adding
     def add(self, obs: np.ndarray, next_obs: np.ndarray, action: np.ndarray, reward: np.ndarray,
             done: np.ndarray, infos: List[Dict[str, Any]]) -> None:
         """SB3's add (one vector step: ``n_envs`` transitions), then retrain when due."""
         super().add(obs, next_obs, action, reward, done, infos)
-        self.pool.step(self.n_envs)
-        if self.pool.due(self.size() * self.n_envs):
+        if self.core.step(self.n_envs, self.size() * self.n_envs):
             self.retrain()
 
     def real_rows(self) -> np.ndarray:
@@ -111,29 +102,21 @@ class GenerativeReplayBuffer(ReplayBuffer):
             next_obs = self.next_observations[idx]
         term = self.dones[idx] * (1 - self.timeouts[idx])
         flat = lambda a: a.reshape(len(idx) * self.n_envs, -1)  # noqa: E731
-        layout = TransitionLayout(self.obs_size, self.action_dim, True)
-        return layout.join(flat(obs), flat(self.actions[idx]), flat(self.rewards[idx]), flat(next_obs), flat(term))
+        return self.store_layout.join(flat(obs), flat(self.actions[idx]), flat(self.rewards[idx]), flat(next_obs),
+                                      flat(term))
 
     def retrain(self) -> bool:
-        """Retrain the diffusion model on all real data now and regenerate the pool. True on success."""
-        rows = self.real_rows()
-        if rows.shape[0] < 2:
-            raise RuntimeError(f"need at least 2 real transitions to retrain, have {rows.shape[0]}")
-        if self.model_terminals == "auto" and self.pool.retrain_count == 0:
-            has_terminals = bool(rows[:, -1].any())
-            if has_terminals != self.pool.layout.model_terminals:
-                old = self.pool
-                self.pool = self._make_pool(has_terminals)
-                self.pool.env_steps, self.pool.log_fn = old.env_steps, old.log_fn
-            log.info("GenerativeReplayBuffer: model_terminals='auto' -> %s", has_terminals)
-        if not self.pool.layout.model_terminals:
-            rows = rows[:, :-1]
-        return self.pool.retrain(np.ascontiguousarray(rows))
+        """Retrain the diffusion model on all real data now and regenerate the pool. True on success.
+
+        Raises:
+            RuntimeError: fewer than 2 real transitions, or a background retrain is running.
+        """
+        return self.core.retrain(self.real_rows())
 
     # ------------------------------------------------------------------ sampling
     def sample(self, batch_size: int, env: Optional[VecNormalize] = None) -> ReplayBufferSamples:
         """``floor(real_ratio * B + 0.5)`` real transitions (SB3's sampling) then synthetic ones."""
-        n_real, n_syn = self.pool.split_batch(batch_size)
+        n_real, n_syn = self.core.split(batch_size)
         real = super().sample(n_real, env=env) if n_real else None
         if not n_syn:
             return real
@@ -143,8 +126,7 @@ class GenerativeReplayBuffer(ReplayBuffer):
         return ReplayBufferSamples(*(torch.cat([r, s], dim=0) for r, s in zip(real[:5], syn[:5])))
 
     def _synthetic_samples(self, n: int, env: Optional[VecNormalize]) -> ReplayBufferSamples:
-        rows = self.pool.sample(n)
-        obs, action, reward, next_obs, terminated = self.pool.layout.split(rows)
+        obs, action, reward, next_obs, terminated = self.store_layout.split(self.core.synthetic_rows(n))
         reward, terminated = reward.reshape(-1, 1), terminated.reshape(-1, 1)
         if env is not None:  # VecNormalize works on numpy, as in SB3's own _get_samples
             obs = self.to_torch(self._normalize_obs(obs.cpu().numpy(), env))
@@ -158,14 +140,19 @@ class GenerativeReplayBuffer(ReplayBuffer):
     def stats(self) -> Dict[str, float]:
         """env_steps, num_real, num_synthetic, retrain_count, last_train_loss, last_fit_seconds,
         last_generate_seconds, real_ratio (and failed_retrains, num_filtered, next_retrain)."""
-        s = self.pool.stats()
-        s["num_real"] = self.size() * self.n_envs
-        return s
+        return self.core.stats(num_real=self.size() * self.n_envs)
 
-    @property
-    def model(self):
-        """The current ``TransitionDiffusion`` (None before the first retrain)."""
-        return self.pool.model
+    # ------------------------------------------------------------------ pickling
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle (``load_replay_buffer``). A buffer pickled by version 0.1.0 kept its pool and
+        config as attributes; it is rebuilt around a ``MixingCore`` holding that pool."""
+        if "core" not in state:
+            pool = state.pop("pool")
+            core = MixingCore(pool.layout.obs_dim, pool.layout.action_dim, state.pop("config"),
+                              state.pop("model_terminals"), capacity=state["buffer_size"] * state["n_envs"])
+            pool.min_real, core.pool = core.min_real, pool
+            state["core"] = core
+        self.__dict__.update(state)
 
 
 class SynthERLogCallback(BaseCallback):

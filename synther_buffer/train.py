@@ -1,24 +1,23 @@
 """``synther train``: online SB3 SAC at UTD=20 with a SynthER replay buffer (the ``make demo`` job).
 
-    synther train --out runs/demo                       # the CPU demo: DMC cheetah-run, ~5 min quiet
+    synther train --out runs/demo                       # the CPU demo: DMC cheetah-run, a few minutes
     synther train --env HalfCheetah-v5 --preset paper --total-steps 100000 --device cuda --out runs/hc
 
 What it does: stable-baselines3 SAC (``MlpPolicy``, batch 256, ``train_freq=1``, ``gradient_steps=UTD``)
-with :class:`synther_buffer.sb3.GenerativeReplayBuffer`; a tqdm bar over env steps (steps/s, retrains,
-last eval) and the engine's own bars for each diffusion fit and sampling; an evaluation every
+with :class:`synther_buffer.sb3.GenerativeReplayBuffer`, run by :class:`synther_buffer.sb3_run.SB3Run`
+(the driver ``integrations/sb3_sac.py`` uses too): a tqdm bar over env steps (steps/s, retrains, last
+eval) and the engine's own bars for each diffusion fit and sampling; an evaluation every
 ``--eval-every`` env steps on a separate env; at the end a table (final eval return, retrains, wall
 time split into setup / RL / diffusion training / diffusion sampling / evaluation) and, under
 ``--out``: ``eval_returns.csv``, ``results.json`` (config, evals, retrains, timing split, buffer
-stats) and ``learning_curve.png``.
+stats) and ``learning_curve.png``. This module holds the flags, the ``demo`` preset and the agent.
 
-The CPU demo budget (defaults). SB3 SAC does ~64-114 gradient steps/s on one core of these machines
-(load-dependent), so UTD=20 is ~3-6 env steps/s; one ``fast``-preset retrain (15K steps + 100K
-samples) is ~3 minutes or more. The defaults therefore run 1,750 env steps with learning from env
-step 1,000 (15,000 SAC updates, ~2.5-4 min) and the ``demo`` preset: ``fast`` (256 x 4 denoiser,
-40-step stochastic Heun) with 5K diffusion steps and 25K generated rows per retrain (~1-1.5 min
-each), retraining every 750 env steps once ``min_real`` = 1,000 real transitions exist, i.e. at env
-steps 1,000 and 1,500 (2 retrains). Total ~5-7 minutes on 2 cores; more on a busy machine.
-The learning curve of so short a run is a smoke test, not a result: the paper's runs are 100K+ steps.
+The defaults are the CPU demo, sized so that a 2-core machine finishes in minutes while still
+showing two retrains: 1,750 env steps with learning from env step 1,000 (``min_real``, when the first
+synthetic pool can exist), and the ``demo`` preset, i.e. ``fast`` (256 x 4 denoiser, 40-step
+stochastic Heun) with 5K diffusion steps and 25K generated rows per retrain, retraining every 750 env
+steps from 1,000 real transitions on: at env steps 1,000 and 1,500. The learning curve of so short a
+run is a smoke test, not a result: the paper's runs are 100K+ steps.
 """
 
 from __future__ import annotations
@@ -97,22 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def synther_config(args: argparse.Namespace):
     """The ``SynthERConfig`` for ``args``: preset (``demo`` = fast + DEMO_OVERRIDES), then the flags."""
     from .config import SynthERConfig
+    from .sb3_run import synther_config as apply_flags
 
     if args.preset == "demo":
-        cfg = SynthERConfig.preset("fast").replace(**DEMO_OVERRIDES)
-    else:
-        cfg = SynthERConfig.preset(args.preset)
-    changes = dict(device=args.device, seed=args.seed, progress=not args.quiet)
-    for field in ("retrain_every", "real_ratio", "train_steps", "num_generate"):
-        if getattr(args, field, None) is not None:
-            changes[field] = getattr(args, field)
-    if getattr(args, "compile", False):
-        changes["compile"] = True
-    if getattr(args, "precision", None) is not None:
-        changes["precision"] = args.precision
-    if getattr(args, "async_retrain", False):
-        changes["async_retrain"] = True   # ValueError naming the field if this version lacks it
-    return cfg.replace(**changes)
+        return apply_flags(SynthERConfig.preset("fast").replace(**DEMO_OVERRIDES), args)
+    return apply_flags(SynthERConfig.preset(args.preset), args)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -129,101 +117,47 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train, evaluate, write the results and print the table. Returns the exit status."""
-    from .results import TimingSplit
-
-    timing = TimingSplit()
+    """Train, evaluate, write the results and print the table. Returns the exit status (2: bad inputs)."""
     try:
         _check(args)
         setup = _setup(args)
     except ValueError as e:
         print(f"synther train: error: {e}", file=sys.stderr)
         return 2
-    timing.mark("setup")
-    if setup["cfg"] is not None and setup["cfg"].to_dict().get("async_retrain"):
-        timing.concurrent.update({"diffusion_fit", "diffusion_sample"})
-    return _train(args, setup, timing)
+    return setup.train()
 
 
-def _setup(args: argparse.Namespace) -> dict:
-    """Threads, envs, SynthER config and the SAC model (raises ValueError on bad inputs)."""
-    import torch
+def _setup(args: argparse.Namespace):
+    """The SynthER config, the SAC agent and the run around it (``SB3Run``); ValueError on bad inputs."""
+    from stable_baselines3 import SAC
 
     from .diffusion import resolve_device
-    from .envs import can_terminate, make_env
+    from .envs import can_terminate
+    from .sb3 import GenerativeReplayBuffer
+    from .sb3_run import SB3Run
 
     device = resolve_device(args.device)
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
-    if threads is not None:
-        torch.set_num_threads(threads)
     cfg = None if args.no_synther else synther_config(args)
     min_real = cfg.min_real if cfg is not None else 1_000
     learning_starts = args.learning_starts
     if learning_starts is None:  # start updating when the first synthetic pool can exist
         learning_starts = min_real if min_real < args.total_steps else args.total_steps // 2
-    env = make_env(args.env, seed=args.seed)
-    eval_env = make_env(args.env, seed=args.seed + 10_000)
+    buffer_size = args.buffer_size or min(args.total_steps, 1_000_000)
 
-    from stable_baselines3 import SAC
+    buffer_kwargs = None if cfg is None else dict(config=cfg, model_terminals=can_terminate(args.env))
 
-    from .sb3 import GenerativeReplayBuffer
+    def make_agent(env) -> SAC:
+        return SAC("MlpPolicy", env, learning_starts=learning_starts, batch_size=args.batch_size,
+                   buffer_size=buffer_size, train_freq=1, gradient_steps=args.utd,
+                   replay_buffer_class=None if cfg is None else GenerativeReplayBuffer,
+                   replay_buffer_kwargs=buffer_kwargs, seed=args.seed, device=str(device), verbose=0)
 
-    buffer_kwargs = None
-    if cfg is not None:
-        buffer_kwargs = dict(config=cfg, model_terminals=can_terminate(args.env))
-    model = SAC("MlpPolicy", env, learning_starts=learning_starts, batch_size=args.batch_size,
-                buffer_size=args.buffer_size or min(args.total_steps, 1_000_000),
-                train_freq=1, gradient_steps=args.utd,
-                replay_buffer_class=GenerativeReplayBuffer if cfg is not None else None,
-                replay_buffer_kwargs=buffer_kwargs, seed=args.seed, device=str(device), verbose=0)
-    return dict(cfg=cfg, env=env, eval_env=eval_env, model=model, device=device, threads=threads,
-                learning_starts=learning_starts, preset=None if cfg is None else args.preset)
-
-
-def _train(args: argparse.Namespace, s: dict, timing) -> int:
-    from stable_baselines3.common.callbacks import BaseCallback
-
-    from .results import Results, TrainingMonitor, format_summary
-
-    model, cfg = s["model"], s["cfg"]
-    buffer = model.replay_buffer
     label = "SB3 SAC" + (" (plain replay, no SynthER)" if cfg is None else f" + SynthER ({args.preset} preset)")
     title = (f"{label} on {args.env}: UTD {args.utd}, {args.total_steps:,} env steps, "
-             f"learning from {s['learning_starts']:,}, seed {args.seed}")
-    config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    config.update(learning_starts=s["learning_starts"], threads=s["threads"], device=str(s["device"]),
-                  agent="stable_baselines3.SAC", synther=None if cfg is None else cfg.to_dict())
-    results = Results(args.out, config=config, title=title)
-    print(title, flush=True)
-    if cfg is not None:
-        print(f"SynthER: retrain every {cfg.retrain_every:,} env steps (from {cfg.min_real:,} real transitions), "
-              f"{cfg.train_steps:,} diffusion steps, {cfg.num_generate:,} rows per retrain, "
-              f"real ratio {cfg.real_ratio}, device {s['device']}", flush=True)
-
-    monitor = TrainingMonitor(results, args.total_steps, args.eval_every, args.eval_episodes, s["eval_env"],
-                              policy_fn=lambda obs: model.predict(obs, deterministic=True)[0],
-                              stats_fn=buffer.stats if cfg is not None else None,
-                              timing=timing, progress=not args.quiet)
-
-    class Monitor(BaseCallback):
-        # SB3 calls on_step after each env step (before storing the transition); retrains that the
-        # store triggers are picked up on the next call and by monitor.finish().
-        def _on_step(self) -> bool:
-            monitor.step(self.num_timesteps)
-            return True
-
-    rc = 0
-    try:
-        model.learn(args.total_steps, callback=Monitor())
-    except KeyboardInterrupt:
-        print("\ninterrupted: writing partial results", file=sys.stderr)
-        rc = 130
-    if cfg is not None and hasattr(buffer, "wait"):
-        buffer.wait()   # a background retrain (--async-retrain) still running
-    monitor.env_steps = model.num_timesteps
-    summary = monitor.finish(final_stats=buffer.stats() if cfg is not None else None)
-    print("\n" + format_summary(summary, title="Results"), flush=True)
-    return rc
+             f"learning from {learning_starts:,}, seed {args.seed}")
+    return SB3Run(args, make_agent, synther=cfg, title=title, buffer_size=buffer_size,
+                  extra_config=dict(learning_starts=learning_starts, device=str(device),
+                                    agent="stable_baselines3.SAC"))
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -91,16 +91,19 @@ def test_sb3_sac_async_retrain(sb3_sac, tmp_path):
     assert json.loads((out / "checkpoint" / "run.json").read_text())["env_steps"] == 300
 
 
-def test_sb3_sac_checkpoint_deferred_during_background_retrain(sb3_sac, tmp_path):
+def test_sb3_sac_checkpoint_deferred_during_background_retrain(tmp_path):
     """A due checkpoint waits until no background retrain is running (pickling would block on it)."""
-    ckpt = sb3_sac.RunCheckpoint(tmp_path / "checkpoint", every=10)
+    from synther_buffer.checkpoint import RunCheckpoint
+    from synther_buffer.sb3_run import MonitorCallback
+
+    ckpt = RunCheckpoint(tmp_path / "checkpoint", every=10)
     busy, saved = [True], []
 
     def save():
         saved.append(cb.num_timesteps)
         ckpt.last_saved = cb.num_timesteps
 
-    cb = sb3_sac.MonitorCallback(None, ckpt, save, busy=lambda: busy[0])
+    cb = MonitorCallback(None, ckpt, save, busy=lambda: busy[0])
     for step in range(1, 26):
         cb.num_timesteps = step
         busy[0] = 10 <= step < 13 or step == 20

@@ -1,4 +1,4 @@
-"""SyntheticPool / TransitionLayout: row layout, retrain schedule, mixed-batch split, outlier filter,
+"""SyntheticPool / RowLayout: row layout, retrain schedule, mixed-batch split, outlier filter,
 fault injection (NaN mid-fit, NaN samples), determinism and state round-trips. CPU, tiny configs."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import synther_buffer.diffusion as diffusion_mod
 from synther_buffer import GenerativeReplay, SynthERConfig, TransitionDiffusion
-from synther_buffer.pool import SyntheticPool, TransitionLayout
+from synther_buffer.layout import RowLayout
+from synther_buffer.pool import SyntheticPool
 
 from helpers import small, transitions  # tests/helpers.py
 
@@ -25,13 +26,13 @@ OBS, ACT = 3, 2
 
 
 def store_rows(n: int, seed: int = 0, term_p: float = 0.0) -> np.ndarray:
-    return TransitionLayout(OBS, ACT, True).join(*transitions(n, seed, term_p))
+    return RowLayout(OBS, ACT, True).join(*transitions(n, seed, term_p))
 
 
-# ============================================================================ TransitionLayout
+# ============================================================================ RowLayout
 @pytest.mark.parametrize("model_terminals", [False, True])
 def test_layout_join_split_roundtrip(model_terminals):
-    lay = TransitionLayout(OBS, ACT, model_terminals)
+    lay = RowLayout(OBS, ACT, model_terminals)
     assert lay.dim == 2 * OBS + ACT + 1 + int(model_terminals)
     assert lay.reward_col == OBS + ACT
     assert lay.terminal_dims == ((lay.dim - 1,) if model_terminals else ())
@@ -50,7 +51,7 @@ def test_layout_join_split_roundtrip(model_terminals):
 
 @pytest.mark.parametrize("model_terminals", [False, True])
 def test_layout_join_empty_batch(model_terminals):
-    lay = TransitionLayout(OBS, ACT, model_terminals)
+    lay = RowLayout(OBS, ACT, model_terminals)
     rows = lay.join(*transitions(0))
     assert rows.shape == (0, lay.dim) and rows.dtype == np.float32
 
@@ -58,12 +59,12 @@ def test_layout_join_empty_batch(model_terminals):
 @pytest.mark.parametrize("obs_dim,action_dim", [(0, 1), (1, 0), (-3, 2), (2.5, 1), (True, 1), ("3", 1)])
 def test_layout_rejects_bad_dims(obs_dim, action_dim):
     with pytest.raises(ValueError):
-        TransitionLayout(obs_dim, action_dim, False)
+        RowLayout(obs_dim, action_dim, False)
 
 
 # ============================================================================ schedule
 def test_schedule_due_and_advance(tiny_cfg, fake_diffusion):
-    pool = SyntheticPool(TransitionLayout(OBS, ACT, False), small(tiny_cfg))
+    pool = SyntheticPool(RowLayout(OBS, ACT, False), small(tiny_cfg))
     assert pool.next_retrain == 100 and not pool.due(10_000)
     pool.step(99)
     assert not pool.due(10_000)
@@ -79,7 +80,7 @@ def test_schedule_due_and_advance(tiny_cfg, fake_diffusion):
 
 
 def test_sample_before_any_pool_raises(tiny_cfg):
-    pool = SyntheticPool(TransitionLayout(OBS, ACT, False), small(tiny_cfg))
+    pool = SyntheticPool(RowLayout(OBS, ACT, False), small(tiny_cfg))
     assert pool.split_batch(64) == (64, 0)
     with pytest.raises(RuntimeError, match="empty"):
         pool.sample(4)
@@ -90,7 +91,7 @@ def test_sample_before_any_pool_raises(tiny_cfg):
        ratio=st.one_of(st.sampled_from([0.0, 0.3, 0.5, 1.0]), st.floats(0.0, 1.0)))
 def test_split_batch_rule(batch, ratio):
     cfg = SynthERConfig.preset("tiny").replace(device="cpu", real_ratio=ratio)
-    pool = SyntheticPool(TransitionLayout(OBS, ACT, False), cfg)
+    pool = SyntheticPool(RowLayout(OBS, ACT, False), cfg)
     assert pool.split_batch(batch) == (batch, 0)       # no pool yet: all real
     pool.pool = torch.zeros(5, pool.layout.dim)
     n_real, n_syn = pool.split_batch(batch)
@@ -99,7 +100,7 @@ def test_split_batch_rule(batch, ratio):
 
 
 def test_pool_sample_draws_pool_rows(tiny_cfg):
-    pool = SyntheticPool(TransitionLayout(OBS, ACT, False), small(tiny_cfg))
+    pool = SyntheticPool(RowLayout(OBS, ACT, False), small(tiny_cfg))
     rows = torch.arange(20 * pool.layout.dim, dtype=torch.float32).reshape(20, -1)
     pool.pool = rows
     got = pool.sample(64)
@@ -131,7 +132,7 @@ def test_outlier_rows_dropped_and_counted(tiny_cfg, monkeypatch):
     logged = {}
     cfg = small(tiny_cfg, num_generate=n_gen, synthetic_size=n_gen)
     assert cfg.outlier_std == 10.0
-    pool = SyntheticPool(TransitionLayout(OBS, ACT, True), cfg, log_fn=logged.__setitem__)
+    pool = SyntheticPool(RowLayout(OBS, ACT, True), cfg, log_fn=logged.__setitem__)
     assert pool.retrain(real)
     assert pool.num_filtered == n_out and pool.num_synthetic == n_gen - n_out
     assert logged["synther/num_filtered"] == n_out and logged["synther/num_synthetic"] == n_gen - n_out
@@ -141,7 +142,7 @@ def test_outlier_rows_dropped_and_counted(tiny_cfg, monkeypatch):
     assert pool.retrain(real)                            # counts accumulate over retrains
     assert pool.stats()["num_filtered"] == 2 * n_out
 
-    unfiltered = SyntheticPool(TransitionLayout(OBS, ACT, True), cfg.replace(outlier_std=None))
+    unfiltered = SyntheticPool(RowLayout(OBS, ACT, True), cfg.replace(outlier_std=None))
     assert unfiltered.retrain(real)
     assert unfiltered.num_filtered == 0 and unfiltered.num_synthetic == n_gen
 
@@ -157,7 +158,7 @@ def test_outlier_mask_chunked_equals_the_z_score_rule(tiny_cfg, n, chunk, k, see
     real[:, 1] = 0.25                                                   # a constant column
     synth = (real.mean(0) + real.std(0) * r.standard_normal((n, real.shape[1])) * 3).astype(np.float32)
     synth[r.random(n) < 0.05, 0] = np.nan
-    layout = TransitionLayout(OBS, ACT, True) if terminals else TransitionLayout(OBS, ACT, False)
+    layout = RowLayout(OBS, ACT, True) if terminals else RowLayout(OBS, ACT, False)
     real, synth = real[:, :layout.dim], synth[:, :layout.dim]
     pool = SyntheticPool(layout, small(tiny_cfg, outlier_std=k))
     mean, std = real.mean(0, dtype=np.float64), real.std(0, dtype=np.float64)
@@ -166,7 +167,7 @@ def test_outlier_mask_chunked_equals_the_z_score_rule(tiny_cfg, n, chunk, k, see
         judged[-1] = False
     with np.errstate(invalid="ignore"):
         expected = (np.abs(synth[:, judged] - mean[judged]) / std[judged] <= k).all(axis=1)
-    got = pool._in_range(synth, real, chunk=chunk)
+    got = pool._in_range(synth, real, terminals, chunk=chunk)
     # float32 bounds can differ from the float64 rule only within rounding of the boundary
     z = np.abs(synth[:, judged] - mean[judged]) / std[judged]
     near = np.isclose(z, k, rtol=1e-5).any(axis=1)
@@ -262,14 +263,14 @@ def test_same_seed_same_pool(tiny_cfg):
 
 # ============================================================================ state round-trips
 def test_state_dict_roundtrip_weights_only(tiny_cfg, fake_diffusion, tmp_path):
-    pool = SyntheticPool(TransitionLayout(OBS, ACT, True), small(tiny_cfg))
+    pool = SyntheticPool(RowLayout(OBS, ACT, True), small(tiny_cfg))
     pool.set_action_bounds(-1.0, 1.0)
     pool.step(130)
     pool.retrain(store_rows(130, term_p=0.1))
     pool.sample(7)                                       # advance the rng
     torch.save(pool.state_dict(), tmp_path / "pool.pt")
     state = torch.load(tmp_path / "pool.pt", weights_only=True)
-    clone = SyntheticPool(TransitionLayout(OBS, ACT, True), small(tiny_cfg))
+    clone = SyntheticPool(RowLayout(OBS, ACT, True), small(tiny_cfg))
     clone.load_state_dict(state)
     a, b = pool.stats(), clone.stats()
     assert a == b or all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)

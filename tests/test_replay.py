@@ -64,7 +64,7 @@ def inject_pool(buf, n: int = 50) -> torch.Tensor:
     """Replace the synthetic pool with recognisable rows (every value >= 1000, distinct)."""
     d = buf.layout.dim
     rows = 1000.0 + torch.arange(n * d, dtype=torch.float32).reshape(n, d)
-    if buf.layout.model_terminals:
+    if buf.layout.terminal:
         rows[:, -1] = (torch.arange(n) % 2).float()
     buf.pool.pool = rows
     return rows
@@ -377,7 +377,7 @@ def test_model_terminals_true_gives_binary_synthetic_terminals(tiny_cfg):
     buf = GenerativeReplay(OBS, ACT, capacity=1000, config=small(tiny_cfg, real_ratio=0.0),
                            model_terminals=True)
     buf.add(*transitions(100, seed=3, term_p=0.3))
-    assert buf.stats()["retrain_count"] == 1 and buf.layout.model_terminals
+    assert buf.stats()["retrain_count"] == 1 and buf.layout.terminal
     batch = buf.sample(256)                             # real_ratio 0: all synthetic
     assert_batch_format(batch, 256, buf.device)
     assert set(torch.unique(batch.terminated).tolist()) == {0.0, 1.0}
@@ -481,6 +481,15 @@ def test_pickle_keeps_pool_model_and_rng(tiny_cfg):
     np.testing.assert_array_equal(clone.real_rows(), buf.real_rows())
     np.testing.assert_array_equal(clone.model.sample(32, seed=11), buf.model.sample(32, seed=11))
     assert_same_batch(clone.sample(64), buf.sample(64))
+
+
+def test_pickle_keeps_min_real_clamped_to_the_capacity(tiny_cfg, fake_diffusion):
+    cfg = tiny_cfg.replace(min_real=1_000, retrain_every=100, num_generate=50, synthetic_size=50)
+    buf = GenerativeReplay(OBS, ACT, capacity=150, config=cfg, model_terminals=False)
+    clone = pickle.loads(pickle.dumps(buf))
+    assert clone.pool.min_real == buf.pool.min_real == 150
+    clone.add(*transitions(150))                        # full: retrains although 150 < config.min_real
+    assert clone.stats()["retrain_count"] == 1
 
 
 # ============================================================================ save / load

@@ -106,7 +106,7 @@ def make_buffer(config=NO_RETRAIN, n_envs=1, model_terminals="auto", buffer_size
 def inject_pool(buf, n: int = 40) -> torch.Tensor:
     d = buf.pool.layout.dim
     rows = 1000.0 + torch.arange(n * d, dtype=torch.float32).reshape(n, d)
-    if buf.pool.layout.model_terminals:
+    if buf.pool.layout.terminal:
         rows[:, -1] = (torch.arange(n) % 2).float()
     buf.pool.pool = rows
     return rows
@@ -162,7 +162,7 @@ def test_utd20_batches_hold_half_synthetic_rows(utd20_run):
 def test_auto_terminals_pendulum_and_timeouts_are_not_terminals(utd20_run):
     buf = utd20_run.buf
     assert buf.model_terminals == "auto"
-    assert buf.pool.layout.model_terminals is False
+    assert buf.pool.layout.terminal is False
     assert buf.model.dim == 2 * PENDULUM_OBS + PENDULUM_ACT + 1     # no terminal column modelled
     assert buf.dones[:buf.pos].sum() >= 1 and buf.timeouts[:buf.pos].sum() >= 1   # 200-step time limit
     assert not buf.real_rows()[:, -1].any()
@@ -244,7 +244,7 @@ def test_auto_model_terminals_true_when_env_terminates(fake_diffusion):
     buf = make_buffer(cfg_small(), model_terminals="auto")
     feed(buf, 100, done_p=0.2)                                        # real terminals, not timeouts
     assert buf.stats()["retrain_count"] == 1
-    assert buf.pool.layout.model_terminals is True
+    assert buf.pool.layout.terminal is True
     assert buf.real_rows()[:, -1].any()
     b = buf.sample(200)
     assert set(torch.unique(b.dones[100:]).tolist()) == {0.0, 1.0}
@@ -254,14 +254,14 @@ def test_truncations_are_not_terminals(fake_diffusion):
     buf = make_buffer(cfg_small(), model_terminals="auto")
     feed(buf, 100, done_p=0.2, truncated=True)                        # every done is a time limit
     assert buf.dones.sum() > 0 and not buf.real_rows()[:, -1].any()
-    assert buf.pool.layout.model_terminals is False
+    assert buf.pool.layout.terminal is False
     assert (buf.sample(64).dones == 0).all()
 
 
 def test_model_terminals_false_forced(fake_diffusion):
     buf = make_buffer(cfg_small(real_ratio=0.0), model_terminals=False)
     feed(buf, 100, done_p=0.5)
-    assert buf.pool.layout.model_terminals is False and buf.stats()["retrain_count"] == 1
+    assert buf.pool.layout.terminal is False and buf.stats()["retrain_count"] == 1
     assert (buf.sample(64).dones == 0).all()
 
 
@@ -449,3 +449,87 @@ def test_real_rows_with_optimize_memory_usage(n_added):
     np.testing.assert_array_equal(rows[:, 5:8], rows[:, :3] + 1)      # next_obs = obs + 1
     np.testing.assert_array_equal(rows[:, 4], rows[:, 0])             # reward = t
     assert (rows[:, 3] == 0.5).all() and (rows[:, 8] == 0).all()
+
+
+# ============================================================================ config=None, old pickles
+def test_config_none_is_the_preset_for_the_policy_device():
+    env = gym.make("Pendulum-v1")
+    buf = GenerativeReplayBuffer(100, env.observation_space, env.action_space, device="cpu")
+    assert buf.config == SynthERConfig.preset("fast").replace(device="cpu")
+    assert buf.pool.device == torch.device("cpu") and buf.model_terminals == "auto"
+
+
+OLD_COMMIT = "184f440"   # synther_buffer 0.1.0 as it was before MixingCore: the buffer held `pool` and `config`
+OLD_CHILD = r'''
+import json, pickle, sys
+sys.path.insert(0, sys.argv[1])
+import gymnasium as gym, numpy as np, torch
+torch.set_num_threads(1)
+import synther_buffer
+assert synther_buffer.__file__.startswith(sys.argv[1]), synther_buffer.__file__
+from synther_buffer import SynthERConfig, TransitionDiffusion
+from synther_buffer.sb3 import GenerativeReplayBuffer
+
+def fit(self, x, **kw):                       # instant: the "model" bootstraps the real rows
+    self._rows, self.fitted = np.array(x, np.float32), True
+    self.last_fit = {"loss": 0.25, "seconds": 0.001, "steps": 1, "batch_size": 1}
+    return dict(self.last_fit)
+
+TransitionDiffusion.fit = fit
+TransitionDiffusion.sample = lambda self, n, **kw: self._rows[np.random.default_rng(0).integers(0, len(self._rows), n)]
+env = gym.make("Pendulum-v1")
+cfg = SynthERConfig.preset("tiny").replace(device="cpu", retrain_every=100, min_real=50, num_generate=300,
+                                           synthetic_size=300)
+buf = GenerativeReplayBuffer(80, env.observation_space, env.action_space, device="cpu", config=cfg)
+r = np.random.default_rng(0)
+for t in range(130):
+    o = r.standard_normal((1, 3)).astype(np.float32)
+    buf.add(o, 0.9 * o, r.uniform(-1, 1, (1, 1)).astype(np.float32), o[:, :1], np.array([t % 9 == 0], np.float32),
+            [{}])
+with open(sys.argv[2], "wb") as f:
+    pickle.dump(buf, f)
+np.save(sys.argv[3], buf.real_rows())
+torch.save(buf.pool.pool, sys.argv[4])
+print(json.dumps({k: v for k, v in buf.stats().items() if v == v}))
+'''
+
+
+def test_replay_buffer_pickled_by_version_0_1_0_loads(tmp_path, fake_diffusion):
+    """save_replay_buffer files written before MixingCore (pool and config as attributes, the
+    pool's layout a TransitionLayout) load into today's class and keep working."""
+    import io
+    import json
+    import pickle
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs the git checkout (the old version is taken from its history)")
+    archive = subprocess.run(["git", "-C", str(root), "archive", OLD_COMMIT, "synther_buffer"], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"commit {OLD_COMMIT} not in this checkout's history")
+    old = tmp_path / "old"
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(old)
+    files = [tmp_path / n for n in ("rb.pkl", "real.npy", "pool.pt")]
+    child = subprocess.run([sys.executable, "-c", OLD_CHILD, str(old), *map(str, files)], capture_output=True,
+                           text=True, timeout=300, cwd=tmp_path)
+    assert child.returncode == 0, child.stderr[-3000:]
+    old_stats = json.loads(child.stdout.strip().splitlines()[-1])
+
+    with open(files[0], "rb") as f:
+        buf = pickle.load(f)
+    assert type(buf) is GenerativeReplayBuffer and type(buf.pool.layout).__name__ == "RowLayout"
+    np.testing.assert_array_equal(buf.real_rows(), np.load(files[1]))
+    assert torch.equal(buf.pool.pool, torch.load(files[2]))
+    stats = buf.stats()
+    assert {k: stats[k] for k in old_stats} == old_stats and stats["retrain_count"] == 1
+    assert buf.model_terminals == "auto" and buf.layout.terminal is True    # terminals were stored
+    assert buf.pool.min_real == 50 and buf.core.min_real == 50
+    assert_sb3_batch(buf.sample(20), 20, 3, 1, "cpu")
+    feed(buf, 70, done_p=0.1)                                       # the schedule continues: env step 200
+    assert buf.stats()["env_steps"] == 200 and buf.stats()["next_retrain"] == 300

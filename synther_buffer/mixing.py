@@ -1,0 +1,235 @@
+"""MixingCore: the SynthER half of a replay buffer, shared by every buffer in the package.
+
+A replay buffer that serves SynthER batches has two halves. The owner keeps the real transitions
+(a ring buffer in ``GenerativeReplay``, the user's own buffer behind ``WrappedReplay``, SB3's arrays in
+``GenerativeReplayBuffer``). The core keeps the rest and is the one place that decides it:
+
+* the ``SyntheticPool`` (retrain schedule, diffusion model, synthetic rows) and ``min_real``;
+* the terminal column: real rows always carry it, the model sees it only where terminals are
+  modelled (``model_terminals``; ``"auto"`` decides at the first retrain);
+* how a batch of B rows splits: ``floor(real_ratio * B + 0.5)`` real rows first, the rest synthetic,
+  all real before the first retrain;
+* ``wait`` / ``model`` / ``stats``, and the state that checkpoints carry.
+
+The contract with an owner is narrow. Real transitions cross it as *store rows*
+``concat(obs, action, reward, next_obs, terminal)`` [N, D_store] float32 (``core.store_layout``)::
+
+    core = MixingCore(obs_dim, action_dim, config, model_terminals="auto", capacity=capacity)
+    if core.step(n_added, num_real):          # after storing n_added transitions
+        core.retrain(all_real_rows)           # store rows of every real transition
+    n_real, n_syn = core.split(batch_size)
+    batch = core.batch(real_rows_on_device, n_syn)      # ReplaySamples, real rows first
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Dict, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+
+from .config import SynthERConfig
+from .layout import RowLayout, _positive_int
+from .pool import LogFn, SyntheticPool
+
+log = logging.getLogger(__name__)
+
+class ReplaySamples(NamedTuple):
+    """A mixed batch: the first ``n_real`` rows are real, the rest synthetic. All on the buffer's device."""
+
+    obs: torch.Tensor          # [B, obs_dim] float32
+    action: torch.Tensor       # [B, action_dim] float32
+    reward: torch.Tensor       # [B] float32
+    next_obs: torch.Tensor     # [B, obs_dim] float32
+    terminated: torch.Tensor   # [B] float32 in {0, 1}; truncations are not terminals
+
+
+def resolve_config(config: Optional[SynthERConfig], device: str = "auto") -> SynthERConfig:
+    """``config``, or the preset for ``device`` when it is None (``SynthERConfig.for_device``).
+
+    Args:
+        config: a ``SynthERConfig`` or None.
+        device: where the diffusion model would run (``"auto"``, ``"cpu"``, ``"cuda"``, ...).
+
+    Returns:
+        The config to use: ``paper`` on CUDA, ``fast`` on CPU when ``config`` is None.
+
+    Raises:
+        ValueError: ``config`` is neither None nor a ``SynthERConfig`` (a dict or a preset name, say).
+    """
+    if config is None:
+        return SynthERConfig.for_device(device)
+    if not isinstance(config, SynthERConfig):
+        raise ValueError(f"config must be a SynthERConfig (or None), got {type(config).__name__}")
+    return config
+
+
+class MixingCore:
+    """The pool, the terminal column, the batch split and the schedule's gate for one replay buffer.
+
+    Args:
+        obs_dim: flat observation size.
+        action_dim: flat action size.
+        config: ``SynthERConfig``; None means ``SynthERConfig.for_device(device)``.
+        model_terminals: ``True`` / ``False`` model the terminal flag or not. ``"auto"`` decides at
+            the first retrain: the terminal column is modelled iff some real row handed to that
+            retrain has terminal 1. Until then (and for good, if no terminal was seen by then)
+            synthetic rows are never terminal; pass ``True`` for an env that can terminate but
+            rarely does early on.
+        device: the device a None ``config`` is chosen for.
+        capacity: real transitions the owner can hold at most; ``min_real`` is clamped to it so that
+            a full buffer can always retrain. None: no clamp.
+        log_fn: ``log_fn(key, value)`` for retrain metrics.
+        action_bounds: optional ``(low, high)``; synthetic actions are clipped to them.
+
+    Raises:
+        ValueError: a bad ``config``, ``model_terminals``, dimension, capacity or bound.
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, config: Optional[SynthERConfig] = None,
+                 model_terminals: Union[bool, str] = "auto", *, device: str = "auto",
+                 capacity: Optional[int] = None, log_fn: Optional[LogFn] = None,
+                 action_bounds: Optional[tuple] = None):
+        if not (isinstance(model_terminals, str) and model_terminals == "auto"):
+            if isinstance(model_terminals, str) or model_terminals not in (True, False):
+                raise ValueError(f"model_terminals must be True, False or 'auto', got {model_terminals!r}")
+            model_terminals = bool(model_terminals)
+        self.config = resolve_config(config, device)
+        self.model_terminals = model_terminals
+        # Real rows always store the terminal; the model sees it only where terminals are modelled.
+        self.store_layout = RowLayout(obs_dim, action_dim, terminal=True)
+        self.pool = SyntheticPool(self.store_layout.with_terminal(model_terminals is True), self.config, log_fn)
+        if capacity is not None:  # a full buffer may always retrain
+            self.pool.min_real = min(self.config.min_real, _positive_int("capacity", capacity))
+        if action_bounds is not None:
+            self.pool.set_action_bounds(*action_bounds)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def model_layout(self) -> RowLayout:
+        """The layout of the rows the model is fitted on and the pool holds (terminal column or not)."""
+        return self.pool.layout
+
+    @property
+    def min_real(self) -> int:
+        """Real transitions needed before the first retrain (``config.min_real``, clamped to the capacity)."""
+        return self.pool.min_real
+
+    def stats(self, num_real: Optional[int] = None) -> Dict[str, float]:
+        """The pool's counters and last-retrain metrics, plus ``num_real`` when the owner knows it."""
+        s = self.pool.stats()
+        if num_real is not None:
+            s["num_real"] = int(num_real)
+        return s
+
+    # ------------------------------------------------------------------ schedule
+    def step(self, n: int, num_real: int) -> bool:
+        """Count ``n`` env steps (transitions added, invalid ones included).
+
+        Args:
+            n: transitions just added.
+            num_real: real transitions now stored.
+
+        Returns:
+            True when a retrain is due now: ``retrain_every`` reached, at least ``min_real`` real
+            transitions stored and no background retrain in flight. The owner then calls ``retrain``.
+        """
+        self.pool.step(n)
+        return self.pool.due(num_real)
+
+    def retrain(self, rows: np.ndarray) -> bool:
+        """Fit a fresh model on all real data and regenerate the pool.
+
+        Args:
+            rows: store rows [N, D_store] of every real transition (terminal in the last column).
+
+        Returns:
+            True on success (or on submission, for a background retrain); False when the fit
+            diverged and the previous model and pool were kept.
+
+        Raises:
+            RuntimeError: fewer than 2 rows, or a background retrain is already running.
+        """
+        if rows.shape[0] < 2:
+            raise RuntimeError(f"need at least 2 real transitions to retrain, have {rows.shape[0]}")
+        self.pool.poll()
+        if self.model_terminals == "auto" and self.pool.model is None and not self.pool.retraining:
+            terminal = bool(rows[:, -1].any())
+            if terminal != self.model_layout.terminal:
+                self.pool.set_layout(self.model_layout.with_terminal(terminal))
+            log.info("model_terminals='auto': %s (%s real terminal in %d rows)", "modelled" if terminal
+                     else "not modelled", "a" if terminal else "no", rows.shape[0])
+        if not self.model_layout.terminal:
+            rows = rows[:, :-1]
+        return self.pool.retrain(np.ascontiguousarray(rows))
+
+    # ------------------------------------------------------------------ batches
+    def split(self, batch_size: int) -> tuple:
+        """``(n_real, n_synthetic)`` for a batch of ``batch_size`` (a positive int).
+
+        ``n_real = floor(real_ratio * batch_size + 0.5)``; all real while the pool is empty.
+        """
+        return self.pool.split_batch(_positive_int("batch_size", batch_size))
+
+    def synthetic_rows(self, n: int) -> torch.Tensor:
+        """``n`` synthetic rows as store rows [n, D_store] on ``device`` (terminal 0 where not modelled)."""
+        rows = self.pool.sample(n)
+        if not self.model_layout.terminal:
+            rows = torch.cat([rows, rows.new_zeros(n, 1)], dim=1)
+        return rows
+
+    def batch(self, real: torch.Tensor, n_synthetic: int) -> ReplaySamples:
+        """``real`` store rows [n_real, D_store] followed by ``n_synthetic`` synthetic rows, as fields."""
+        rows = torch.cat([real, self.synthetic_rows(n_synthetic)], dim=0) if n_synthetic else real
+        return ReplaySamples(*self.store_layout.split(rows))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The pool's state (``weights_only`` safe) and whether the model has the terminal column."""
+        return {"pool": self.pool.state_dict(), "terminal_column": self.model_layout.terminal}
+
+    def load_state_dict(self, pool_state: dict, terminal_column: Optional[bool] = None) -> None:
+        """Restore the pool from ``state_dict()["pool"]``.
+
+        Args:
+            pool_state: the pool's state.
+            terminal_column: whether the saved model has the terminal column (None: as
+                ``model_terminals`` says; checkpoints of version 0.1.0 never say).
+
+        Raises:
+            ValueError: the saved model's width does not match the layout.
+        """
+        if terminal_column is not None and bool(terminal_column) != self.model_layout.terminal:
+            self.pool.set_layout(self.model_layout.with_terminal(terminal_column))
+        self.pool.load_state_dict(pool_state)
+        model = self.pool.model
+        if model is not None and model.dim != self.model_layout.dim:
+            raise ValueError(f"the saved model has width {model.dim}, the layout {self.model_layout.dim}")
+
+
+def _core_attr(path: str, doc: str) -> property:
+    """A read-only property of a ``UsesMixingCore`` that reads ``self.core.<path>`` (dotted)."""
+    get = operator.attrgetter(path)
+    return property(lambda self: get(self.core), doc=doc)
+
+
+class UsesMixingCore:
+    """What a buffer built on ``self.core`` (a ``MixingCore``) exposes of it, read-only."""
+
+    core: MixingCore
+
+    config = _core_attr("config", "The ``SynthERConfig`` in use.")
+    pool = _core_attr("pool", "The ``SyntheticPool``: schedule, diffusion model, synthetic rows.")
+    model = _core_attr("pool.model", "The current ``TransitionDiffusion`` (None before the first retrain).")
+    env_steps = _core_attr("pool.env_steps", "Transitions added so far (as SB3's ``num_timesteps``).")
+    layout = _core_attr("model_layout", "The rows the model sees (``layout.terminal``: terminals modelled).")
+    store_layout = _core_attr("store_layout", "Real rows as stored and mixed: concat(obs, action, reward, "
+                                              "next_obs, terminal).")
+    model_terminals = _core_attr("model_terminals", "The ``model_terminals`` setting (True, False or "
+                                                    "\"auto\"); the decision is ``layout.terminal``.")
+
+    def wait(self) -> bool:
+        """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
+        return self.core.pool.wait()

@@ -1,0 +1,214 @@
+"""An SB3 training run with a SynthER replay buffer: the driver of ``synther train`` and ``integrations/sb3_sac.py``.
+
+The front ends own what differs between them: their flags, the ``SynthERConfig`` and the agent (a
+``make_agent(env)`` that builds, say, ``SAC("MlpPolicy", env, replay_buffer_class=GenerativeReplayBuffer,
+...)``). ``SB3Run`` owns the rest, written once:
+
+* threads (1 on CPU unless told: two torch threads competing for two shared cores run far slower),
+  the training and evaluation envs (``synther_buffer.envs.make_env``), the wall-clock split;
+* ``--resume``: the agent, its replay buffer (real data, diffusion model, synthetic pool, schedule) and
+  the RNG states from ``<out>/checkpoint``, refusing other settings or a smaller buffer;
+* ``learn`` with a callback that feeds every env step to the ``TrainingMonitor`` (progress bar,
+  evaluations, retrain timings) and writes a checkpoint every ``--checkpoint-every`` env steps (deferred
+  while a background retrain runs), and one at the end;
+* the results: ``eval_returns.csv``, ``results.json``, ``learning_curve.png`` and the summary table.
+
+The flags read from ``args``: ``env``, ``seed``, ``total_steps``, ``eval_every``, ``eval_episodes``,
+``out``, ``device``, ``threads``, ``quiet`` and, when the front end has them, ``checkpoint_every``
+and ``resume``. Needs the ``sb3`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Type
+
+import torch
+
+from .sb3 import GenerativeReplayBuffer  # first: its ImportError names the extra to install
+from stable_baselines3 import SAC
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+
+from .checkpoint import RunCheckpoint, check_resume_settings, set_rng_state
+from .config import SynthERConfig
+from .diffusion import resolve_device
+from .envs import make_env
+from .results import Results, TimingSplit, TrainingMonitor, format_summary
+
+# Flags a resumed run may change; every other flag must equal the checkpointed run's.
+RESUMABLE_FLAGS = frozenset({"total_steps", "out", "device", "threads", "quiet", "checkpoint_every", "resume"})
+
+
+def synther_config(base: SynthERConfig, args: argparse.Namespace) -> SynthERConfig:
+    """``base`` (a preset) with the run's flags applied.
+
+    Args:
+        base: the preset to start from.
+        args: the flags; ``device``, ``seed`` and ``quiet`` always apply, ``retrain_every``,
+            ``real_ratio``, ``train_steps``, ``num_generate``, ``precision`` when given (not None),
+            ``compile`` and ``async_retrain`` when set.
+
+    Returns:
+        The config.
+
+    Raises:
+        ValueError: a flag gives a field an invalid value (the message names the field).
+    """
+    changes: Dict[str, Any] = dict(device=args.device, seed=args.seed, progress=not args.quiet)
+    for field in ("retrain_every", "real_ratio", "train_steps", "num_generate", "precision"):
+        if getattr(args, field, None) is not None:
+            changes[field] = getattr(args, field)
+    for field in ("compile", "async_retrain"):
+        if getattr(args, field, False):
+            changes[field] = True
+    return base.replace(**changes)
+
+
+class MonitorCallback(BaseCallback):
+    """Hands every env step to the ``TrainingMonitor`` and writes the checkpoint when due.
+
+    Args:
+        monitor: the run's monitor (progress bar, evaluations, retrain timings).
+        checkpoint: the run's checkpoint directory and schedule.
+        save_checkpoint: writes a checkpoint now.
+        busy: True while a background retrain runs; a due checkpoint waits until it is False
+            (pickling the buffer would wait for the retrain).
+    """
+
+    def __init__(self, monitor: TrainingMonitor, checkpoint: RunCheckpoint, save_checkpoint: Callable[[], None],
+                 busy: Callable[[], bool] = lambda: False):
+        super().__init__()
+        self.monitor, self.checkpoint, self.save_checkpoint, self.busy = monitor, checkpoint, save_checkpoint, busy
+
+    def _on_step(self) -> bool:
+        self.monitor.step(self.num_timesteps)
+        return True
+
+    def _on_rollout_start(self) -> None:
+        # Between env steps: the last step's transition is stored and its UTD updates are done.
+        if self.checkpoint.due(self.num_timesteps) and not self.busy():
+            self.save_checkpoint()
+
+
+class SB3Run:
+    """Set up an SB3 run (threads, envs, agent or a checkpoint to resume); ``train()`` runs it.
+
+    Args:
+        args: the front end's flags (see the module docstring for those read here).
+        make_agent: ``make_agent(env)`` -> a new SB3 agent (not called when resuming).
+        synther: the agent's ``SynthERConfig`` (None for a plain-buffer baseline): printed and
+            stored in ``results.json``.
+        title: the run's one-line description (printed, and the summary table's title).
+        buffer_size: real transitions the agent's buffer keeps; a checkpoint whose buffer holds fewer
+            is refused on resume (the run would overwrite its oldest real data).
+        extra_config: merged into ``results.json``'s ``config`` after the flags.
+        agent_class: the class whose ``load`` restores a checkpointed agent.
+
+    Raises:
+        ValueError: a bad flag, env id or device, or a checkpoint made with other settings.
+    """
+
+    def __init__(self, args: argparse.Namespace, make_agent: Callable[[Any], BaseAlgorithm], *,
+                 synther: Optional[SynthERConfig], title: str, buffer_size: int,
+                 extra_config: Optional[Dict[str, Any]] = None, agent_class: Type[BaseAlgorithm] = SAC):
+        self.args, self.synther, self.title = args, synther, title
+        self.timing = TimingSplit()  # wall clock: setup / RL / diffusion fit / diffusion sampling / eval
+        if synther is not None and synther.async_retrain:  # overlaps the RL loop: reported, not subtracted
+            self.timing.concurrent.update({"diffusion_fit", "diffusion_sample"})
+        device = resolve_device(args.device)
+        self.threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        self.env = make_env(args.env, seed=args.seed)
+        self.eval_env = make_env(args.env, seed=args.seed + 10_000)
+        self.checkpoint = RunCheckpoint(Path(args.out) / "checkpoint", every=getattr(args, "checkpoint_every", 0))
+        loaded = self.checkpoint.load() if getattr(args, "resume", False) else None
+        self.resumed_at = None
+        if loaded:
+            self.model = self._resume(*loaded, agent_class, buffer_size)
+        else:
+            self.model = make_agent(self.env)
+        config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+        self.config = dict(config, threads=self.threads, **(extra_config or {}),
+                           synther=None if synther is None else synther.to_dict())
+        self.timing.mark("setup")
+
+    def _resume(self, directory: Path, run: dict, agent_class: Type[BaseAlgorithm], buffer_size: int):
+        """The agent and its replay buffer from a checkpoint; RNGs restored, envs reseeded."""
+        try:
+            check_resume_settings(run["extra"]["args"], vars(self.args), may_change=RESUMABLE_FLAGS)
+        except ValueError as e:
+            raise ValueError(f"--resume from {self.checkpoint.path}: {e}") from None
+        model = agent_class.load(directory / "agent.zip", env=self.env, device=self.args.device)
+        model.load_replay_buffer(directory / "replay_buffer.pkl")
+        capacity = model.replay_buffer.buffer_size * model.replay_buffer.n_envs
+        if capacity < buffer_size:
+            raise ValueError(f"--resume: the checkpoint's replay buffer holds {capacity:,} transitions; "
+                             f"--total-steps {self.args.total_steps:,} would overwrite the oldest real data. "
+                             "Start a new run with the larger --total-steps instead.")
+        self.resumed_at = int(run["env_steps"])
+        self.monitor_state = run["monitor"]
+        set_rng_state(run["rng"])
+        model.env.seed(self.args.seed + self.resumed_at)  # a fresh episode, seeded from the step count
+        self.eval_env.reset(seed=self.args.seed + 10_000 + self.resumed_at)
+        return model
+
+    @property
+    def buffer(self) -> Optional[GenerativeReplayBuffer]:
+        """The agent's SynthER buffer (None for a plain SB3 buffer)."""
+        buf = self.model.replay_buffer
+        return buf if isinstance(buf, GenerativeReplayBuffer) else None
+
+    def _save_agent(self, directory: Path) -> None:
+        self.model.save(directory / "agent.zip")
+        self.model.save_replay_buffer(directory / "replay_buffer.pkl")
+
+    def _save_checkpoint(self) -> None:
+        self.checkpoint.save(self.model.num_timesteps, self.monitor, self._save_agent,
+                             extra={"args": vars(self.args)})
+
+    def _retraining(self) -> bool:
+        return self.buffer is not None and bool(self.buffer.stats()["retraining"])
+
+    def train(self) -> int:
+        """Train the rest of ``total_steps``, checkpoint, evaluate, write the results, print the table.
+
+        Returns:
+            The exit status: 0, or 130 after Ctrl-C (the results so far are written).
+        """
+        args, model, buffer = self.args, self.model, self.buffer
+        title = self.title + ("" if self.resumed_at is None else f" (resumed at env step {self.resumed_at:,})")
+        results = Results(args.out, config=self.config, title=title)
+        self.monitor = TrainingMonitor(
+            results, args.total_steps, args.eval_every, args.eval_episodes, self.eval_env,
+            policy_fn=lambda obs: model.predict(obs, deterministic=True)[0],
+            stats_fn=None if buffer is None else buffer.stats,
+            timing=self.timing, progress=not args.quiet, eval_at_start=self.resumed_at is None)
+        if self.resumed_at is not None:
+            self.monitor.load_state_dict(self.monitor_state)
+        print(title, flush=True)
+        if self.synther is not None:
+            c = self.synther
+            print(f"SynthER: retrain every {c.retrain_every:,} env steps (from {c.min_real:,} real transitions), "
+                  f"{c.train_steps:,} diffusion steps, {c.num_generate:,} rows per retrain, real ratio "
+                  f"{c.real_ratio}, device {resolve_device(c.device)}", flush=True)
+        rc = 0
+        try:
+            remaining = args.total_steps - model.num_timesteps
+            if remaining > 0:
+                callback = MonitorCallback(self.monitor, self.checkpoint, self._save_checkpoint, self._retraining)
+                model.learn(remaining, callback=callback, reset_num_timesteps=self.resumed_at is None)
+        except KeyboardInterrupt:
+            print("\ninterrupted: writing partial results", file=sys.stderr)
+            rc = 130
+        if buffer is not None:
+            buffer.wait()  # a background retrain (async_retrain) still running
+        if rc == 0 and self.checkpoint.every and self.checkpoint.last_saved != model.num_timesteps:
+            self._save_checkpoint()
+        self.monitor.env_steps = model.num_timesteps
+        summary = self.monitor.finish(final_stats=None if buffer is None else buffer.stats())
+        print("\n" + format_summary(summary, title=title), flush=True)
+        return rc
