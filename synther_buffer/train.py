@@ -164,7 +164,8 @@ def _setup(args: argparse.Namespace) -> dict:
     env = make_env(args.env, seed=args.seed)
     eval_env = make_env(args.env, seed=args.seed + 10_000)
 
-    from stable_baselines3 import SAC
+    from .extras import require
+    SAC = require("stable_baselines3", "sb3", "synther train").SAC
 
     from .sb3 import GenerativeReplayBuffer
 
