@@ -18,6 +18,7 @@ the call that needs it with a message that says what to install, never at
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 from typing import Optional
 
@@ -54,7 +55,7 @@ class MissingExtraError(ImportError):
     """
 
     def __init__(self, module: str, extra: str, purpose: Optional[str] = None,
-                 cause: Optional[BaseException] = None):
+                 cause: Optional[BaseException] = None, installed: bool = False):
         """Build the message.
 
         Args:
@@ -62,9 +63,15 @@ class MissingExtraError(ImportError):
             extra: the extra that provides it.
             purpose: what needed it (e.g. ``"reading HDF5 datasets"``), said first in the message.
             cause: the original ImportError, quoted at the end of the message.
+            installed: the package is present but its import failed (a broken or mismatched
+                install), which the message then says instead of "missing".
         """
         what = f"{purpose} needs" if purpose else "this needs"
-        msg = f"{what} the Python package {module!r}, which comes with the {extra!r} extra: {install_hint(extra)}"
+        if installed:
+            msg = (f"{what} the Python package {module!r} (from the {extra!r} extra), which is installed but "
+                   f"failed to import; reinstalling the extra may fix it: {install_hint(extra)}")
+        else:
+            msg = f"{what} the Python package {module!r}, which comes with the {extra!r} extra: {install_hint(extra)}"
         if cause is not None:
             msg += f" ({type(cause).__name__}: {cause})"
         super().__init__(msg, name=module)
@@ -94,4 +101,12 @@ def require(module: str, extra: str, purpose: Optional[str] = None) -> ModuleTyp
     except MissingExtraError:  # raised inside ``module`` itself: it already names its extra
         raise
     except ImportError as e:
-        raise MissingExtraError(module, extra, purpose, cause=e) from e
+        raise MissingExtraError(module, extra, purpose, cause=e, installed=_installed(module)) from e
+
+
+def _installed(module: str) -> bool:
+    """Whether the top-level package of ``module`` can be found (without importing it)."""
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):  # ValueError: a None entry in sys.modules (a blocked import)
+        return False

@@ -39,6 +39,17 @@ def test_require_names_the_extra(monkeypatch):
     assert isinstance(err.__cause__, ImportError)
 
 
+def test_an_installed_but_broken_package_is_not_called_missing(monkeypatch, tmp_path):
+    (tmp_path / "broken_pkg_xyz").mkdir()
+    (tmp_path / "broken_pkg_xyz" / "__init__.py").write_text("raise ImportError('cannot load the bindings')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MissingExtraError) as e:
+        require("broken_pkg_xyz", "envs", "DMC")
+    msg = str(e.value)
+    assert "is installed but failed to import" in msg and "cannot load the bindings" in msg
+    assert 'pip install "synther-buffer[envs]"' in msg
+
+
 def test_require_rejects_an_unknown_extra():
     with pytest.raises(ValueError, match="unknown extra"):
         require("json", "bogus")
