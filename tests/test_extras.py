@@ -67,6 +67,7 @@ def test_a_module_that_names_its_own_extra_is_not_rewrapped(monkeypatch, tmp_pat
 
 # ------------------------------------------------------------------------------------------- each call site
 def test_envs_name_the_extra(monkeypatch):
+    pytest.importorskip("gymnasium")
     from synther_buffer import envs
 
     monkeypatch.setitem(sys.modules, "shimmy", None)
