@@ -4,8 +4,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The local CPU build of torch; a looser pin would pull a multi-GB CUDA build.
+# The local CPU build of torch; a looser pin would pull a multi-GB CUDA build. setup.cfg only asks
+# for torch>=2.4, so installing this first keeps pip from replacing it.
 TORCH ?= torch==2.13.0
+# Extras: every library extra (sb3, envs, offline) for `make demo`, plus the test tools for `make test`.
+EXTRAS ?= all,test
 
 .PHONY: venv test test-all demo clean
 
@@ -13,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 venv: $(STAMP)

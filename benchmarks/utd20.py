@@ -454,11 +454,9 @@ def _out_lock(out: Path):
 
 
 def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise ImportError('--ray needs Ray: pip install "synther-buffer[distributed]"') from None
-    return ray
+    from synther_buffer.extras import require
+
+    return require("ray", "distributed", "benchmarks.utd20 --ray")
 
 
 def ray_connect(address: Optional[str], num_cpus: Optional[int] = None) -> None:

@@ -5,14 +5,15 @@
                      [--chunk-size ROWS] [--action-bounds LOW HIGH] [--threads N] [--quiet]
     synther report DATASET SYNTHETIC [--out report.png] [--env-id ID] [--max-rows N]
     synther train ...   (delegates to synther_buffer.train: add_arguments(parser) / run(args))
-    synther bench ...   (delegates to synther_buffer.bench, else benchmarks.bench: add_arguments / run)
 
 ``upsample`` and ``report`` are implemented in ``synther_buffer.offline`` (see its docstring for the
-file formats, the streaming writers and the exact meaning of ``--mix``). ``train`` and ``bench``
-import their module only when that subcommand is used, so ``upsample`` never pays for an RL stack.
+file formats, the streaming writers and the exact meaning of ``--mix``). ``train`` imports its
+module only when that subcommand is used, so ``upsample`` never pays for an RL stack. The
+benchmarks (``python -m benchmarks.fidelity`` etc.) run from a source checkout, not through here.
 
 ``main(argv)`` returns the exit status: 0 on success, 2 for bad arguments or inputs (the message
-goes to stderr), 1 if a delegate module is missing.
+goes to stderr), 1 if a delegate module or an optional dependency is missing (the message names
+the extra to install, e.g. ``pip install "synther-buffer[sb3]"``).
 """
 
 from __future__ import annotations
@@ -23,17 +24,16 @@ import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import COMPILE_HELP, PRECISION_HELP, PRECISIONS
+from .extras import MissingExtraError
 
 # subcommand -> candidate modules providing ``add_arguments(parser)`` and ``run(args)``
 DELEGATES: Dict[str, Tuple[str, ...]] = {
     "train": ("synther_buffer.train",),
-    "bench": ("synther_buffer.bench", "benchmarks.bench"),
 }
 _HELP = {
     "upsample": "fit SynthER on an offline dataset and write millions of synthetic transitions",
     "report": "compare a synthetic dataset with the real one (histograms, mean/std, terminal rate)",
-    "train": "online RL training with a SynthER replay buffer",
-    "bench": "benchmarks (fidelity, throughput, UTD runs)",
+    "train": "online RL training with a SynthER replay buffer (SB3 SAC; the sb3 extra)",
 }
 
 
@@ -76,14 +76,16 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                    help="histogram PNG (default: SYNTHETIC's name + '.report.png'); the stats JSON goes "
                         "beside it with suffix .json")
     p.add_argument("--env-id", default=None,
-                   help="score dynamics fidelity in this environment (needs the benchmarks.fidelity module)")
+                   help="score dynamics fidelity by replaying the synthetic transitions in this environment "
+                        "(HalfCheetah-v5, cheetah-run; needs the envs extra)")
     p.add_argument("--max-rows", type=int, default=200_000, help="rows of each set used for the histograms")
 
 
 def _add_delegate(sub: argparse._SubParsersAction, name: str, load: bool) -> None:
     """Register ``name``; import its module and let it add its arguments only when ``load``."""
+    helptext = _HELP.get(name, f"`synther {name}`")
     if not load:
-        sub.add_parser(name, help=_HELP[name], add_help=False)
+        sub.add_parser(name, help=helptext, add_help=False)
         return
     errors: List[str] = []
     for modname in DELEGATES[name]:
@@ -96,11 +98,11 @@ def _add_delegate(sub: argparse._SubParsersAction, name: str, load: bool) -> Non
             else:
                 errors.append(f"{modname} needs a missing dependency ({type(e).__name__}: {e})")
             continue
-        p = sub.add_parser(name, help=_HELP[name])
+        p = sub.add_parser(name, help=helptext)
         mod.add_arguments(p)
         p.set_defaults(_delegate=mod.run)
         return
-    p = sub.add_parser(name, help=_HELP[name], add_help=False)  # any arguments: see main()
+    p = sub.add_parser(name, help=helptext, add_help=False)  # any arguments: see main()
     p.set_defaults(_missing=f"`synther {name}` is not available: " + "; ".join(errors))
 
 
@@ -112,9 +114,9 @@ def _command(argv: Sequence[str]) -> Optional[str]:
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The argparse parser; the ``train`` / ``bench`` modules are imported only if ``argv`` selects them."""
+    """The argparse parser; a delegate's module (``train``) is imported only if ``argv`` selects it."""
     parser = argparse.ArgumentParser(prog="synther", description="SynthER: diffusion-upsampled experience replay")
-    sub = parser.add_subparsers(dest="command", metavar="{upsample,report,train,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(["upsample", "report", *DELEGATES]) + "}")
     sub.required = True
     _add_upsample(sub)
     _add_report(sub)
@@ -227,6 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"synther {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except MissingExtraError as e:
+        print(f"synther {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

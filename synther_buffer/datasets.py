@@ -52,11 +52,8 @@ def _suffix(path: Path) -> str:
 
 
 def _import_h5py():
-    try:
-        import h5py
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise ImportError("reading/writing HDF5 (D4RL or Minari) needs h5py: pip install h5py") from None
-    return h5py
+    from .extras import require
+    return require("h5py", "offline", "reading/writing HDF5 (D4RL or Minari)")
 
 
 def load_transitions(path: PathLike) -> Transitions:

@@ -21,8 +21,11 @@ Environment ids:
   ``"finger-turn-hard"`` (dashes after the domain become underscores);
 * any registered gymnasium id: ``"HalfCheetah-v5"``, ``"Walker2d-v5"``, ``"Pendulum-v1"``.
 
-``shimmy`` is imported only when a dm_control id is requested, ``stable_baselines3`` only inside
-:func:`make_vec_env`.
+Dependencies: this module needs gymnasium (the ``envs`` or the ``sb3`` extra: classic-control ids
+such as ``"Pendulum-v1"`` need nothing more). ``shimmy``, ``dm_control`` and ``imageio`` are
+imported only when a dm_control id is requested and ``mujoco`` only for a gymnasium MuJoCo id (all
+from the ``envs`` extra), ``stable_baselines3`` only inside :func:`make_vec_env`. A missing one
+raises :class:`synther_buffer.extras.MissingExtraError` (an ``ImportError``) that names the extra.
 """
 
 from __future__ import annotations
@@ -32,10 +35,13 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, SupportsFloat
 
-import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
-from gymnasium.wrappers import FlattenObservation, RescaleAction, TimeLimit
+
+from .extras import require
+
+gym = require("gymnasium", "envs", "synther_buffer.envs")
+from gymnasium import spaces  # noqa: E402
+from gymnasium.wrappers import FlattenObservation, RescaleAction, TimeLimit  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     from stable_baselines3.common.vec_env import VecEnv
@@ -111,9 +117,28 @@ def _register_shimmy() -> None:
     import os
 
     os.environ.setdefault("MUJOCO_GL", "disable")
-    import shimmy
-
+    purpose = "DeepMind Control Suite environments"
+    require("dm_control", "envs", purpose)
+    require("imageio", "envs", purpose)  # shimmy's dm_control module imports it
+    shimmy = require("shimmy", "envs", purpose)
     gym.register_envs(shimmy)
+
+
+def _require_simulator(resolved_id: str) -> None:
+    """Raise :class:`~synther_buffer.extras.MissingExtraError` if a gymnasium MuJoCo env lacks ``mujoco``.
+
+    gymnasium registers its MuJoCo tasks whether or not MuJoCo is installed, and ``gymnasium.make``
+    then fails with a hint to install ``gymnasium[mujoco]``; this names the extra of this package.
+
+    Args:
+        resolved_id: a registered gymnasium id.
+
+    Raises:
+        MissingExtraError: the id's entry point is a gymnasium MuJoCo env and ``mujoco`` is missing.
+    """
+    entry = gym.spec(resolved_id).entry_point
+    if isinstance(entry, str) and entry.startswith("gymnasium.envs.mujoco"):
+        require("mujoco", "envs", f"the MuJoCo environment {resolved_id!r}")
 
 
 def _is_dmc_id(env_id: str) -> bool:
@@ -153,6 +178,7 @@ def resolve_env_id(env_id: str) -> str:
 
     Raises:
         ValueError: if no registered environment matches.
+        MissingExtraError: a DMC id without the ``envs`` extra installed (an ``ImportError``).
     """
     if not isinstance(env_id, str) or not env_id:
         raise _unknown_id(str(env_id))
@@ -392,11 +418,14 @@ def make_env(
     Raises:
         ValueError: unknown ``env_id``, ``action_repeat`` not an integer >= 1 (or larger than the
             episode), or an action space that is not a bounded ``Box``.
+        MissingExtraError: a DMC or MuJoCo id without the ``envs`` extra installed (an ``ImportError``).
     """
     _check_action_repeat(action_repeat)
     action_repeat = int(action_repeat)
     resolved = resolve_env_id(env_id)
     is_dmc = resolved.startswith(DMC_PREFIX)
+    if not is_dmc:
+        _require_simulator(resolved)
 
     env = gym.make(resolved, render_mode=render_mode)
     if is_dmc:
@@ -444,8 +473,7 @@ def make_env(
 
 def _make_monitored_env(env_id: str, seed: int | None, action_repeat: int) -> gym.Env:
     """Factory for :func:`make_vec_env` (module level so SubprocVecEnv can pickle it)."""
-    from stable_baselines3.common.monitor import Monitor
-
+    Monitor = require("stable_baselines3.common.monitor", "sb3", "make_vec_env").Monitor
     return Monitor(make_env(env_id, seed=seed, action_repeat=action_repeat))
 
 
@@ -467,9 +495,9 @@ def make_vec_env(
         ValueError: ``n_envs < 1``, an unknown ``env_id`` or a bad ``action_repeat`` (checked
             here, before any worker process starts); a ``DummyVecEnv`` also raises whatever
             :func:`make_env` rejects.
+        MissingExtraError: stable-baselines3 (the ``sb3`` extra) is not installed.
     """
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
-
+    vec_env = require("stable_baselines3.common.vec_env", "sb3", "make_vec_env")
     if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
         raise ValueError(f"n_envs must be an integer >= 1, got {n_envs!r}")
     # Validate the id and action_repeat here, not inside a worker process.
@@ -484,4 +512,4 @@ def make_vec_env(
         )
         for i in range(int(n_envs))
     ]
-    return SubprocVecEnv(fns) if subproc else DummyVecEnv(fns)
+    return vec_env.SubprocVecEnv(fns) if subproc else vec_env.DummyVecEnv(fns)

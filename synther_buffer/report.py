@@ -1,7 +1,8 @@
 """``synther report``: compare a synthetic dataset with the real one (seed Figure 8).
 
 Marginal histograms per column (one PNG grid), a mean/std table, terminal rates and, given an env
-id, the physical fidelity of the synthetic transitions from ``benchmarks.fidelity`` when importable.
+id, the physical fidelity of the synthetic transitions (:func:`synther_buffer.oracle.score_transitions`).
+The histograms need matplotlib and the fidelity scoring MuJoCo (the ``offline`` and ``envs`` extras).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .datasets import PathLike, Transitions, _coerce, to_rows
+from .extras import MissingExtraError, require
 from .offline import _write_json
 
 # ---------------------------------------------------------------------------------------------- report
@@ -52,13 +54,22 @@ def report(real: Union[PathLike, Mapping[str, Any], np.ndarray], synthetic: Unio
             +- std) over the observation, action and reward columns (all columns for plain arrays),
             at most ``max_panels`` panels, from at most ``max_hist_rows`` random rows of each set.
         out_json: where to write the returned dict (default: ``out_png`` with suffix ``.json``).
-        env_id: if given and ``benchmarks.fidelity.score_transitions(env_id, rows_dict)`` is importable,
-            its result is stored under ``"fidelity"``; otherwise ``"fidelity"`` is None and
-            ``"fidelity_note"`` says the benchmark module is needed.
+        env_id: if given, :func:`synther_buffer.oracle.score_transitions` replays the synthetic
+            transitions in this environment and its result is stored under ``"fidelity"``. If that
+            cannot be done (the ``envs`` extra is missing, the environment is not supported, the
+            widths differ), ``"fidelity"`` is None and ``"fidelity_note"`` says why; the rest of the
+            report is still made.
 
-    Returns ``{"num_real", "num_synthetic", "columns": [{name, real_mean, real_std, synthetic_mean,
-    synthetic_std, mean_diff_in_std, std_ratio}], "terminal_rate": {...}, "summary": {...}, ...}``.
+    Returns:
+        ``{"num_real", "num_synthetic", "columns": [{name, real_mean, real_std, synthetic_mean,
+        synthetic_std, mean_diff_in_std, std_ratio}], "terminal_rate": {...}, "summary": {...}, ...}``.
+
+    Raises:
+        ValueError: the two sets have different widths.
+        MissingExtraError: ``out_png`` is given and matplotlib (the ``offline`` extra) is missing.
     """
+    if out_png is not None:  # fail before the work, not after it
+        require("matplotlib", "offline", "synther report's histograms")
     r_data, r_name = _coerce(real)
     s_data, s_name = _coerce(synthetic)
     r_rows, names, r_term, hist_names = _columns(r_data)
@@ -91,18 +102,15 @@ def report(real: Union[PathLike, Mapping[str, Any], np.ndarray], synthetic: Unio
         if isinstance(s_data, np.ndarray):
             result["fidelity_note"] = "fidelity scoring needs a transition dataset, not a plain array"
         else:
-            try:
-                from benchmarks.fidelity import score_transitions  # optional, outside synther_buffer
-            except ImportError as e:
-                result["fidelity_note"] = (f"fidelity scoring for --env-id needs the benchmark module "
-                                           f"benchmarks.fidelity (score_transitions), which is not importable "
-                                           f"({type(e).__name__}: {e}); skipped")
-            else:
-                reference = None if isinstance(r_data, np.ndarray) else dict(r_data)
-                try:  # normalise errors by the real data's stds where we have them
-                    result["fidelity"] = score_transitions(env_id, dict(s_data), reference=reference)
-                except ValueError as e:  # unsupported env, width mismatch: keep the rest of the report
-                    result["fidelity_note"] = f"fidelity scoring skipped: {e}"
+            from .oracle import score_transitions
+
+            reference = None if isinstance(r_data, np.ndarray) else dict(r_data)
+            try:  # normalise errors by the real data's stds where we have them
+                result["fidelity"] = score_transitions(env_id, dict(s_data), reference=reference)
+            except MissingExtraError as e:  # no simulator here: keep the rest of the report
+                result["fidelity_note"] = f"fidelity scoring for --env-id skipped: {e}"
+            except ValueError as e:  # unsupported env, width mismatch: keep the rest of the report
+                result["fidelity_note"] = f"fidelity scoring skipped: {e}"
 
     if out_png is not None:
         out_png = Path(out_png)
@@ -132,7 +140,7 @@ def _subsample(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 def _plot_histograms(path: Path, real: np.ndarray, synth: np.ndarray, names: Sequence[str],
                      mean: np.ndarray, std: np.ndarray, bins: int) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "offline", "synther report's histograms")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -1,7 +1,8 @@
 """Small, RL-framework-free helpers shared by ``synther train`` and the integration scripts.
 
-Everything here works with any agent and any replay buffer; only numpy, matplotlib (Agg),
-gymnasium-style environments and tqdm are used.
+Everything here works with any agent and any replay buffer; only numpy, matplotlib (Agg, optional:
+the ``offline`` extra; without it the learning curve is skipped with one warning), gymnasium-style
+environments and tqdm are used.
 
 * :func:`evaluate` -- run ``episodes`` evaluation episodes of ``policy_fn`` and return their returns.
 * :class:`TimingSplit` -- where the wall time went (setup, RL, diffusion training, sampling, eval).
@@ -33,11 +34,14 @@ import math
 import os
 import textwrap
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
+
+from .extras import MissingExtraError, require
 
 CSV_NAME = "eval_returns.csv"
 JSON_NAME = "results.json"
@@ -227,6 +231,7 @@ class Results:
         self.rows: List[Dict[str, Any]] = []
         self.retrain_steps: List[int] = []
         self.summary: Dict[str, Any] = {}
+        self.plot_skipped: Optional[str] = None  # why the PNG is not drawn (matplotlib missing), if so
         with open(self.csv_path, "w", newline="") as f:
             csv.writer(f).writerow(CSV_FIELDS)
         self._write_json()
@@ -261,11 +266,19 @@ class Results:
             self.plot()
 
     def write(self, summary: Dict[str, Any]) -> None:
-        """Store the final ``summary`` in the JSON and draw the learning curve."""
+        """Store the final ``summary`` in the JSON and draw the learning curve.
+
+        If the curve cannot be drawn (no matplotlib), ``summary["files"]["png"]`` (when present) is set
+        to None and ``summary["files"]["png_note"]`` says why, in the JSON and in the caller's dict.
+        """
         self.summary = _jsonable(summary)
         self.retrain_steps = [e["env_step"] for e in summary.get("retrains", [])]
         self._write_json()
         self.plot()
+        if self.plot_skipped is not None and isinstance(summary.get("files"), dict):
+            summary["files"].update(png=None, png_note=self.plot_skipped)
+            self.summary = _jsonable(summary)
+            self._write_json()
 
     def _write_json(self) -> None:
         data = _jsonable({"config": self.config, "evals": self.rows, **self.summary})
@@ -275,10 +288,24 @@ class Results:
         os.replace(tmp, self.json_path)
 
     def plot(self) -> Optional[Path]:
-        """Draw mean +- std of the eval returns against env steps (retrains as dotted lines)."""
+        """Draw mean +- std of the eval returns against env steps (retrains as dotted lines).
+
+        Returns:
+            The PNG's path; None if there is no evaluation yet, or if matplotlib (the ``offline``
+            extra) is missing: a training run should not die for its plot, so the curve is then
+            skipped with one ``RuntimeWarning`` (the CSV and JSON hold the same numbers) and
+            ``plot_skipped`` says why.
+        """
         if not self.rows:
             return None
-        import matplotlib
+        try:
+            matplotlib = require("matplotlib", "offline", "the learning-curve plot")
+        except MissingExtraError as e:
+            if self.plot_skipped is None:
+                self.plot_skipped = str(e)
+                warnings.warn(f"{e}; {self.png_path.name} skipped, the CSV and JSON hold the numbers",
+                              RuntimeWarning, stacklevel=2)
+            return None
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
@@ -452,7 +479,7 @@ def format_summary(summary: Dict[str, Any], title: str = "") -> str:
     files = summary.get("files", {})
     if files:
         lines.append(f"  {'results':<34}{files['csv']}, {files['json']}")
-        lines.append(f"  {'plot':<34}{files['png']}")
+        lines.append(f"  {'plot':<34}{files['png'] or 'not drawn: ' + str(files.get('png_note'))}")
     return "\n".join(lines)
 
 

@@ -16,6 +16,10 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
+
+from .extras import require
+
+require("stable_baselines3", "sb3", "synther_buffer.sb3 (GenerativeReplayBuffer)")  # brings gymnasium too
 from gymnasium import spaces
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback

@@ -129,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _setup(args: argparse.Namespace):
     """The SynthER config, the SAC agent and the run around it (``SB3Run``); ValueError on bad inputs."""
-    from stable_baselines3 import SAC
+    from .extras import require
 
+    SAC = require("stable_baselines3", "sb3", "synther train").SAC   # first: name the missing extra
     from .diffusion import resolve_device
     from .envs import can_terminate
     from .sb3 import GenerativeReplayBuffer

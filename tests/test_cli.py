@@ -58,13 +58,19 @@ def test_upsample_then_report_end_to_end(dataset, capsys, monkeypatch):
     assert (np.abs(load_transitions(dataset / "clip.npz")["actions"]) <= 0.25).all()
     assert json.loads((dataset / "clip.compression.json").read_text())["action_bounds"] == [[-0.25] * 2, [0.25] * 2]
 
-    monkeypatch.setitem(sys.modules, "benchmarks.fidelity", None)
     rc = cli.main(["report", str(dataset / "real.npz"), str(out), "--env-id", "Hopper-v5"])
     text = capsys.readouterr().out
     assert rc == 0
     assert (dataset / "syn.report.png").exists() and (dataset / "syn.report.json").exists()
     assert "terminal rate: real 0.050000" in text and "reward" in text
-    assert "fidelity scoring for --env-id needs the benchmark module" in text
+    assert "fidelity scoring skipped" in text and "not available for 'Hopper-v5'" in text
+
+    # without MuJoCo (the envs extra) the report is still made, and says what to install
+    monkeypatch.setitem(sys.modules, "mujoco", None)
+    rc = cli.main(["report", str(dataset / "real.npz"), str(out), "--env-id", "HalfCheetah-v5"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "max |dmean|/std" in text
+    assert 'fidelity scoring for --env-id skipped' in text and 'pip install "synther-buffer[envs]"' in text
 
 
 def test_report_custom_out(dataset, capsys):
@@ -99,8 +105,10 @@ def test_help_lists_subcommands(capsys):
         cli.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for name in ("upsample", "report", "train", "bench"):
+    assert "{upsample,report,train}" in text
+    for name in ("upsample", "report", "train"):
         assert name in text
+    assert "bench" not in text   # only working commands are listed
 
 
 def test_missing_delegate_is_reported(monkeypatch, capsys):
@@ -110,17 +118,37 @@ def test_missing_delegate_is_reported(monkeypatch, capsys):
 
 
 def test_delegate_gets_its_arguments(monkeypatch):
-    fake = types.ModuleType("fake_bench")
+    fake = types.ModuleType("fake_delegate")
     seen = {}
     fake.add_arguments = lambda p: p.add_argument("--env", default="x")
     fake.run = lambda args: seen.setdefault("env", args.env) and 0
-    monkeypatch.setitem(sys.modules, "fake_bench", fake)
-    monkeypatch.setitem(cli.DELEGATES, "bench", ("fake_bench",))
-    assert cli.main(["bench", "--env", "cheetah-run"]) == 0
+    monkeypatch.setitem(sys.modules, "fake_delegate", fake)
+    monkeypatch.setitem(cli.DELEGATES, "fake", ("fake_delegate",))
+    assert cli.main(["fake", "--env", "cheetah-run"]) == 0
     assert seen == {"env": "cheetah-run"}
     # other subcommands never import the delegate
-    monkeypatch.setitem(cli.DELEGATES, "bench", ("synther_buffer._must_not_be_imported",))
+    monkeypatch.setitem(cli.DELEGATES, "fake", ("synther_buffer._must_not_be_imported",))
     cli.build_parser(["report", "a", "b"])
+
+
+def test_bench_is_gone(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench"])
+    assert e.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
+
+
+def test_missing_extra_exits_1_naming_it(dataset, tmp_path, monkeypatch, capsys):
+    (tmp_path / "x.hdf5").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    rc = cli.main(["upsample", str(tmp_path / "x.hdf5"), "--out", str(tmp_path / "o.npz")] + TINY)
+    err = capsys.readouterr().err
+    assert rc == 1 and 'pip install "synther-buffer[offline]"' in err and "'h5py'" in err
+    assert not (tmp_path / "o.npz").exists()
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # report's histograms
+    rc = cli.main(["report", str(dataset / "real.npz"), str(dataset / "real.npz"), "--out", str(tmp_path / "r.png")])
+    assert rc == 1 and 'pip install "synther-buffer[offline]"' in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_compile_flag_reaches_the_config():

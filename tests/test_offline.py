@@ -403,7 +403,7 @@ def test_save_model_and_reload(tmp_path, data):
 # ------------------------------------------------------------------------------------------- report
 def test_report_png_and_json(tmp_path, data, monkeypatch):
     syn = make_transitions(seed=5, terminal_every=4)
-    monkeypatch.setitem(sys.modules, "benchmarks.fidelity", None)   # "not available" path
+    monkeypatch.setitem(sys.modules, "mujoco", None)   # no simulator: the envs extra is missing
     r = report(data, syn, out_png=tmp_path / "rep.png", env_id="HalfCheetah-v5", max_hist_rows=100)
     assert (tmp_path / "rep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     js = json.loads((tmp_path / "rep.json").read_text())
@@ -413,7 +413,7 @@ def test_report_png_and_json(tmp_path, data, monkeypatch):
     assert col["obs_1"]["real_mean"] == pytest.approx(data["observations"][:, 1].mean(), abs=1e-6)
     assert col["reward"]["synthetic_std"] == pytest.approx(syn["rewards"].std(), rel=1e-5)
     assert js["terminal_rate"] == {"real": pytest.approx(0.1), "synthetic": pytest.approx(0.25)}
-    assert js["fidelity"] is None and "needs the benchmark module" in js["fidelity_note"]
+    assert js["fidelity"] is None and 'pip install "synther-buffer[envs]"' in js["fidelity_note"]
     text = report_mod.format_stats(r)
     assert "terminal rate: real 0.100000, synthetic 0.250000" in text
 

@@ -1,0 +1,394 @@
+"""Command line of the fidelity benchmark: ``python -m benchmarks.fidelity ...`` (see the package docstring).
+
+:func:`run` collects the real data, runs every generator, scores each one (simulator oracle,
+distribution metrics, SDMetrics) and writes ``fidelity.json``, ``fidelity.csv``,
+``fidelity_sweep.csv`` (with ``--sampler-sweep``) and ``marginals.png``; :func:`main` parses the
+flags and prints the tables as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from synther_buffer.config import PRECISIONS
+from synther_buffer.offline import json_default
+
+from .baselines import augment, ctgan_generate, gmm_generate
+from .metrics import distribution_metrics, plot_marginals, sdmetrics_scores
+from .oracles import KEYS, POLICIES, SUPPORTED_ENVS, collect_transitions, make_oracle, safe_std, score_transitions
+
+# Sampler settings of --sampler-sweep: (sampler, steps, SynthERConfig sampler fields). Unlisted fields
+# are the paper's Table 9 (sigma_max 80, S_churn 80, S_tmin 0.05, S_tmax 50, S_noise 1.003), whatever
+# the trained model's preset says; the first setting is the paper's sampler.
+WIDE = {"s_tmin": 0.01, "s_tmax": 80.0}   # churn over (almost) the whole schedule
+SWEEP_SETTINGS: Tuple[Tuple[str, int, Dict[str, float]], ...] = (
+    ("stochastic", 128, {}), ("stochastic", 64, {}),
+    ("stochastic", 48, {"sigma_max": 10.0, **WIDE}),
+    ("stochastic", 40, {"sigma_max": 5.0, **WIDE}),       # the fast preset's sampler
+    ("stochastic", 40, {"sigma_max": 10.0, **WIDE}),
+    ("stochastic", 32, {"sigma_max": 5.0, **WIDE}),
+    ("stochastic", 32, {}), ("deterministic", 32, {}), ("deterministic", 16, {}),
+)
+
+
+def sweep_label(sampler: str, steps: int, extra: Mapping[str, float]) -> str:
+    """``"32-step stochastic, sigma_max 10"``."""
+    return f"{steps}-step {sampler}" + "".join(f", {k} {v:g}" for k, v in extra.items())
+
+ALL_GENERATORS = ("real", "additive", "multiplicative", "dynamics", "gmm", "tvae", "ctgan", "synther")
+GENERATOR_LABELS = {
+    "real": "real (held-out)",
+    "additive": "additive noise N(0,0.1) (D.1)",
+    "multiplicative": "multiplicative noise U(0.8,1.2) (D.1)",
+    "dynamics": "dynamics noise U(0.5,1.5) (D.1)",
+    "gmm": "GMM",
+    "tvae": "TVAE",
+    "ctgan": "CTGAN",
+    "synther": "SynthER",
+}
+
+
+# ============================================================================================ benchmark
+def _log(msg: str) -> None:
+    print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, np.integer)):
+        return f"{v:,}"
+    if not np.isfinite(v):
+        return "nan"
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) < 10 ** -nd:
+        return f"{v:.1e}"
+    return f"{v:.{nd}f}" if abs(v) < 100 else f"{v:.1f}"
+
+
+TABLE_COLUMNS = (
+    ("generator", "generator"), ("dynamics_mse", "dyn MSE"), ("dynamics_mse_se", "+- se"),
+    ("dynamics_mse_median", "dyn MSE (median)"),
+    ("reward_mse", "rew MSE"), ("wasserstein", "W1"), ("corr_error", "corr err"), ("nn_dist", "NN dist"),
+    ("ks_complement", "KSComp"), ("corr_similarity", "CorrSim"), ("fit_s", "fit s"),
+    ("samples_per_s", "samples/s"), ("status", "status"),
+)
+SWEEP_COLUMNS = (
+    ("setting", "sampler"), ("nfe", "NFE"), ("dynamics_mse", "dyn MSE"), ("dynamics_mse_se", "+- se"),
+    ("dynamics_mse_median", "dyn MSE (median)"),
+    ("reward_mse", "rew MSE"), ("wasserstein", "W1"), ("corr_error", "corr err"), ("sample_s", "sample s"),
+    ("samples_per_s", "samples/s"),
+)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns=TABLE_COLUMNS) -> str:
+    """Render rows (dicts) as a markdown table with the given (key, header) columns."""
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "| " + " | ".join("---" for _ in columns) + " |"
+    body = ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep] + body)
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(keys), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in keys})
+
+
+
+
+def _parse_mix(text: str) -> Tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0:
+        raise ValueError(f"--policy-mix needs three non-negative weights (random,gait,tuned), got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    try:  # numpy BLAS too (nearest-neighbour distances, GMM)
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads)
+    except Exception:
+        pass
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the benchmark described by parsed CLI ``args``; writes the outputs and returns the result dict."""
+    from synther_buffer import SynthERConfig
+    from synther_buffer.edm import num_function_evals
+    from synther_buffer.datasets import from_rows, to_rows
+    from synther_buffer.offline import make_model
+
+    _set_threads(args.threads)
+    t_start = time.perf_counter()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_start = _loadavg()
+    gens = [g.strip() for g in args.generators.split(",") if g.strip()] if args.generators else list(ALL_GENERATORS)
+    bad = sorted(set(gens) - set(ALL_GENERATORS))
+    if bad:
+        raise ValueError(f"unknown generator(s) {bad}; choose from {ALL_GENERATORS}")
+    if args.skip_ctgan:
+        gens = [g for g in gens if g not in ("tvae", "ctgan")]
+    if "synther" not in gens and args.sampler_sweep:
+        raise ValueError("--sampler-sweep needs the synther generator")
+    num_eval = args.num_eval or min(args.num_synthetic, 10_000)
+
+    # ---------------------------------------------------------------- real data
+    t0 = time.perf_counter()
+    _log(f"collecting real transitions from {args.env}: train {args.num_real}, eval {num_eval}, holdout {num_eval}")
+    mix = _parse_mix(args.policy_mix)
+    train_d = collect_transitions(args.env, args.num_real, seed=args.seed, episode_seconds=args.episode_seconds,
+                                  policy_probs=mix)
+    eval_d = collect_transitions(args.env, num_eval, seed=args.seed + 1, episode_seconds=args.episode_seconds,
+                                 policy_probs=mix)
+    hold_d = collect_transitions(args.env, num_eval, seed=args.seed + 2, episode_seconds=args.episode_seconds,
+                                 policy_probs=mix)
+    collect_s = time.perf_counter() - t0
+    strip = lambda d: {k: d[k] for k in KEYS}
+    train_rows, layout = to_rows(strip(train_d), model_terminals=None)
+    eval_rows, _ = to_rows(strip(eval_d), model_terminals=layout.terminal)
+    hold_rows, _ = to_rows(strip(hold_d), model_terminals=layout.terminal)
+    names = layout.column_names()
+    discrete = ["terminal"] if layout.terminal else []
+    obs_std = safe_std(train_d["next_observations"])
+    rew_std = float(safe_std(train_d["rewards"]))
+    policy_counts = {p: int((train_d["policy"] == i).sum()) for i, p in enumerate(POLICIES)}
+    _log(f"collected in {collect_s:.1f}s; train policy mix {policy_counts}; mean reward "
+         f"{float(train_d['rewards'].mean()):.3f}")
+    oracle = make_oracle(args.env)
+
+    saved_rows: Dict[str, np.ndarray] = {}
+
+    def evaluate(label: str, rows: np.ndarray, extra: Dict[str, Any]) -> Dict[str, Any]:
+        if args.save_rows:
+            saved_rows[label] = np.asarray(rows, dtype=np.float32)
+        t = time.perf_counter()
+        score = score_transitions(args.env, from_rows(rows, layout), obs_std=obs_std, reward_std=rew_std,
+                                  max_rows=args.score_rows, seed=args.seed, oracle=oracle)
+        dist = distribution_metrics(rows, eval_rows, train_rows, seed=args.seed)
+        sdm = (sdmetrics_scores(rows, eval_rows, names, max_rows=args.sdmetrics_rows, seed=args.seed,
+                                discrete=discrete) if not args.no_sdmetrics else {"status": "skipped: --no-sdmetrics"})
+        row = {"generator": label, **{k: score.get(k) for k in ("dynamics_mse", "dynamics_mse_se",
+                                                                 "dynamics_mse_median", "reward_mse", "reward_mse_se",
+                                                                 "dynamics_mse_position", "dynamics_mse_velocity",
+                                                                 "reward_mse_median", "n_scored", "n_nonfinite",
+                                                                 "action_clip_fraction")},
+               **dist, "ks_complement": sdm.get("ks_complement"), "tv_complement": sdm.get("tv_complement"),
+               "corr_similarity": sdm.get("corr_similarity"), "sdmetrics_status": sdm["status"],
+               "status": "ok", **extra}
+        row["score_s"] = time.perf_counter() - t
+        row["per_dim_dynamics_mse"] = score.get("per_dim_dynamics_mse")
+        _log(f"{label}: dyn MSE {_fmt(row['dynamics_mse'])}, rew MSE {_fmt(row['reward_mse'])}, "
+             f"W1 {_fmt(row['wasserstein'])}, corr err {_fmt(row['corr_error'])} (scored in {row['score_s']:.1f}s)")
+        return row
+
+    table: List[Dict[str, Any]] = []
+    sweep: List[Dict[str, Any]] = []
+    details: Dict[str, Any] = {}
+    synther_rows = None
+    rng = np.random.default_rng(args.seed)
+    n = args.num_synthetic
+    try:
+        for g in gens:
+            label = GENERATOR_LABELS[g]
+            _log(f"generator {label} ...")
+            if g == "real":
+                rows = hold_rows[:n]
+                table.append(evaluate(label, rows, {"fit_s": 0.0, "n_rows": len(rows)}))
+            elif g in ("additive", "multiplicative", "dynamics"):
+                t = time.perf_counter()
+                rows = augment(train_rows, layout, g, n, rng)
+                dt = time.perf_counter() - t
+                table.append(evaluate(label, rows, {"fit_s": 0.0, "sample_s": dt, "samples_per_s": n / max(dt, 1e-9)}))
+            elif g == "gmm":
+                t = time.perf_counter()
+                rows, backend = gmm_generate(train_rows, n, args.gmm_components, args.seed)
+                dt = time.perf_counter() - t
+                table.append(evaluate(label, rows, {"fit_s": dt, "backend": backend}))
+            elif g in ("tvae", "ctgan"):
+                res = ctgan_generate(g, train_rows, names, n, epochs=args.ctgan_epochs, seed=args.seed,
+                                     threads=args.threads, budget_s=args.ctgan_budget_s)
+                if res["rows"] is None:
+                    _log(f"{label}: {res['status']}")
+                    table.append({"generator": label, "status": res["status"]})
+                    details[g] = {k: v for k, v in res.items() if k != "rows"}
+                else:
+                    table.append(evaluate(label, res["rows"], {
+                        "fit_s": res["fit_s"], "sample_s": res["sample_s"],
+                        "samples_per_s": n / max(res["sample_s"], 1e-9), "epochs": args.ctgan_epochs}))
+            elif g == "synther":
+                cfg = SynthERConfig.preset(args.preset).replace(device=args.device, seed=args.seed,
+                                                                progress=args.progress)
+                if args.train_steps:
+                    cfg = cfg.replace(train_steps=args.train_steps)
+                if args.precision:
+                    cfg = cfg.replace(precision=args.precision)
+                model = make_model(layout, layout.dim, cfg)
+                _log(f"SynthER: preset {args.preset}, {model!r}, {cfg.train_steps} steps, "
+                     f"sampler {cfg.sample_steps}-step {cfg.sampler}, precision {cfg.precision}")
+                fit = model.fit(train_rows)
+                _log(f"SynthER fit: {fit['seconds']:.1f}s, loss {fit['loss']:.4f}")
+                t = time.perf_counter()
+                rows = model.sample(n, seed=args.seed + 1)
+                dt = time.perf_counter() - t
+                synther_rows = rows
+                details["synther"] = {"config": cfg.to_dict(), "fit": fit, "params": model.num_params}
+                table.append(evaluate(f"{label} ({cfg.sample_steps}-step {cfg.sampler})", rows, {
+                    "fit_s": fit["seconds"], "sample_s": dt, "samples_per_s": n / max(dt, 1e-9),
+                    "train_steps": cfg.train_steps, "loss": fit["loss"]}))
+                if args.sampler_sweep:
+                    base_cfg = model.config
+                    table9 = {f: getattr(SynthERConfig.preset("paper"), f)
+                              for f in ("sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise", "rho")}
+                    for k, (sampler, steps, extra) in enumerate(SWEEP_SETTINGS):
+                        model.config = base_cfg.replace(sampler=sampler, sample_steps=steps, **{**table9, **extra})
+                        t = time.perf_counter()
+                        try:
+                            rows_k = model.sample(n, seed=args.seed + 100 + k)
+                        finally:
+                            model.config = base_cfg
+                        dt = time.perf_counter() - t
+                        label_k = sweep_label(sampler, steps, extra)
+                        r = evaluate(f"SynthER {label_k}", rows_k, {})
+                        sweep.append({"setting": label_k, "sampler": sampler, "steps": steps, **extra,
+                                      "nfe": num_function_evals(steps), "sample_s": dt,
+                                      "samples_per_s": n / max(dt, 1e-9),
+                                      **{key: r[key] for key in ("dynamics_mse", "dynamics_mse_se",
+                                                                 "dynamics_mse_median", "reward_mse",
+                                                                 "wasserstein", "corr_error", "nn_dist",
+                                                                 "ks_complement", "corr_similarity")}})
+                if args.save_model:
+                    model.save(out_dir / "synther_model.pt")
+    finally:
+        oracle.close()
+
+    # ---------------------------------------------------------------- outputs
+    png = out_dir / "marginals.png"
+    hist_cols = list(range(layout.obs_dim + layout.action_dim + 1))  # Figure 8: state, action, reward
+    plot_src = synther_rows if synther_rows is not None else (hold_rows[:n])
+    plot_marginals(png, eval_rows[:, hist_cols], plot_src[:, hist_cols], [names[i] for i in hist_cols],
+                   label="SynthER" if synther_rows is not None else "held-out real",
+                   title=f"{args.env}: {'SynthER' if synther_rows is not None else 'held-out real'} (blue) vs "
+                         f"held-out real (orange), {len(eval_rows):,} rows; dashed: real mean +- std")
+    if args.save_rows:  # every generator's rows + the real sets, to re-score later
+        keyname = lambda lab: "".join(c if c.isalnum() else "_" for c in lab).strip("_")
+        np.savez(out_dir / "rows.npz", train=train_rows, eval=eval_rows, holdout=hold_rows,
+                 columns=np.asarray(names), **{keyname(k): v for k, v in saved_rows.items()})
+    load_end = _loadavg()
+    import torch
+    result = {
+        "command": "python -m benchmarks.fidelity " + " ".join(args.argv) if getattr(args, "argv", None) is not None
+        else None,
+        "env": args.env, "preset": args.preset, "num_real": args.num_real, "num_synthetic": n, "num_eval": num_eval,
+        "seed": args.seed, "threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "loadavg_start": load_start, "loadavg_end": load_end,
+        "collect_seconds": collect_s, "total_seconds": time.perf_counter() - t_start,
+        "policy_mix": list(mix), "train_policy_mix": policy_counts, "obs_std": obs_std.tolist(), "reward_std": rew_std,
+        "columns": names, "table": table, "sampler_sweep": sweep, "details": details,
+        "png": str(png), "json": str(out_dir / "fidelity.json"), "csv": str(out_dir / "fidelity.csv"),
+    }
+    csv_keys = [k for k, _ in TABLE_COLUMNS] + ["dynamics_mse_position", "dynamics_mse_velocity", "reward_mse_se",
+                                                "reward_mse_median",
+                                                "wasserstein_max", "tv_complement", "sample_s", "n_scored",
+                                                "n_nonfinite", "action_clip_fraction"]
+    _write_csv(out_dir / "fidelity.csv", table, csv_keys)
+    if sweep:
+        _write_csv(out_dir / "fidelity_sweep.csv", sweep, [k for k, _ in SWEEP_COLUMNS] +
+                   ["sampler", "steps", "sigma_max", "s_tmin", "s_tmax", "nn_dist", "ks_complement", "corr_similarity"])
+        result["sweep_csv"] = str(out_dir / "fidelity_sweep.csv")
+    with open(out_dir / "fidelity.json", "w") as f:
+        json.dump(result, f, indent=2, default=json_default)
+        f.write("\n")
+    return result
+
+
+def format_result(result: Mapping[str, Any]) -> str:
+    """Markdown rendering of a :func:`run` result (main table, then the sampler sweep if any)."""
+    lines = [f"### Fidelity: {result['env']}, preset {result['preset']}, {result['num_real']:,} real / "
+             f"{result['num_synthetic']:,} synthetic rows (eval {result['num_eval']:,})", "",
+             markdown_table(result["table"])]
+    if result.get("sampler_sweep"):
+        lines += ["", "Sampler sweep (one trained SynthER model):", "", markdown_table(result["sampler_sweep"], SWEEP_COLUMNS)]
+    lines += ["", f"load average start {result['loadavg_start']}, end {result['loadavg_end']}; "
+                  f"torch threads {result['threads']}; total {result['total_seconds']:.0f}s"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fidelity",
+                                description="Simulator-oracle fidelity of SynthER's synthetic transitions vs baselines.")
+    p.add_argument("--env", default="HalfCheetah-v5", help=f"environment ({', '.join(SUPPORTED_ENVS)})")
+    p.add_argument("--preset", default="fast", choices=("paper", "fast", "tiny"), help="SynthERConfig preset")
+    p.add_argument("--train-steps", type=int, default=None, help="override the preset's train_steps")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="SynthERConfig.precision of the SynthER model (default: the preset's, fp32)")
+    p.add_argument("--num-real", type=int, default=10_000, help="real training transitions")
+    p.add_argument("--num-synthetic", type=int, default=10_000, help="rows generated (and scored) per generator")
+    p.add_argument("--num-eval", type=int, default=None,
+                   help="held-out real rows for the distribution metrics (and the held-out baseline); "
+                        "default min(num_synthetic, 10000)")
+    p.add_argument("--score-rows", type=int, default=None, help="replay at most this many rows per generator (default all)")
+    p.add_argument("--out", default="results/fidelity", help="output directory")
+    p.add_argument("--sampler-sweep", action="store_true", help="score several samplers on the trained SynthER model")
+    p.add_argument("--generators", default=None, help=f"comma list from {','.join(ALL_GENERATORS)} (default all)")
+    p.add_argument("--skip-ctgan", action="store_true", help="skip TVAE and CTGAN")
+    p.add_argument("--ctgan-epochs", type=int, default=50,
+                   help="TVAE/CTGAN epochs (package default 300: ~26 min each on 1 loaded CPU thread for 10K rows)")
+    p.add_argument("--ctgan-budget-s", type=float, default=600.0, help="wall-clock budget per TVAE/CTGAN run")
+    p.add_argument("--gmm-components", type=int, default=16, help="GMM components")
+    p.add_argument("--no-sdmetrics", action="store_true", help="skip the SDMetrics scores")
+    p.add_argument("--sdmetrics-rows", type=int, default=5000, help="rows per set for SDMetrics")
+    p.add_argument("--policy-mix", default="1,1,1",
+                   help="weights of the behaviour policies random,gait,tuned (per episode); 1,1,0 skips the gait search")
+    p.add_argument("--episode-seconds", type=float, default=5.0, help="simulated seconds per collection episode")
+    p.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (1 on shared 2-core machines)")
+    p.add_argument("--device", default="auto", help="torch device for SynthER")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-model", action="store_true", help="also save the SynthER model to OUT/synther_model.pt")
+    p.add_argument("--save-rows", action="store_true", help="save every generator's rows to OUT/rows.npz")
+    p.add_argument("--progress", action="store_true", help="show tqdm bars for the diffusion fit/sample")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    result = run(args)
+    print(format_result(result))
+    print(f"\nwrote {result['json']}, {result['csv']}" + (f", {result['sweep_csv']}" if result.get("sweep_csv") else "")
+          + f", {result['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

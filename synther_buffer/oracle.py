@@ -1,0 +1,368 @@
+"""Simulator oracle: replay transitions in the real simulator and measure how wrong they are.
+
+Each transition ``(s, a, r, s')`` is replayed: the simulator is put in state ``s`` (the observation
+maps back to the physics state), the action ``a`` (clipped to the action bounds) is applied, and the
+simulator's next observation and reward are compared with ``s'`` and ``r``. Errors are divided per
+dimension by the real data's std, so 1.0 means "as wrong as a random draw of the marginal".
+
+Supported environments are those whose observation is the full physics state without the x
+position, so that a transition can be replayed exactly:
+
+* gymnasium MuJoCo ``HalfCheetah-v5`` (and ``-v4``): ``obs = concat(qpos[1:], qvel)``; ``qpos[0]``
+  (the x position) is unobserved and set to 0. The dynamics do not depend on it and the reward uses
+  only the x displacement during the step.
+* DMC ``cheetah-run`` (``dm_control/cheetah-run-v0`` via shimmy): the flattened observation is
+  ``concat(position, velocity)`` = ``concat(qpos[1:], qvel)``.
+
+Needs the ``envs`` extra (gymnasium, MuJoCo, dm_control, shimmy); a missing one raises
+:class:`synther_buffer.extras.MissingExtraError` when an oracle is built, not at import.
+``synther report --env-id`` scores synthetic datasets with :func:`score_transitions`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from .extras import require
+
+__all__ = ["KEYS", "SUPPORTED_ENVS", "SimulatorOracle", "HalfCheetahOracle", "DMCCheetahOracle",
+           "make_oracle", "score_transitions"]
+
+KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
+"""The transition keys a rows dict carries (``terminals`` optional for scoring)."""
+
+SUPPORTED_ENVS = ("HalfCheetah-v5", "HalfCheetah-v4", "cheetah-run (dm_control/cheetah-run-v0)")
+"""Environments :func:`make_oracle` can replay, as shown in error messages."""
+
+_PURPOSE = "simulator-oracle fidelity scoring"
+
+
+class SimulatorOracle:
+    """Replays transitions in the simulator; subclasses map a flat observation to the physics state.
+
+    Use as a context manager (or call :meth:`close`) to release the simulator.
+
+    Attributes:
+        env_id: the resolved gymnasium id.
+        obs_dim: width of the flat observation.
+        action_dim: width of the action.
+        action_low: lower action bounds; actions are clipped to them before replay.
+        action_high: upper action bounds.
+        dim_groups: named column groups of the observation (e.g. ``{"position": slice(0, 8)}``).
+        dt: simulated seconds per step.
+    """
+
+    env_id: str
+    obs_dim: int
+    action_dim: int
+    action_low: np.ndarray
+    action_high: np.ndarray
+    dim_groups: Dict[str, slice]
+    dt: float
+
+    def step(self, obs: np.ndarray, action: np.ndarray) -> Tuple[np.ndarray, float]:
+        """Put the simulator in the state of ``obs`` and apply ``action``.
+
+        Args:
+            obs: a flat observation [obs_dim].
+            action: an action [action_dim], within the bounds.
+
+        Returns:
+            ``(next_obs, reward)`` as the simulator computes them.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the simulator."""
+
+    def __enter__(self) -> "SimulatorOracle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class HalfCheetahOracle(SimulatorOracle):
+    """gymnasium MuJoCo HalfCheetah (v4/v5): ``obs = concat(qpos[1:], qvel)``, replayed with ``qpos[0] = 0``."""
+
+    def __init__(self, env_id: str):
+        """Build the environment.
+
+        Args:
+            env_id: ``"HalfCheetah-v5"`` or ``"HalfCheetah-v4"``.
+
+        Raises:
+            MissingExtraError: MuJoCo or gymnasium is not installed (the ``envs`` extra).
+            ValueError: the env's observation is not ``qpos[1:] + qvel`` (a non-default observation).
+        """
+        gym = require("gymnasium", "envs", _PURPOSE)
+        self._mujoco = require("mujoco", "envs", _PURPOSE)
+        self.env_id = env_id
+        self._env = gym.make(env_id)
+        self._u = self._env.unwrapped
+        self._u.reset(seed=0)
+        nq, nv = self._u.model.nq, self._u.model.nv
+        self.obs_dim = (nq - 1) + nv
+        if self._env.observation_space.shape != (self.obs_dim,):
+            self._env.close()
+            raise ValueError(f"{env_id}: observation shape {self._env.observation_space.shape} is not "
+                             f"qpos[1:] + qvel = {self.obs_dim}; only the default observation is supported")
+        self._nq = nq
+        space = self._env.action_space
+        self.action_dim = int(space.shape[0])
+        self.action_low = np.asarray(space.low, dtype=np.float64)
+        self.action_high = np.asarray(space.high, dtype=np.float64)
+        self.dim_groups = {"position": slice(0, nq - 1), "velocity": slice(nq - 1, self.obs_dim)}
+        self.dt = float(self._u.dt)
+
+    def step(self, obs: np.ndarray, action: np.ndarray) -> Tuple[np.ndarray, float]:
+        """See :meth:`SimulatorOracle.step`; the data is reset first, so rows replay in any order."""
+        u = self._u
+        self._mujoco.mj_resetData(u.model, u.data)  # clears warm start and the previous row's state
+        qpos = np.empty(self._nq)
+        qpos[0] = 0.0
+        qpos[1:] = obs[: self._nq - 1]
+        u.set_state(qpos, np.asarray(obs[self._nq - 1:], dtype=np.float64))
+        next_obs, reward, *_ = u.step(action)
+        return np.asarray(next_obs, dtype=np.float64), float(reward)
+
+    def close(self) -> None:
+        """Close the environment."""
+        self._env.close()
+
+
+class DMCCheetahOracle(SimulatorOracle):
+    """dm_control cheetah (shimmy): flat obs = ``concat(position, velocity)`` = ``concat(qpos[1:], qvel)``.
+
+    Steps the way ``dm_control.rl.control.Environment.step`` does (``task.before_step``,
+    ``physics.step(n_sub_steps)``, ``task.after_step``, ``task.get_reward``) without its episode
+    step counter, so rows can be replayed in any order.
+    """
+
+    def __init__(self, env_id: str):
+        """Build the environment.
+
+        Args:
+            env_id: a resolved shimmy id, ``"dm_control/cheetah-run-v0"``.
+
+        Raises:
+            MissingExtraError: dm_control, shimmy or gymnasium is not installed (the ``envs`` extra).
+            ValueError: the observation is not ``position`` + ``velocity`` of ``qpos[1:]`` / ``qvel``.
+        """
+        from .envs import resolve_env_id
+
+        gym = require("gymnasium", "envs", _PURPOSE)
+        self.env_id = resolve_env_id(env_id)  # registers the dm_control ids
+        self._env = gym.make(self.env_id)
+        self._env.reset(seed=0)
+        self._dm = self._env.unwrapped._env
+        self._physics = self._dm.physics
+        self._task = self._dm._task
+        self._n_sub_steps = int(self._dm._n_sub_steps)
+        spec = self._dm.observation_spec()
+        nq, nv = self._physics.model.nq, self._physics.model.nv
+        if list(spec) != ["position", "velocity"]:
+            self._env.close()
+            raise ValueError(f"{env_id}: unexpected observation keys {list(spec)}; expected position, velocity")
+        if spec["position"].shape != (nq - 1,) or spec["velocity"].shape != (nv,):
+            self._env.close()
+            raise ValueError(f"{env_id}: position/velocity shapes do not match qpos[1:]/qvel")
+        self._nq = nq
+        self.obs_dim = (nq - 1) + nv
+        aspec = self._dm.action_spec()
+        self.action_dim = int(aspec.shape[0])
+        self.action_low = np.asarray(aspec.minimum, dtype=np.float64)
+        self.action_high = np.asarray(aspec.maximum, dtype=np.float64)
+        self.dim_groups = {"position": slice(0, nq - 1), "velocity": slice(nq - 1, self.obs_dim)}
+        self.dt = float(self._dm.control_timestep())
+
+    def step(self, obs: np.ndarray, action: np.ndarray) -> Tuple[np.ndarray, float]:
+        """See :meth:`SimulatorOracle.step`; the physics is reset first, so rows replay in any order."""
+        p = self._physics
+        with p.reset_context():  # resets data (warm start, time), then mj_forward on exit
+            p.data.qpos[0] = 0.0
+            p.data.qpos[1:] = obs[: self._nq - 1]
+            p.data.qvel[:] = obs[self._nq - 1:]
+        self._task.before_step(action, p)
+        p.step(self._n_sub_steps)
+        self._task.after_step(p)
+        reward = float(self._task.get_reward(p))
+        next_obs = np.concatenate([p.data.qpos[1:], p.data.qvel])
+        return next_obs, reward
+
+    def close(self) -> None:
+        """Close the environment."""
+        self._env.close()
+
+
+def make_oracle(env_id: str) -> SimulatorOracle:
+    """A :class:`SimulatorOracle` for ``env_id``.
+
+    Args:
+        env_id: any form :func:`synther_buffer.envs.resolve_env_id` takes, e.g. ``"HalfCheetah-v5"``,
+            ``"cheetah-run"`` or ``"dm_control/cheetah-run-v0"``.
+
+    Returns:
+        The oracle; close it (or use it as a context manager) when done.
+
+    Raises:
+        ValueError: the environment's observation does not determine the physics state (supported:
+            :data:`SUPPORTED_ENVS`), or the id is unknown.
+        MissingExtraError: the ``envs`` extra is not installed.
+    """
+    from .envs import resolve_env_id  # needs gymnasium: a MissingExtraError naming the extra otherwise
+
+    resolved = resolve_env_id(env_id)
+    name = resolved.rsplit("/", 1)[-1]
+    if resolved.startswith("dm_control/cheetah-"):
+        return DMCCheetahOracle(resolved)
+    if name in ("HalfCheetah-v5", "HalfCheetah-v4"):
+        return HalfCheetahOracle(resolved)
+    raise ValueError(f"fidelity scoring is not available for {env_id!r} ({resolved}): its observation does not "
+                     f"determine the simulator state; supported: {', '.join(SUPPORTED_ENVS)}")
+
+
+def _as_rows_dict(rows: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    """The transition keys of ``rows`` as float64 arrays of matching length ([N, d] or [N])."""
+    missing = [k for k in KEYS[:4] if k not in rows]
+    if missing:
+        raise ValueError(f"rows_dict is missing key(s) {missing}; need {list(KEYS)}")
+    obs = np.asarray(rows["observations"], dtype=np.float64)
+    n = obs.shape[0]
+    out = {
+        "observations": obs.reshape(n, -1),
+        "actions": np.asarray(rows["actions"], dtype=np.float64).reshape(n, -1),
+        "rewards": np.asarray(rows["rewards"], dtype=np.float64).reshape(n),
+        "next_observations": np.asarray(rows["next_observations"], dtype=np.float64).reshape(n, -1),
+    }
+    if "terminals" in rows:
+        out["terminals"] = np.asarray(rows["terminals"]).reshape(n).astype(np.float64)
+    for k, v in out.items():
+        if v.shape[0] != n:
+            raise ValueError(f"rows_dict[{k!r}] has {v.shape[0]} rows, observations have {n}")
+    return out
+
+
+def safe_std(x: np.ndarray) -> np.ndarray:
+    """Per-column std of ``x`` (axis 0), with 1.0 where it is below 1e-8 (constant columns)."""
+    s = np.asarray(x, dtype=np.float64).std(axis=0)
+    return np.where(s > 1e-8, s, 1.0)
+
+
+def score_transitions(env_id: str, rows: Mapping[str, Any], *, reference: Optional[Mapping[str, Any]] = None,
+                      obs_std: Optional[np.ndarray] = None, reward_std: Optional[float] = None,
+                      max_rows: Optional[int] = 10_000, seed: int = 0, action_repeat: int = 1,
+                      oracle: Optional[SimulatorOracle] = None) -> Dict[str, Any]:
+    """Replay transitions in the simulator and measure how wrong their next states and rewards are.
+
+    Args:
+        env_id: ``"HalfCheetah-v5"``, ``"cheetah-run"`` / ``"dm_control/cheetah-run-v0"`` (see
+            :func:`make_oracle`).
+        rows: ``observations`` [N, obs_dim], ``actions`` [N, act_dim], ``rewards`` [N] (or [N, 1]),
+            ``next_observations`` [N, obs_dim] and optionally ``terminals``, e.g. a synthetic dataset
+            from ``synther upsample``.
+        reference: real transitions (same keys) whose ``next_observations`` / ``rewards`` std
+            normalises the errors. Without it (and without ``obs_std`` / ``reward_std``) the scored
+            rows' own std is used (``"normalization": "self"`` in the result).
+        obs_std: explicit per-dimension normaliser of the observation errors (wins over ``reference``).
+        reward_std: explicit normaliser of the reward errors (wins over ``reference``).
+        max_rows: score a random subset of at most this many rows (None: all); replaying costs tens
+            of microseconds per row.
+        seed: picks that subset.
+        action_repeat: simulator steps per transition (rewards summed), as in ``make_env``.
+        oracle: reuse an existing :class:`SimulatorOracle` (it is not closed).
+
+    Returns:
+        A JSON-friendly dict: ``dynamics_mse`` (mean over scored rows and observation dims of
+        ((sim_next - next) / std)^2), its standard error over rows ``dynamics_mse_se``,
+        ``dynamics_mse_median`` (median over rows of the per-row mean), ``dynamics_mse_<group>``
+        (position / velocity columns), ``reward_mse`` (((sim_r - r) / reward_std)^2, mean),
+        ``reward_mse_se``, ``reward_mse_median``, the unnormalised ``dynamics_mse_raw`` /
+        ``reward_mse_raw``, ``per_dim_dynamics_mse``, ``n_rows``, ``n_scored``, ``n_nonfinite``
+        (rows skipped because the row or the simulator's result was not finite),
+        ``action_clip_fraction`` (fraction of action entries outside the bounds, clipped before
+        replay), ``terminal_rate`` (if ``rows`` has terminals; these envs never terminate),
+        ``normalization`` (``"given"``, ``"reference"`` or ``"self"``), ``env_id`` and ``seconds``.
+
+    Raises:
+        ValueError: missing keys, rows of different lengths, no rows, widths that do not match the
+            environment, or an unsupported environment.
+        MissingExtraError: the ``envs`` extra is not installed.
+    """
+    t0 = time.perf_counter()
+    d = _as_rows_dict(rows)
+    n_rows = d["observations"].shape[0]
+    if n_rows < 1:
+        raise ValueError("rows_dict has no transitions")
+    idx = np.arange(n_rows)
+    if max_rows is not None and n_rows > max_rows:
+        idx = np.sort(np.random.default_rng(seed).choice(n_rows, size=int(max_rows), replace=False))
+    own = oracle is None
+    orc = make_oracle(env_id) if own else oracle
+    try:
+        if d["observations"].shape[1] != orc.obs_dim or d["actions"].shape[1] != orc.action_dim:
+            raise ValueError(f"{env_id}: rows have obs/action widths {d['observations'].shape[1]}/"
+                             f"{d['actions'].shape[1]}, the environment has {orc.obs_dim}/{orc.action_dim}")
+        obs, act = d["observations"][idx], d["actions"][idx]
+        nxt, rew = d["next_observations"][idx], d["rewards"][idx]
+        clipped = np.clip(act, orc.action_low, orc.action_high)
+        clip_frac = float(np.mean(np.abs(clipped - act) > 1e-7)) if act.size else 0.0
+        sim_next = np.full_like(nxt, np.nan)
+        sim_rew = np.full(len(idx), np.nan)
+        row_ok = np.isfinite(obs).all(1) & np.isfinite(clipped).all(1) & np.isfinite(nxt).all(1) & np.isfinite(rew)
+        for i in np.flatnonzero(row_ok):
+            o, r_sum = obs[i], 0.0
+            for _ in range(int(action_repeat)):
+                o, r = orc.step(o, clipped[i])
+                r_sum += r
+            sim_next[i], sim_rew[i] = o, r_sum
+        ok = row_ok & np.isfinite(sim_next).all(1) & np.isfinite(sim_rew)
+        groups = dict(orc.dim_groups)
+    finally:
+        if own:
+            orc.close()
+
+    if obs_std is not None:
+        s_std, norm = np.asarray(obs_std, dtype=np.float64).reshape(-1), "given"
+    elif reference is not None:
+        s_std, norm = safe_std(_as_rows_dict(reference)["next_observations"]), "reference"
+    else:
+        s_std, norm = safe_std(nxt[ok] if ok.any() else nxt), "self"
+    if reward_std is not None:
+        r_std = float(reward_std)
+    elif reference is not None:
+        r_std = float(safe_std(_as_rows_dict(reference)["rewards"]))
+    else:
+        r_std = float(safe_std(rew[ok] if ok.any() else rew))
+
+    out: Dict[str, Any] = {"env_id": env_id, "n_rows": int(n_rows), "n_scored": int(ok.sum()),
+                           "n_nonfinite": int((~ok).sum()), "action_clip_fraction": clip_frac,
+                           "normalization": norm}
+    if ok.any():
+        e_raw = sim_next[ok] - nxt[ok]
+        e = e_raw / s_std
+        row_mse = np.mean(e ** 2, axis=1)
+        r_raw = sim_rew[ok] - rew[ok]
+        r_err = (r_raw / r_std) ** 2
+        out.update({
+            "dynamics_mse": float(row_mse.mean()),
+            "dynamics_mse_se": float(row_mse.std() / math.sqrt(len(row_mse))),
+            "dynamics_mse_median": float(np.median(row_mse)),
+            **{f"dynamics_mse_{g}": float(np.mean(e[:, sl] ** 2)) for g, sl in groups.items()},
+            "reward_mse": float(r_err.mean()),
+            "reward_mse_se": float(r_err.std() / math.sqrt(len(r_err))),
+            "reward_mse_median": float(np.median(r_err)),
+            "dynamics_mse_raw": float(np.mean(e_raw ** 2)),
+            "reward_mse_raw": float(np.mean(r_raw ** 2)),
+            "per_dim_dynamics_mse": [float(v) for v in np.mean(e ** 2, axis=0)],
+        })
+    else:
+        out.update({"dynamics_mse": float("nan"), "reward_mse": float("nan")})
+    if "terminals" in d:
+        out["terminal_rate"] = float(np.mean(d["terminals"][idx] > 0.5))
+    out["seconds"] = time.perf_counter() - t0
+    return out
