@@ -187,5 +187,7 @@ def test_core_works_without_any_extra(tmp_path):
         print("CORE-OK")
         """, tmp_path)
     assert p.returncode == 0 and "CORE-OK" in p.stdout, p.stdout + p.stderr
-    assert 'synther train: error: synther_buffer.envs needs the Python package \'gymnasium\'' in p.stderr
+    # the agent's framework is named first (before the env stack it would also need)
+    assert "synther train: error: synther train needs the Python package 'stable_baselines3'" in p.stderr
+    assert 'pip install "synther-buffer[sb3]"' in p.stderr
     assert 'pip install "synther-buffer[envs]"' in p.stderr
