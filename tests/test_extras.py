@@ -190,4 +190,3 @@ def test_core_works_without_any_extra(tmp_path):
     # the agent's framework is named first (before the env stack it would also need)
     assert "synther train: error: synther train needs the Python package 'stable_baselines3'" in p.stderr
     assert 'pip install "synther-buffer[sb3]"' in p.stderr
-    assert 'pip install "synther-buffer[envs]"' in p.stderr
