@@ -331,18 +331,16 @@ HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 @pytest.mark.skipif(not HAS_CXX, reason="torch.compile's CPU backend needs a C++ compiler")
-@pytest.mark.parametrize("manual", [True, False], ids=["manual-gradients", "autograd"])
-def test_compiled_fit_matches_eager(rng, monkeypatch, manual):
+@pytest.mark.parametrize("gradients", ["manual", "autograd"])
+def test_compiled_fit_matches_eager(rng, gradients):
     """config.compile=True trains the same model as eager (same draws; fused kernels only reorder
     float sums), and says it compiled: on the hand-written gradients and on the autograd path."""
-    import synther_buffer.diffusion as diffusion_mod
-
-    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", manual)
     x = rng.standard_normal((300, 3)).astype(np.float32)
-    eager, compiled = TransitionDiffusion(3, _tiny()), TransitionDiffusion(3, _tiny(compile=True))
+    eager = TransitionDiffusion(3, _tiny(gradients=gradients))
+    compiled = TransitionDiffusion(3, _tiny(compile=True, gradients=gradients))
     a, b = eager.fit(x, steps=60), compiled.fit(x, steps=60)
     assert a["compiled"] is False and b["compiled"] is True
-    assert a["gradients"] == b["gradients"] == ("manual" if manual else "autograd")
+    assert a["gradients"] == b["gradients"] == gradients
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
     for (name, pa), pb in zip(eager.ema.state_dict().items(), compiled.ema.state_dict().values()):
         torch.testing.assert_close(pb, pa, rtol=1e-3, atol=1e-4, msg=name)
@@ -352,16 +350,16 @@ def test_compiled_fit_matches_eager(rng, monkeypatch, manual):
 def test_compile_failure_falls_back_to_eager(rng, monkeypatch, caplog):
     """If compilation raises on the first step, the fit warns and trains eagerly: no lost retrain,
     and exactly the eager model (the step's noise was drawn before the failed call)."""
-    import synther_buffer.diffusion as diffusion_mod
+    import synther_buffer.train_step as train_step
 
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(diffusion_mod, "compiled", lambda fn: broken)
+    monkeypatch.setattr(train_step, "compiled", lambda fn: broken)   # fault injection
     x = rng.standard_normal((300, 3)).astype(np.float32)
     eager, fallback = TransitionDiffusion(3, _tiny()), TransitionDiffusion(3, _tiny(compile=True))
     eager.fit(x, steps=30)
-    with caplog.at_level("WARNING", logger="synther_buffer.diffusion"):
+    with caplog.at_level("WARNING", logger="synther_buffer.train_step"):
         info = fallback.fit(x, steps=30)
     assert info["compiled"] is False
     assert any("torch.compile failed" in r.getMessage() and "no C++ compiler" in r.getMessage()
@@ -371,16 +369,13 @@ def test_compile_failure_falls_back_to_eager(rng, monkeypatch, caplog):
 
 
 # ============================================================================ precision="bf16" (opt-in)
-@pytest.mark.parametrize("manual", [True, False], ids=["manual-gradients", "autograd"])
-def test_bf16_fit_and_sample_learn_the_mixture(mixture_data, mixture_model, monkeypatch, manual):
+@pytest.mark.parametrize("gradients", ["manual", "autograd"])
+def test_bf16_fit_and_sample_learn_the_mixture(mixture_data, mixture_model, gradients):
     """precision='bf16' (bfloat16 matmuls in training and sampling) still learns the 2-D mixture, on
     the hand-written gradients and on autograd under autocast, to about the fp32 model's loss."""
-    import synther_buffer.diffusion as diffusion_mod
-
-    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", manual)
-    model = TransitionDiffusion(2, _tiny(precision="bf16"))
+    model = TransitionDiffusion(2, _tiny(precision="bf16", gradients=gradients))
     info = model.fit(mixture_data)
-    assert info["gradients"] == ("manual" if manual else "autograd")
+    assert info["gradients"] == gradients
     assert info["loss"] == pytest.approx(mixture_model.last_fit["loss"], rel=0.05)
     y = model.sample(4000, seed=123)
     assert y.dtype == np.float32

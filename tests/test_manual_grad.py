@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import synther_buffer.diffusion as diffusion_mod
 from synther_buffer import SynthERConfig, TransitionDiffusion
 from synther_buffer.denoiser import ResidualMLPDenoiser
 from synther_buffer.edm import EDMPrecond, edm_loss_from_noise
@@ -172,14 +171,13 @@ def _cfg(**kw) -> SynthERConfig:
     return SynthERConfig.preset("tiny").replace(device="cpu", progress=False, **kw)
 
 
-def test_fit_with_manual_gradients_matches_autograd_fit(monkeypatch, rng):
-    """Same draws, same optimiser: the manual path trains the autograd path's model (float sums
-    reordered only), and last_fit says which path ran."""
+def test_fit_with_manual_gradients_matches_autograd_fit(rng):
+    """Same draws, same optimiser: the manual path (the default, gradients="auto") trains the autograd
+    path's model (float sums reordered only), and last_fit says which path ran."""
     x = rng.standard_normal((300, 4)).astype(np.float32)
     manual = TransitionDiffusion(4, _cfg())
     a = manual.fit(x, steps=60)
-    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", False)
-    auto = TransitionDiffusion(4, _cfg())
+    auto = TransitionDiffusion(4, _cfg(gradients="autograd"))
     b = auto.fit(x, steps=60)
     assert a["gradients"] == "manual" and b["gradients"] == "autograd"
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
