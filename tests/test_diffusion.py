@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from synther_buffer import DiffusionTrainingError, SynthERConfig, TransitionDiffusion
 
@@ -366,6 +367,66 @@ def test_compile_failure_falls_back_to_eager(rng, monkeypatch, caplog):
                for r in caplog.records)
     for pa, pb in zip(eager.ema.state_dict().values(), fallback.ema.state_dict().values()):
         assert torch.equal(pa, pb)
+
+
+# ============================================================================ the training step's choice
+class GeluTimeMLP(TransitionDiffusion):
+    """A maintainer's edit of the denoiser: GELU instead of SiLU in the time MLP, which the hand-written
+    gradients (derived for SiLU) would get wrong."""
+
+    def _build_network(self, seed: int):
+        net = super()._build_network(seed)
+        net.net.time_mlp[2] = nn.GELU()
+        return net
+
+
+def test_modified_denoiser_falls_back_to_autograd_and_learns(mixture_data, caplog, monkeypatch):
+    """gradients="auto" (and "manual") on a network the structure check refuses: one warning, naming
+    the change; the fit trains with autograd's gradients (bit-for-bit the model of an explicit
+    gradients="autograd" fit) and still learns the 2-D mixture."""
+    import synther_buffer.train_step as train_step
+
+    monkeypatch.setattr(train_step, "_WARNED", set())   # warned once per process: start afresh
+    with caplog.at_level("WARNING", logger="synther_buffer.train_step"):
+        model = GeluTimeMLP(2, _tiny())
+        info = model.fit(mixture_data)
+        assert GeluTimeMLP(2, _tiny(gradients="manual")).fit(mixture_data, steps=5)["gradients"] == "autograd"
+    assert info["gradients"] == "autograd"
+    said = [r.getMessage() for r in caplog.records if "hand-written gradients" in r.getMessage()]
+    assert len(said) == 1 and "GELU" in said[0] and "autograd" in said[0], said
+
+    ref = GeluTimeMLP(2, _tiny(gradients="autograd"))
+    ref.fit(mixture_data)
+    for (name, a), b in zip(model.ema.state_dict().items(), ref.ema.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert isinstance(model.ema.net.time_mlp[2], nn.GELU)
+    y = model.sample(4000, seed=123)
+    assert mixture_matches(y, mixture_data), mixture_stats(y, mixture_data)
+
+
+def test_default_config_follows_the_device(monkeypatch, caplog):
+    """config=None is SynthERConfig.for_device("auto"): the fast preset on a CPU-only machine, said
+    once at INFO (the paper preset on CUDA: tests/test_config.py)."""
+    import synther_buffer.config as config_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(config_mod, "_ANNOUNCED", set())
+    with caplog.at_level("INFO", logger="synther_buffer.config"):
+        a, b = TransitionDiffusion(3), TransitionDiffusion(3, None)
+    assert a.config == b.config == SynthERConfig.preset("fast")
+    assert a.device.type == "cpu" and a.config.width == SynthERConfig.preset("fast").width
+    said = [r.getMessage() for r in caplog.records if "preset" in r.getMessage()]
+    assert len(said) == 1 and "'fast' preset for CPU" in said[0]
+
+
+def test_files_saved_before_the_new_config_fields_load(mixture_model):
+    """A state dict whose config has no gradients / param_layout (files saved before they existed)
+    loads, the missing fields at their defaults, and samples as the model does."""
+    state = mixture_model.state_dict()
+    state["config"] = {k: v for k, v in state["config"].items() if k not in ("gradients", "param_layout")}
+    loaded = TransitionDiffusion.from_state_dict(state)
+    assert loaded.config.gradients == "auto" and loaded.config.param_layout == "auto"
+    np.testing.assert_array_equal(loaded.sample(100, seed=2), mixture_model.sample(100, seed=2))
 
 
 # ============================================================================ precision="bf16" (opt-in)
