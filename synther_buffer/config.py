@@ -186,7 +186,11 @@ class SynthERConfig:
 
     # ------------------------------------------------------------------ helpers
     def replace(self, **changes: Any) -> "SynthERConfig":
-        """Return a copy with ``changes`` applied (``dataclasses.replace`` semantics, validated)."""
+        """A copy with ``changes`` applied (``dataclasses.replace`` semantics, validated).
+
+        Raises:
+            ValueError: an unknown field, or an invalid value (naming the field).
+        """
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(f"SynthERConfig has no field(s) {unknown}")
@@ -198,7 +202,12 @@ class SynthERConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SynthERConfig":
-        """Inverse of ``to_dict``; unknown keys raise ``ValueError``."""
+        """Inverse of ``to_dict``; fields missing from ``d`` (e.g. added since it was saved) take their
+        defaults.
+
+        Raises:
+            ValueError: an unknown key, or an invalid value.
+        """
         return cls().replace(**d)
 
     def batch_size_for(self, num_rows: int) -> int:
@@ -214,6 +223,9 @@ class SynthERConfig:
         What ``config=None`` means for :class:`~synther_buffer.TransitionDiffusion`, ``GenerativeReplay``,
         ``WrappedReplay`` and ``GenerativeReplayBuffer``: the paper preset trains for hours per retrain on a
         CPU. The choice is logged once per process at INFO, with how to pick another.
+
+        Args:
+            device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; kept as the config's ``device``.
         """
         import torch  # here: this module stays importable without torch
 
@@ -227,7 +239,11 @@ class SynthERConfig:
 
     @classmethod
     def preset(cls, name: str) -> "SynthERConfig":
-        """A named preset: ``"paper"`` (seed Tables 8/9, GPU), ``"fast"`` (2 CPU cores), ``"tiny"`` (tests)."""
+        """A named preset: ``"paper"`` (seed Tables 8/9, GPU), ``"fast"`` (2 CPU cores), ``"tiny"`` (tests).
+
+        Raises:
+            ValueError: an unknown name.
+        """
         try:
             return PRESETS[name]()
         except KeyError:
