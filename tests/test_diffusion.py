@@ -404,6 +404,24 @@ def test_modified_denoiser_falls_back_to_autograd_and_learns(mixture_data, caplo
     assert mixture_matches(y, mixture_data), mixture_stats(y, mixture_data)
 
 
+def test_removed_module_switches_warn(rng):
+    """MANUAL_GRADIENTS / FLAT_MAX_PARAMS_CPU no longer steer fit: reading or assigning one warns and
+    names the config field that does; an assignment changes nothing."""
+    import synther_buffer.diffusion as diffusion_mod
+
+    with pytest.warns(DeprecationWarning, match="gradients="):
+        assert diffusion_mod.MANUAL_GRADIENTS is True
+    with pytest.warns(DeprecationWarning, match="param_layout="):
+        assert diffusion_mod.FLAT_MAX_PARAMS_CPU == 1_000_000
+    try:
+        with pytest.warns(DeprecationWarning, match="no longer read"):
+            diffusion_mod.MANUAL_GRADIENTS = False
+        info = TransitionDiffusion(3, _tiny()).fit(rng.standard_normal((50, 3)).astype(np.float32), steps=2)
+        assert info["gradients"] == "manual"
+    finally:
+        vars(diffusion_mod).pop("MANUAL_GRADIENTS", None)
+
+
 def test_default_config_follows_the_device(monkeypatch, caplog):
     """config=None is SynthERConfig.for_device("auto"): the fast preset on a CPU-only machine, said
     once at INFO (the paper preset on CUDA: tests/test_config.py)."""
