@@ -64,9 +64,9 @@ from torch import nn
 
 from synther_buffer.config import SynthERConfig
 from synther_buffer.denoiser import ResidualMLPDenoiser
-import synther_buffer.diffusion as diffusion_mod
-from synther_buffer.diffusion import TransitionDiffusion, bf16_is_native, matmul_autocast, resolve_device
+from synther_buffer.diffusion import TransitionDiffusion, bf16_is_native, resolve_device
 from synther_buffer.flat import clipped_adam_step
+from synther_buffer.train_step import fused_adam, matmul_autocast
 
 DIM = 41            # HalfCheetah: 17 obs + 6 action + 1 reward + 17 next_obs
 OBS_DIM, ACT_DIM = 17, 6
@@ -165,7 +165,7 @@ def matmul_floor_gflops(net: nn.Module, batch: int, device: torch.device, steps:
         n = sum(p.numel() for p in net.parameters())
         flat = nn.Parameter(torch.zeros(n, device=device))
         flat.grad = torch.randn(n, device=device) * (0.3 / n ** 0.5)  # norm ~0.3 < the clip of 1.0
-        opt = diffusion_mod._adam([flat], 3e-4)
+        opt = fused_adam([flat], 3e-4)
 
     def run():
         for _ in range(steps):
@@ -366,20 +366,8 @@ def bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images:
     ``precision="bf16"``: ours with ``SynthERConfig.precision="bf16"``, the peer under autocast."""
     if gradients not in ("manual", "autograd"):
         raise ValueError(f"gradients must be 'manual' or 'autograd', got {gradients!r}")
-    manual_before = diffusion_mod.MANUAL_GRADIENTS
-    diffusion_mod.MANUAL_GRADIENTS = gradients == "manual"
-    try:
-        return _bench_train(peer, width, depth, batch, x, images, p, device, quick, peak_samples, loader, compile,
-                            precision)
-    finally:
-        diffusion_mod.MANUAL_GRADIENTS = manual_before
-
-
-def _bench_train(peer, width: int, depth: int, batch: int, x: np.ndarray, images: Optional[torch.Tensor],
-                 p: dict, device: torch.device, quick: bool, peak_samples: List[float], loader: str,
-                 compile: bool, precision: str) -> dict:
     cfg = model_cfg(width, depth, device, quick).replace(batch_size=batch, train_steps=10, compile=compile,
-                                                         precision=precision)
+                                                         precision=precision, gradients=gradients)
     bf16 = precision == "bf16"
 
     def peer_run(k):

@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .validation import non_negative_int
+
 PathLike = Union[str, os.PathLike]
 RUN_FILE = "run.json"
 RUN_VERSION = 1
@@ -90,8 +92,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def check_resume_settings(saved: Dict[str, Any], current: Dict[str, Any], may_change=()) -> None:
-    """Raise ``ValueError`` naming every setting (e.g. a script's flags) that differs between the
-    checkpointed run (``saved``) and the resuming one (``current``), except those in ``may_change``."""
+    """Refuse to resume under other settings.
+
+    Args:
+        saved: the checkpointed run's settings (e.g. a script's flags).
+        current: the resuming run's settings.
+        may_change: names that may differ.
+
+    Raises:
+        ValueError: naming every setting in both that differs, except those in ``may_change``.
+    """
     diff = [f"--{k.replace('_', '-')} {saved[k]!r} (now {v!r})" for k, v in current.items()
             if k not in may_change and k in saved and saved[k] != v]
     if diff:
@@ -105,6 +115,9 @@ class RunCheckpoint:
         path: the directory (e.g. ``<out>/checkpoint``); its parent is created on the first save.
         every: env steps between checkpoints; 0 turns saving off (``load`` still works).
 
+    Raises:
+        ValueError: ``every`` is not an int >= 0.
+
     Loop::
 
         ckpt = RunCheckpoint(Path(out) / "checkpoint", every=1000)
@@ -115,10 +128,8 @@ class RunCheckpoint:
     """
 
     def __init__(self, path: PathLike, every: int = 0):
-        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
-            raise ValueError(f"checkpoint every must be an int >= 0 (0 = off), got {every!r}")
         self.path = Path(path)
-        self.every = int(every)
+        self.every = non_negative_int("checkpoint every (0 = off)", every)
         self.last_saved: Optional[int] = None
 
     def due(self, env_steps: int) -> bool:
@@ -130,10 +141,17 @@ class RunCheckpoint:
 
     def save(self, env_steps: int, monitor, write_agent: Callable[[Path], None],
              extra: Optional[Dict[str, Any]] = None) -> Path:
-        """Write the agent (``write_agent(directory)``), ``monitor.state_dict()`` and the RNG states.
+        """Write the agent, ``monitor.state_dict()`` and the RNG states, swapped in atomically.
 
-        ``monitor`` is a :class:`~synther_buffer.results.TrainingMonitor` (or anything with
-        ``state_dict()`` returning JSON-able data). Returns the checkpoint directory.
+        Args:
+            env_steps: the run's env-step count.
+            monitor: a :class:`~synther_buffer.results.TrainingMonitor` (or anything with
+                ``state_dict()`` returning JSON-able data).
+            write_agent: writes the agent's files into the directory it is given.
+            extra: more JSON-able state for the run.
+
+        Returns:
+            The checkpoint directory.
         """
         run = {"version": RUN_VERSION, "env_steps": int(env_steps), "monitor": monitor.state_dict(),
                "rng": rng_state(), "extra": extra or {}}
@@ -145,10 +163,14 @@ class RunCheckpoint:
         return self.path
 
     def load(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
-        """``(directory, run state)`` of the last complete checkpoint, or ``None`` if there is none.
+        """The last complete checkpoint.
 
-        Raises ``ValueError`` when a checkpoint exists but its ``run.json`` is unreadable or of
-        another version (a checkpoint is never silently ignored).
+        Returns:
+            ``(directory, run state)``, or ``None`` if there is none.
+
+        Raises:
+            ValueError: a checkpoint exists but its ``run.json`` is unreadable or of another version
+                (a checkpoint is never silently ignored).
         """
         d = resolve_directory(self.path)
         if d is None or not (d / RUN_FILE).is_file():

@@ -14,52 +14,72 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from .validation import check_bool, check_choice, check_int, finite_float, positive_float, positive_int
 
 _log = logging.getLogger(__name__)
 _ANNOUNCED: set = set()   # presets for_device has logged (once per process each)
 
 SAMPLERS = ("stochastic", "deterministic")
 PRECISIONS = ("fp32", "bf16")
+GRADIENTS = ("auto", "manual", "autograd")
+PARAM_LAYOUTS = ("auto", "flat", "per_tensor")
 
 
 @dataclass(frozen=True)
 class SynthERConfig:
     """Hyperparameters of SynthER. Build with ``SynthERConfig.preset(name)`` and tweak with ``replace``.
 
-    Denoiser (seed B.2, Table 8):
-        width: hidden width of the residual MLP.
+    Every field is validated on construction (``ValueError`` naming the field); numpy scalars are
+    stored as plain Python numbers, so ``to_dict`` stays JSON- and ``weights_only``-safe.
+
+    Attributes:
+        width: hidden width of the residual MLP denoiser (seed B.2, Table 8).
         depth: number of residual blocks ``x + linear(relu(norm(x)))``.
         rff_dim: random Fourier feature dimension of the noise-level embedding.
         time_dim: width of the noise embedding / input projection (reference code: 128).
-    Training:
         train_steps: gradient steps per fit (each retrain trains from scratch).
         batch_size: training batch; ``None`` picks 256 below 1M rows, else 1024 (Table 8).
         lr: Adam learning rate, cosine-annealed to 0 over ``train_steps``.
-        ema_decay / ema_every: EMA of the weights (used for sampling), updated every ``ema_every`` steps.
-        grad_clip: max global grad norm (reference code: 1.0).
-        compile: run the training step's loss and gradients (``synther_buffer/manual_grad.py``) through
-            ``torch.compile``. Opt-in: ~15 s of compilation on the first fit of a process (later fits
-            of the same shapes reuse it). On 2 CPU cores, width 256: 1.51x the reference stack's
-            steps/s vs 1.38x eager (benchmarks/THROUGHPUT.md); at width 1024 no faster than eager.
-            Needs a C++ compiler on CPU; if compilation fails the fit warns and trains eagerly.
+        ema_decay: largest decay of the EMA of the weights that sampling uses (``ema.EMA``: it copies
+            the weights for a warm-up, then its decay grows towards this value).
+        ema_every: the EMA is updated every ``ema_every`` training steps.
+        grad_clip: max global gradient norm (reference code: 1.0).
+        compile: run the training step's loss and gradients through ``torch.compile``. Opt-in: the
+            first fit of a process pays a one-off compilation (later fits of the same shapes reuse it);
+            it pays off most for small networks on CPU, where per-op overhead dominates
+            (benchmarks/THROUGHPUT.md). Needs a C++ compiler on CPU; if compilation fails the fit
+            warns and trains eagerly.
         precision: ``"fp32"`` (default: the paper's, reproducible) or ``"bf16"``: the denoiser's
             matmuls in bfloat16 for training and sampling, as ``torch.autocast`` does (fp32 weights,
             Adam state, LayerNorm, loss and sampler arithmetic). For CUDA GPUs with bf16 support and
             CPUs with AVX512-BF16 / AMX (elsewhere it works but is slower than fp32). Measured cost
             and speed: benchmarks/THROUGHPUT.md, benchmarks/FIDELITY.md.
-    EDM (Karras et al. 2022):
-        sigma_min, sigma_max, sigma_data, rho: noise range, data scale and schedule curvature (eq. 5).
-        p_mean, p_std: log-normal training noise distribution.
-    Sampler (Table 9):
-        sample_steps: number of noise levels N.
+        gradients: how a training step computes its gradients. ``"auto"`` (default) and ``"manual"``:
+            by hand (``synther_buffer/manual_grad.py``: the same maths as autograd, less per-op
+            overhead) when the denoiser has exactly the structure those formulas assume, else by
+            autograd with one warning; ``"autograd"``: always by autograd.
+        param_layout: ``"flat"``: all parameters (and gradients) as views of one buffer, so clipping,
+            Adam and the EMA each run as one op; ``"per_tensor"``: one tensor per layer; ``"auto"``
+            (default): flat with hand-written gradients, on CUDA, and for networks up to
+            ``train_step.FLAT_MAX_PARAMS_CPU`` parameters on CPU, per tensor otherwise. The same
+            model either way (float sums aside).
+        sigma_min: smallest noise level of the sampler (EDM, Karras et al. 2022, eq. 5).
+        sigma_max: largest noise level of the sampler.
+        sigma_data: the data's standard deviation in the preconditioning (1: rows are standardised).
+        rho: curvature of the noise schedule (eq. 5).
+        p_mean: mean of the log-normal training noise distribution.
+        p_std: standard deviation of the log-normal training noise distribution.
+        sample_steps: number of noise levels N of the sampler (Table 9).
         sampler: ``"stochastic"`` (Algorithm 2 with churn) or ``"deterministic"`` (Heun, Algorithm 1).
-        s_churn, s_tmin, s_tmax, s_noise: stochasticity of Algorithm 2.
+        s_churn: amount of stochasticity of Algorithm 2 (>= 0).
+        s_tmin: lowest noise level that gets churn.
+        s_tmax: highest noise level that gets churn.
+        s_noise: scale of the churn noise.
         sample_batch_size: rows denoised at once (memory bound), ``None`` = 100K on CUDA, 16K on CPU.
-    Online schedule (seed D.2):
-        retrain_every: env steps (transitions added, n_envs per vector step) between retrains.
+        retrain_every: env steps (transitions added, n_envs per vector step) between retrains (seed D.2).
         synthetic_size: capacity of the synthetic pool.
         num_generate: rows generated per retrain (clipped to ``synthetic_size``).
         real_ratio: fraction of each sampled batch drawn from real data.
@@ -70,7 +90,6 @@ class SynthERConfig:
         async_retrain: retrain in a background thread while the agent keeps stepping and training on
             the previous pool; the new pool is swapped in atomically when ready. ``False`` (default)
             is the paper's synchronous schedule (reproducible).
-    Misc:
         device: ``"auto"`` (CUDA when available, else CPU), or any torch device string.
         seed: seeds weight init, training batches and sampling noise.
         progress: show tqdm progress bars for fit and sample.
@@ -90,6 +109,8 @@ class SynthERConfig:
     grad_clip: float = 1.0
     compile: bool = False
     precision: str = "fp32"
+    gradients: str = "auto"
+    param_layout: str = "auto"
     # EDM
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -120,63 +141,56 @@ class SynthERConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.validate()
+        for name, value in self._checked().items():   # numpy scalars stored as plain int / float
+            object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field."""
-        positive_ints = ("width", "depth", "rff_dim", "time_dim", "train_steps", "ema_every",
-                         "sample_steps", "retrain_every", "synthetic_size", "num_generate")
-        for name in positive_ints:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SynthERConfig.{name} must be a positive int, got {v!r}")
+        """Check every field.
+
+        Raises:
+            ValueError: naming the first invalid field.
+        """
+        self._checked()
+
+    def _checked(self) -> dict:
+        """Validate every field; return the numeric ones as plain Python ints / floats."""
+        out = {}
+        for name in ("width", "depth", "rff_dim", "time_dim", "train_steps", "ema_every", "sample_steps",
+                     "retrain_every", "synthetic_size", "num_generate", "min_real"):
+            out[name] = positive_int(f"SynthERConfig.{name}", getattr(self, name))
         for name in ("batch_size", "sample_batch_size"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"SynthERConfig.{name} must be None or a positive int, got {v!r}")
-        if isinstance(self.min_real, bool) or not isinstance(self.min_real, int) or self.min_real < 1:
-            raise ValueError(f"SynthERConfig.min_real must be a positive int, got {self.min_real!r}")
+            out[name] = positive_int(f"SynthERConfig.{name}", getattr(self, name), optional=True)
+        out["seed"] = check_int("SynthERConfig.seed", self.seed)
         if self.rff_dim % 2:
             raise ValueError(f"SynthERConfig.rff_dim must be even, got {self.rff_dim!r}")
-        positive_floats = ("lr", "grad_clip", "sigma_min", "sigma_max", "sigma_data", "rho", "p_std",
-                           "s_noise")
-        for name in positive_floats:
-            v = getattr(self, name)
-            if not _is_real(v) or not v > 0:
-                raise ValueError(f"SynthERConfig.{name} must be a positive number, got {v!r}")
-        for name in ("p_mean", "s_churn", "s_tmin", "s_tmax"):
-            v = getattr(self, name)
-            if not _is_real(v):
-                raise ValueError(f"SynthERConfig.{name} must be a finite number, got {v!r}")
-        if self.s_churn < 0:
-            raise ValueError(f"SynthERConfig.s_churn must be >= 0, got {self.s_churn!r}")
-        if not self.sigma_min < self.sigma_max:
+        for name in ("lr", "grad_clip", "sigma_min", "sigma_max", "sigma_data", "rho", "p_std", "s_noise"):
+            out[name] = positive_float(f"SynthERConfig.{name}", getattr(self, name))
+        for name in ("p_mean", "s_tmin", "s_tmax"):
+            out[name] = finite_float(f"SynthERConfig.{name}", getattr(self, name))
+        out["s_churn"] = finite_float("SynthERConfig.s_churn", self.s_churn, low=0.0)
+        if not out["sigma_min"] < out["sigma_max"]:
             raise ValueError(f"SynthERConfig.sigma_min ({self.sigma_min}) must be < sigma_max ({self.sigma_max})")
-        if not _is_real(self.ema_decay) or not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"SynthERConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if not _is_real(self.real_ratio) or not 0.0 <= self.real_ratio <= 1.0:
-            raise ValueError(f"SynthERConfig.real_ratio must be in [0, 1], got {self.real_ratio!r}")
-        if self.outlier_std is not None and (not _is_real(self.outlier_std) or self.outlier_std <= 0):
-            raise ValueError(f"SynthERConfig.outlier_std must be None or > 0, got {self.outlier_std!r}")
-        if not isinstance(self.async_retrain, bool):
-            raise ValueError(f"SynthERConfig.async_retrain must be a bool, got {self.async_retrain!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"SynthERConfig.compile must be a bool, got {self.compile!r}")
-        if not isinstance(self.normalize_reward, bool):
-            raise ValueError(f"SynthERConfig.normalize_reward must be a bool, got {self.normalize_reward!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"SynthERConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"SynthERConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        out["ema_decay"] = finite_float("SynthERConfig.ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        out["real_ratio"] = finite_float("SynthERConfig.real_ratio", self.real_ratio, low=0.0, high=1.0)
+        out["outlier_std"] = positive_float("SynthERConfig.outlier_std", self.outlier_std, optional=True)
+        for name in ("async_retrain", "compile", "normalize_reward"):
+            check_bool(f"SynthERConfig.{name}", getattr(self, name))
+        check_choice("SynthERConfig.precision", self.precision, PRECISIONS)
+        check_choice("SynthERConfig.sampler", self.sampler, SAMPLERS)
+        check_choice("SynthERConfig.gradients", self.gradients, GRADIENTS)
+        check_choice("SynthERConfig.param_layout", self.param_layout, PARAM_LAYOUTS)
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"SynthERConfig.device must be 'auto' or a torch device string, got {self.device!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"SynthERConfig.seed must be an int, got {self.seed!r}")
+        return out
 
     # ------------------------------------------------------------------ helpers
     def replace(self, **changes: Any) -> "SynthERConfig":
-        """Return a copy with ``changes`` applied (``dataclasses.replace`` semantics, validated)."""
+        """A copy with ``changes`` applied (``dataclasses.replace`` semantics, validated).
+
+        Raises:
+            ValueError: an unknown field, or an invalid value (naming the field).
+        """
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(f"SynthERConfig has no field(s) {unknown}")
@@ -188,7 +202,12 @@ class SynthERConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SynthERConfig":
-        """Inverse of ``to_dict``; unknown keys raise ``ValueError``."""
+        """Inverse of ``to_dict``; fields missing from ``d`` (e.g. added since it was saved) take their
+        defaults.
+
+        Raises:
+            ValueError: an unknown key, or an invalid value.
+        """
         return cls().replace(**d)
 
     def batch_size_for(self, num_rows: int) -> int:
@@ -204,6 +223,9 @@ class SynthERConfig:
         What ``config=None`` means for :class:`~synther_buffer.TransitionDiffusion`, ``GenerativeReplay``,
         ``WrappedReplay`` and ``GenerativeReplayBuffer``: the paper preset trains for hours per retrain on a
         CPU. The choice is logged once per process at INFO, with how to pick another.
+
+        Args:
+            device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; kept as the config's ``device``.
         """
         import torch  # here: this module stays importable without torch
 
@@ -217,15 +239,15 @@ class SynthERConfig:
 
     @classmethod
     def preset(cls, name: str) -> "SynthERConfig":
-        """A named preset: ``"paper"`` (seed Tables 8/9, GPU), ``"fast"`` (2 CPU cores), ``"tiny"`` (tests)."""
+        """A named preset: ``"paper"`` (seed Tables 8/9, GPU), ``"fast"`` (2 CPU cores), ``"tiny"`` (tests).
+
+        Raises:
+            ValueError: an unknown name.
+        """
         try:
             return PRESETS[name]()
         except KeyError:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _paper() -> SynthERConfig:
@@ -234,31 +256,28 @@ def _paper() -> SynthERConfig:
 
 
 def _fast() -> SynthERConfig:
-    # CPU preset, sized by fidelity first, then time (see README "Presets" for the measurements).
-    # Measured here (2 cores, dim 41, 10K rows; benchmarks/FIDELITY.md): 15K steps at ~116 steps/s
-    # (quiet machine) ~130 s. Sampler: the cheapest setting found whose dynamics error replayed in
-    # MuJoCo (HalfCheetah-v5, 40K rows per setting) is within 10% of the paper's 128-step stochastic
-    # sampler: 40-step stochastic with sigma_max 5 and churn over sigma in [0.01, 80], 0.0545 vs 0.0497
-    # (+9.7%) at 3.1x its samples/s. The previous 32-step stochastic (sigma_max 80, churn in [0.05, 50])
-    # scored 0.072 on the same model; 32-step deterministic 0.107 in an earlier run.
+    # 2 CPU cores. Sized by fidelity first, then time: the training length and width that keep the
+    # replayed dynamics error near the paper preset's at online dataset sizes, and the cheapest sampler
+    # whose error stays within 10% of the paper's 128-step stochastic one (benchmarks/FIDELITY.md;
+    # README "Presets").
     return SynthERConfig(width=256, depth=4, train_steps=15_000, batch_size=256,
                          sample_steps=40, sampler="stochastic", sigma_max=5.0, s_tmin=0.01, s_tmax=80.0,
                          retrain_every=5_000, synthetic_size=100_000, num_generate=100_000)
 
 
 def _tiny() -> SynthERConfig:
-    # Seconds on a CPU: unit tests and smoke runs only.
-    # Learns a 2-D Gaussian mixture in ~3 s (32 sampler steps; 8 steps visibly blurred it).
+    # Seconds on a CPU: unit tests and smoke runs only. Enough training and sampler steps to learn the
+    # tests' 2-D Gaussian mixture (fewer sampler steps blur its modes).
     return SynthERConfig(width=128, depth=2, time_dim=32, train_steps=1_000, batch_size=256, lr=1e-3,
                          sample_steps=32, sampler="deterministic",
                          retrain_every=200, synthetic_size=2_000, num_generate=1_000, min_real=100,
                          sample_batch_size=1_000, progress=False)
 
 
-# the ``--compile`` help of ``synther upsample`` and ``synther train`` (argparse: %% is a literal %)
-COMPILE_HELP = ("torch.compile the diffusion training step (SynthERConfig.compile): ~10%% more steps/s at "
-                "width 256 on CPU (more on a contended machine) after ~15 s of compilation; needs a C++ "
-                "compiler, else trains eagerly")
+# the ``--compile`` help of ``synther upsample`` and ``synther train`` (argparse: write a literal % as %%)
+COMPILE_HELP = ("torch.compile the diffusion training step (SynthERConfig.compile): faster steps for small "
+                "networks on CPU after a one-off compilation per process; needs a C++ compiler, else trains "
+                "eagerly")
 
 # the ``--precision`` help of ``synther upsample`` and ``synther train``
 PRECISION_HELP = ("matmul precision of the diffusion model (SynthERConfig.precision): fp32 (default, the paper's) "

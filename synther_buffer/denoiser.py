@@ -15,7 +15,15 @@ from torch import nn
 
 
 class RandomFourierFeatures(nn.Module):
-    """[t, sin(2 pi w t), cos(2 pi w t)] with fixed Gaussian w (Tancik et al.); output dim = rff_dim + 1."""
+    """[t, sin(2 pi w t), cos(2 pi w t)] with fixed Gaussian w (Tancik et al.); output dim = rff_dim + 1.
+
+    Args:
+        rff_dim: number of sine + cosine features (even).
+        generator: draws w (default: the global RNG; ``build_denoiser`` re-draws it from its own).
+
+    Raises:
+        ValueError: ``rff_dim`` is odd.
+    """
 
     def __init__(self, rff_dim: int, generator: torch.Generator | None = None):
         super().__init__()
@@ -81,6 +89,9 @@ def init_parameters(net: nn.Module, generator: torch.Generator) -> nn.Module:
 
     ``nn.Linear``'s default (Kaiming-uniform with a = sqrt(5)) is U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the
     weight and the bias; LayerNorm starts at (1, 0); the random Fourier frequencies are N(0, 1).
+
+    Returns:
+        ``net``, initialised in place.
     """
     with torch.no_grad():
         for m in net.modules():
@@ -101,6 +112,10 @@ def build_denoiser(dim: int, width: int, depth: int, rff_dim: int, time_dim: int
 
     The network is built on the meta device and initialised from a local generator, so building one never
     reads or advances the process-global RNG (a background retrain must not disturb the agent's stream).
+
+    Args:
+        dim, width, depth, rff_dim, time_dim: as for :class:`ResidualMLPDenoiser`.
+        seed: seeds the local generator of the initial weights.
     """
     with torch.device("meta"):
         net = ResidualMLPDenoiser(dim, width, depth, rff_dim, time_dim)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
+import sys
 import time
+import types
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -18,24 +20,16 @@ from tqdm.auto import tqdm
 from .config import SynthERConfig
 from .denoiser import build_denoiser, count_parameters
 from .edm import EDMPrecond, edm_loss_from_noise, heun_sample, sigma_schedule
-from .flat import clipped_adam_step, flatten_parameters
-from .manual_grad import edm_loss_and_grads_unchecked, supports as manual_grad_supports
+from .ema import EMA, EMA_WARMUP, ema_decay_at  # noqa: F401  (ema_decay_at, EMA_WARMUP: their old home)
+from .manual_grad import edm_loss_and_grads_unchecked
 from .normalizer import Normalizer
+from .train_step import choose_train_step, compiled, matmul_autocast  # noqa: F401  (compiled: old home)
+from .validation import positive_int, non_negative_int
 
 log = logging.getLogger(__name__)
 
 FORMAT = "synther_buffer.TransitionDiffusion"
 FORMAT_VERSION = 1
-EMA_WARMUP = 100  # ema_pytorch's update_after_step: the EMA copies the weights until this step
-# Gradients by hand (synther_buffer/manual_grad.py) instead of autograd whenever the network is the
-# residual-MLP denoiser (always, as built here). Tests flip it to compare the two paths.
-MANUAL_GRADIENTS = True
-# Autograd path only: one flat parameter/gradient buffer up to this many parameters on CPU (always on
-# CUDA). Measured (2 CPU threads, benchmarks/THROUGHPUT.md): 256x4 (0.33M) ~7% more steps/s; 1024x6
-# (6.5M) ~3% fewer, as autograd's in-place accumulation into the flat gradient then costs more memory
-# traffic than the per-tensor clip/Adam calls it saves. The manual path writes gradients in place
-# (nothing to accumulate), so it always uses the flat buffer.
-FLAT_MAX_PARAMS_CPU = 1_000_000
 
 
 class DiffusionTrainingError(RuntimeError):
@@ -43,7 +37,11 @@ class DiffusionTrainingError(RuntimeError):
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``.
+
+    Raises:
+        ValueError: ``device`` is not a device string, or names CUDA where there is none.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -57,7 +55,8 @@ def resolve_device(device: str) -> torch.device:
 
 def bf16_is_native(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 matmuls natively (CUDA: ``torch.cuda.is_bf16_supported``; CPU:
-    oneDNN's check for AVX512-BF16 / AMX). Elsewhere bfloat16 is emulated: correct, but slower than fp32."""
+    oneDNN's check for AVX512-BF16 / AMX). Elsewhere bfloat16 is emulated: correct, but slower than fp32.
+    """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -68,63 +67,28 @@ def bf16_is_native(device: torch.device) -> bool:
     return False
 
 
-def matmul_autocast(device: torch.device, precision: str):
-    """The context the denoiser's forward passes run in: ``torch.autocast`` to bfloat16 for
-    ``precision == "bf16"``, a no-op context for ``"fp32"``."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def ema_decay_at(step: int, max_decay: float, warmup: int = EMA_WARMUP) -> float:
-    """ema_pytorch's warm-up (the reference trainer): 0 until ``warmup``, then
-    min(max_decay, 1 - (1 + epoch)^(-2/3)) with epoch = step - warmup - 1."""
-    epoch = step - warmup - 1
-    if epoch <= 0:
-        return 0.0
-    return min(max_decay, 1.0 - (1.0 + epoch) ** (-2.0 / 3.0))
-
-
-_COMPILED: dict = {}
-
-
-def compiled(fn):
-    """``fn`` (``edm_loss_and_grads_unchecked`` or ``edm_loss_from_noise``) through ``torch.compile``,
-    built once per process: every fit (a fresh network of the same shapes) reuses the compiled code
-    instead of recompiling."""
-    if fn not in _COMPILED:
-        # static shapes: one fit has one batch shape; a new shape recompiles (not a slower dynamic kernel)
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn]
-
-
-def _adam(params, lr: float) -> torch.optim.Optimizer:
-    """Fused Adam (one kernel for all parameters; 1.07-1.13x per training step on CPU), else foreach."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
-
-
 class TransitionDiffusion:
     """A diffusion model over transition vectors: ``fit(x)`` on real rows, ``sample(n)`` new ones.
 
+    Every ``fit`` trains a fresh network from scratch (seed D.2), keeping an EMA of the weights that
+    ``sample`` uses. The previous network stays in place until the new fit succeeds.
+
     Args:
         dim: row width D, e.g. obs + action + reward + next_obs (+ terminal).
-        config: hyperparameters (``SynthERConfig.preset("paper")`` by default).
+        config: hyperparameters. ``None`` means ``SynthERConfig.for_device("auto")``: the ``"paper"``
+            preset where CUDA is available, ``"fast"`` on CPU (the choice is logged once per process).
         terminal_dims: columns holding 0/1 terminals (left raw, rounded at 0.5 on output).
         skip_dims: columns left un-normalised (e.g. the reward, as in the reference DMC setup).
 
-    Every ``fit`` trains a fresh network from scratch (seed D.2), keeping an EMA of the weights that
-    ``sample`` uses. The previous network stays in place until the new fit succeeds.
+    Raises:
+        ValueError: ``dim`` is not a positive int, ``config`` is not a ``SynthERConfig``, its device
+            is not available, or a terminal / skip column is out of range.
     """
 
     def __init__(self, dim: int, config: Optional[SynthERConfig] = None, *,
                  terminal_dims: Sequence[int] = (), skip_dims: Sequence[int] = ()):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        self.dim = int(dim)
-        self.config = config if config is not None else SynthERConfig.preset("paper")
+        self.dim = positive_int("dim", dim)
+        self.config = config if config is not None else SynthERConfig.for_device("auto")
         if not isinstance(self.config, SynthERConfig):
             raise ValueError(f"config must be a SynthERConfig, got {type(self.config).__name__}")
         self.device = resolve_device(self.config.device)
@@ -152,18 +116,28 @@ class TransitionDiffusion:
 
     # ------------------------------------------------------------------ training
     def fit(self, x: np.ndarray, *, steps: Optional[int] = None, progress: Optional[bool] = None) -> dict:
-        """Normalise ``x`` [N, D], train a fresh denoiser for ``steps`` (default ``config.train_steps``).
+        """Normalise ``x``, train a fresh denoiser on it, and keep it (with its EMA) for sampling.
 
-        Returns ``{"loss", "seconds", "steps", "batch_size", "compiled", "gradients"}`` (loss: mean over
-        the last logging window; compiled: whether ``config.compile`` took effect; gradients:
-        ``"manual"`` (``synther_buffer/manual_grad.py``) or ``"autograd"``).
-        Raises ``DiffusionTrainingError`` if the loss turns non-finite; the previous model is kept.
+        The training step is chosen once, from ``config.gradients``, ``param_layout`` and ``compile``
+        (``synther_buffer/train_step.py``).
+
+        Args:
+            x: real rows [N, D], N >= 2, finite.
+            steps: gradient steps (default ``config.train_steps``).
+            progress: show a progress bar (default ``config.progress``).
+
+        Returns:
+            ``{"loss", "seconds", "steps", "batch_size", "compiled", "gradients"}``: loss is the mean
+            over the last logging window; compiled whether ``config.compile`` took effect; gradients
+            ``"manual"`` (``synther_buffer/manual_grad.py``) or ``"autograd"``.
+
+        Raises:
+            ValueError: ``x`` or ``steps`` is invalid (nothing changes).
+            DiffusionTrainingError: the loss turned non-finite; the previous model is kept.
         """
         c = self.config
         x = self._check_rows(x)
-        steps = c.train_steps if steps is None else int(steps)
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        steps = c.train_steps if steps is None else positive_int("steps", steps)
         show = c.progress if progress is None else progress
         t0 = time.perf_counter()
 
@@ -172,15 +146,9 @@ class TransitionDiffusion:
         n, bs = data.shape[0], c.batch_size_for(x.shape[0])
         seed = c.seed + 7919 * self.fit_count
         model = self._build_network(seed)
-        ema = copy.deepcopy(model).requires_grad_(False)
-        params, ema_params = list(model.parameters()), list(ema.parameters())
-        manual = MANUAL_GRADIENTS and manual_grad_supports(model)
-        flat = manual or self.device.type == "cuda" or count_parameters(model) <= FLAT_MAX_PARAMS_CPU
-        if flat:  # one tensor for clip, Adam and the EMA (synther_buffer/flat.py)
-            params, ema_params = [flatten_parameters(model, with_grads=True)], \
-                [flatten_parameters(ema, with_grads=False)]
-        opt = _adam(params, c.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        train = choose_train_step(model, c, self.device, steps,
+                                  losses=(edm_loss_and_grads_unchecked, edm_loss_from_noise))
+        ema = EMA(model, c.ema_decay, every=c.ema_every, flat=train.flat)
         gen = torch.Generator(device=self.device).manual_seed(seed)
 
         log_every = max(1, min(200, steps // 20))
@@ -188,42 +156,16 @@ class TransitionDiffusion:
         window, last_loss = 0, float("nan")
         bar = tqdm(total=steps, desc="diffusion fit", unit="step", disable=not show, leave=False)
         model.train()
-        # manual: supported network (checked above), gradients allocated by the flat buffer
-        eager_fn = edm_loss_and_grads_unchecked if manual else edm_loss_from_noise
-        loss_fn = compiled(eager_fn) if c.compile else eager_fn
-        # bf16: the manual path casts its matmul operands itself; autograd's forward runs under autocast
-        kw = {"matmul_dtype": torch.bfloat16 if c.precision == "bf16" else torch.float32} if manual else {}
-        autocast = matmul_autocast(self.device, "fp32" if manual else c.precision)
         for step in range(1, steps + 1):
             idx = torch.randint(n, (bs,), device=self.device, generator=gen)
-            # index_select, not data[idx]: fancy indexing opens a parallel region that stalls for
-            # milliseconds on a busy 2-core machine (benchmarks/THROUGHPUT.md)
+            # index_select, not data[idx]: fancy indexing opens a parallel region, which stalls on a
+            # busy machine (benchmarks/THROUGHPUT.md)
             batch = data.index_select(0, idx)
             rnd_normal = torch.randn(bs, 1, device=self.device, generator=gen)   # edm_loss's draws,
             unit_noise = torch.randn(bs, self.dim, device=self.device, generator=gen)  # same order
-            try:  # manual: the loss, with the gradients written into the flat gradient buffer
-                with autocast:
-                    loss = loss_fn(model, batch, rnd_normal, unit_noise, c.p_mean, c.p_std, **kw)
-            except Exception as e:  # compilation happens on the first call: fall back, keep the fit
-                if loss_fn is eager_fn or step > 1:
-                    raise
-                log.warning("torch.compile failed (%s: %s); this fit trains eagerly", type(e).__name__, e)
-                loss_fn = eager_fn
-                with autocast:
-                    loss = loss_fn(model, batch, rnd_normal, unit_noise, c.p_mean, c.p_std, **kw)
-            if not manual:
-                if flat:
-                    params[0].grad.zero_()  # backward accumulates into the views of this buffer
-                else:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-            clipped_adam_step(opt, params, c.grad_clip)  # clip_grad_norm_ + Adam, one pass less
-            sched.step()
-            loss_sum += loss.detach()
+            loss_sum += train(batch, rnd_normal, unit_noise)
             window += 1
-            if step % c.ema_every == 0:
-                with torch.no_grad():  # ema <- decay * ema + (1 - decay) * params
-                    torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(step, c.ema_decay))
+            ema.update(step, train.params)
             if step % log_every == 0 or step == steps:
                 last_loss = (loss_sum / window).item()  # the one host sync per logging window
                 loss_sum.zero_()
@@ -235,17 +177,14 @@ class TransitionDiffusion:
                     raise DiffusionTrainingError(
                         f"diffusion loss became {last_loss} by step {step}/{steps}; previous model kept")
         bar.close()
-        model.zero_grad(set_to_none=True)  # drop the gradient buffer
-        with torch.no_grad():  # buffers (RFF weights) are not parameters: copy them too
-            for b_ema, b in zip(ema.buffers(), model.buffers()):
-                b_ema.copy_(b)
+        train.close()
+        ema.copy_buffers(model)  # buffers (RFF frequencies) are not parameters: copy them too
 
-        self.model, self.ema, self.normalizer = model.eval(), ema.eval(), normalizer
+        self.model, self.ema, self.normalizer = model.eval(), ema.module.eval(), normalizer
         self.fitted = True
         self.fit_count += 1
         self.last_fit = {"loss": last_loss, "seconds": time.perf_counter() - t0, "steps": steps,
-                         "batch_size": bs, "compiled": loss_fn is not eager_fn,
-                         "gradients": "manual" if manual else "autograd"}
+                         "batch_size": bs, "compiled": train.compiled, "gradients": train.gradients}
         log.info("diffusion fit: %d steps, batch %d, loss %.4f, %.1fs", steps, bs, last_loss,
                  self.last_fit["seconds"])
         return dict(self.last_fit)
@@ -254,26 +193,36 @@ class TransitionDiffusion:
     def sample(self, n: int, *, batch_size: Optional[int] = None, seed: Optional[int] = None,
                progress: Optional[bool] = None, sampler: Optional[str] = None,
                sample_steps: Optional[int] = None) -> np.ndarray:
-        """Draw ``n`` new rows, un-normalised, as float32 numpy [n, D] (terminal columns in {0, 1}).
+        """Draw ``n`` new rows with the EMA network.
 
-        Sampling runs in batches of ``batch_size`` (``config.sample_batch_size``; default 100K on
-        CUDA, 16K on CPU) so only one batch of intermediate states is alive at a time. ``seed``
-        fixes the noise; by default each call uses ``config.seed`` and a call counter. Out of
-        memory halves the batch size and retries. ``sampler`` / ``sample_steps`` override the
-        config's for this call (e.g. to trade fidelity for speed).
-        Raises ``DiffusionTrainingError`` if the samples are not finite.
+        Sampling runs in batches, so only one batch of intermediate states is alive at a time; out of
+        memory halves the batch size and retries.
+
+        Args:
+            n: rows to draw (0 allowed).
+            batch_size: rows per batch (default ``config.sample_batch_size``, else 100K on CUDA and
+                16K on CPU).
+            seed: fixes the noise; by default each call uses ``config.seed`` and a call counter.
+            progress: show a progress bar (default ``config.progress``).
+            sampler: overrides ``config.sampler`` for this call (e.g. to trade fidelity for speed).
+            sample_steps: overrides ``config.sample_steps`` for this call.
+
+        Returns:
+            float32 numpy [n, D], un-normalised, terminal columns in {0, 1}.
+
+        Raises:
+            RuntimeError: the model was never fitted (or loaded fitted).
+            ValueError: an argument is invalid.
+            DiffusionTrainingError: the samples are not finite.
         """
         if not self.fitted:
             raise RuntimeError("TransitionDiffusion.sample() called before fit() (or load())")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        n = non_negative_int("n", n)
         c = self.config
         if sampler is not None or sample_steps is not None:  # validated like any config change
             c = c.replace(**{k: v for k, v in (("sampler", sampler), ("sample_steps", sample_steps))
                              if v is not None})
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
+        batch_size = positive_int("batch_size", batch_size, optional=True)
         bs = batch_size or c.sample_batch_size or (100_000 if self.device.type == "cuda" else 16_384)
         show = c.progress if progress is None else progress
         if seed is None:
@@ -316,7 +265,8 @@ class TransitionDiffusion:
     def _sampling_network(self, precision: str) -> nn.Module:
         """The EMA network, or for ``"bf16"`` a copy of it whose Linear weights and biases are cast to
         bfloat16 once (autocast would re-cast them on every network evaluation: its weight cache skips
-        parameters that do not require grad). Under autocast that is the same computation."""
+        parameters that do not require grad). Under autocast that is the same computation.
+        """
         if precision != "bf16":
             return self.ema
         net = copy.deepcopy(self.ema)
@@ -335,7 +285,8 @@ class TransitionDiffusion:
                 "last_fit": dict(self.last_fit)}
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write to ``path`` atomically (temp file + rename): a kill mid-save keeps the old file."""
+        """Write ``state_dict()`` to ``path`` atomically (temp file + rename): a kill mid-save keeps the
+        old file. Parent directories are created."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -344,7 +295,17 @@ class TransitionDiffusion:
 
     @classmethod
     def from_state_dict(cls, state: dict, device: Optional[str] = None) -> "TransitionDiffusion":
-        """Rebuild from ``state_dict()``; ``device`` overrides the saved config's device."""
+        """Rebuild from ``state_dict()``.
+
+        Args:
+            state: what ``state_dict()`` returned (files from earlier versions of the package too:
+                config fields added since take their defaults).
+            device: overrides the saved config's device; a CUDA checkpoint loads on the CPU (with a
+                warning) when CUDA is not available.
+
+        Raises:
+            ValueError: ``state`` is not a TransitionDiffusion checkpoint of this format version.
+        """
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError("not a synther_buffer TransitionDiffusion checkpoint")
         if state.get("version") != FORMAT_VERSION:
@@ -372,9 +333,15 @@ class TransitionDiffusion:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "TransitionDiffusion":
-        """Load a file written by ``save``. Uses ``torch.load(weights_only=True)``: no arbitrary code runs.
+        """Load a file written by ``save`` through ``torch.load(weights_only=True)``: no arbitrary code runs.
 
-        A truncated, tampered or foreign file raises ``ValueError`` with the path.
+        Args:
+            path: the file.
+            device: as in ``from_state_dict``.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: a truncated, tampered or foreign file (the message names the path).
         """
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -405,3 +372,34 @@ class TransitionDiffusion:
         c = self.config
         return (f"TransitionDiffusion(dim={self.dim}, width={c.width}, depth={c.depth}, "
                 f"params={self.num_params:,}, device={self.device}, fitted={self.fitted})")
+
+
+# ---------------------------------------------------------------------------- removed module switches
+_REMOVED_SWITCHES = {
+    "MANUAL_GRADIENTS": ("SynthERConfig(gradients='manual' | 'autograd' | 'auto')", True),
+    "FLAT_MAX_PARAMS_CPU": ("SynthERConfig(param_layout='flat' | 'per_tensor' | 'auto')", 1_000_000),
+}
+
+
+def _removed_switch_warning(name: str) -> None:
+    warnings.warn(f"synther_buffer.diffusion.{name} is no longer read: the training step is chosen per "
+                  f"fit from the config, {_REMOVED_SWITCHES[name][0]}", DeprecationWarning, stacklevel=3)
+
+
+def __getattr__(name: str):
+    if name in _REMOVED_SWITCHES:
+        _removed_switch_warning(name)
+        return _REMOVED_SWITCHES[name][1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Module(types.ModuleType):
+    """This module, warning when code assigns one of the removed switches (it would have no effect)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _REMOVED_SWITCHES:
+            _removed_switch_warning(name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Module

@@ -18,7 +18,12 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class EDMPrecond(nn.Module):
-    """D_theta(x; sigma) = c_skip(sigma) x + c_out(sigma) F_theta(c_in(sigma) x; c_noise(sigma))  (Table 1)."""
+    """D_theta(x; sigma) = c_skip(sigma) x + c_out(sigma) F_theta(c_in(sigma) x; c_noise(sigma))  (Table 1).
+
+    Args:
+        net: the raw network F_theta(x, c_noise) (``denoiser.ResidualMLPDenoiser``).
+        sigma_data: the data's standard deviation.
+    """
 
     def __init__(self, net: nn.Module, sigma_data: float = 1.0):
         super().__init__()
@@ -33,7 +38,11 @@ class EDMPrecond(nn.Module):
 
 
 def preconditioning(sigma: torch.Tensor, sigma_data: float):
-    """Table 1: (c_skip, c_out, c_in, c_noise) for noise levels ``sigma`` (any shape, elementwise)."""
+    """Table 1's coefficients for noise levels ``sigma`` (any shape, elementwise).
+
+    Returns:
+        ``(c_skip, c_out, c_in, c_noise)``, each shaped like ``sigma``.
+    """
     sd2 = sigma_data ** 2
     c_skip = sd2 / (sigma ** 2 + sd2)                               # c_skip = sd^2 / (s^2 + sd^2)
     c_out = sigma * sigma_data / (sigma ** 2 + sd2).sqrt()          # c_out  = s sd / sqrt(s^2 + sd^2)
@@ -48,6 +57,15 @@ def edm_loss(denoiser: EDMPrecond, x: torch.Tensor, p_mean: float = -1.2, p_std:
 
     ln(sigma) ~ N(P_mean, P_std^2);  n ~ N(0, sigma^2 I);
     loss = lambda(sigma) * || D(x + n; sigma) - x ||^2,  lambda = (sigma^2 + sd^2) / (sigma sd)^2.
+
+    Args:
+        denoiser: D(x; sigma).
+        x: clean rows [B, D].
+        p_mean, p_std: the log-normal training noise distribution.
+        generator: draws the noise levels and the noise (first [B, 1], then [B, D]).
+
+    Returns:
+        The scalar loss (with the autograd graph).
     """
     rnd_normal = torch.randn(x.shape[0], 1, device=x.device, dtype=x.dtype, generator=generator)
     unit_noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
@@ -56,8 +74,19 @@ def edm_loss(denoiser: EDMPrecond, x: torch.Tensor, p_mean: float = -1.2, p_std:
 
 def edm_loss_from_noise(denoiser: EDMPrecond, x: torch.Tensor, rnd_normal: torch.Tensor,
                         unit_noise: torch.Tensor, p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
-    """``edm_loss`` with its two standard-normal draws passed in (``rnd_normal`` [B, 1], ``unit_noise``
-    [B, D]): a pure function of its inputs, so ``torch.compile`` can fuse it without a generator inside."""
+    """``edm_loss`` with its two standard-normal draws passed in: a pure function of its inputs, so
+    ``torch.compile`` can fuse it without a generator inside.
+
+    Args:
+        denoiser: D(x; sigma).
+        x: clean rows [B, D].
+        rnd_normal: standard normal draws [B, 1]; ln sigma = P_std n + P_mean.
+        unit_noise: standard normal noise [B, D], scaled by sigma.
+        p_mean, p_std: the log-normal training noise distribution.
+
+    Returns:
+        The scalar loss (with the autograd graph).
+    """
     sigma = (rnd_normal * p_std + p_mean).exp()                    # ln(sigma) ~ N(P_mean, P_std^2)
     sd = denoiser.sigma_data
     weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2            # lambda(sigma)
@@ -69,7 +98,15 @@ def sigma_schedule(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 
                    rho: float = 7.0) -> List[float]:
     """Eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, plus sigma_N = 0.
 
-    Returns N + 1 host floats (no device syncs in the sampling loop).
+    Args:
+        num_steps: N, the number of noise levels (>= 1; one step is just sigma_max).
+        sigma_min, sigma_max, rho: the schedule's range and curvature.
+
+    Returns:
+        N + 1 host floats, decreasing to 0 (no device syncs in the sampling loop).
+
+    Raises:
+        ValueError: ``num_steps`` < 1.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -93,7 +130,11 @@ def heun_sample(denoise: Denoise, x_init: torch.Tensor, sigmas: List[float], s_c
         x_init: standard normal noise [B, D]; scaled here by sigma_0 (x_0 ~ N(0, sigma_0^2 I)).
         sigmas: eq. 5 schedule from ``sigma_schedule`` (N + 1 floats ending in 0).
         s_churn, s_tmin, s_tmax, s_noise: Table 9 stochasticity.
+        generator: draws the churn noise.
         on_step: optional callback after each step (progress bars).
+
+    Returns:
+        The samples x_N [B, D].
     """
     n = len(sigmas) - 1
     x = x_init * sigmas[0]

@@ -15,17 +15,25 @@ ALIGN = 16  # elements: every view starts 64-byte aligned for float32, as separa
 
 
 def flatten_parameters(module: nn.Module, *, with_grads: bool) -> nn.Parameter:
-    """Move every parameter of ``module`` into one zero-padded contiguous buffer; return it as a Parameter.
+    """Move every parameter of ``module`` into one zero-padded contiguous buffer.
 
     Afterwards each ``p`` in ``module.parameters()`` is a view of the returned tensor (values unchanged),
     so an in-place update of the flat tensor (``Adam([flat]).step()``, ``lerp_``) updates the module.
-    With ``with_grads``, ``flat.grad`` is a zero buffer of the same layout and each ``p.grad`` a view of
-    it: backward then accumulates into the views, so zero it with ``flat.grad.zero_()`` (not
-    ``zero_grad(set_to_none=True)``, which would detach the views). Padding stays zero: its gradient is
-    zero, so clipping norms and Adam updates are those of the parameters alone.
+    Padding stays zero: its gradient is zero, so clipping norms and Adam updates are those of the
+    parameters alone. Two modules of the same architecture get the same layout (the EMA copy can be
+    ``lerp_``-ed onto the trained weights in one op).
 
-    Two modules of the same architecture get the same layout (the EMA copy can be ``lerp_``-ed onto
-    the trained weights in one op).
+    Args:
+        module: the network whose parameters are re-seated.
+        with_grads: also give ``flat.grad`` (a zero buffer of the same layout) with each ``p.grad`` a view
+            of it. Backward then accumulates into the views, so zero it with ``flat.grad.zero_()`` (not
+            ``zero_grad(set_to_none=True)``, which would detach the views).
+
+    Returns:
+        The flat buffer, as a Parameter (``requires_grad`` as the module's first parameter).
+
+    Raises:
+        ValueError: ``module`` has no parameters, or they differ in dtype or device.
     """
     params = list(module.parameters())
     if not params:
@@ -51,21 +59,26 @@ def flatten_parameters(module: nn.Module, *, with_grads: bool) -> nn.Parameter:
 
 def clipped_adam_step(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], max_norm: float, *,
                       host_check: Optional[bool] = None) -> None:
-    """``clip_grad_norm_(params, max_norm)`` then ``opt.step()``, with one pass less over the gradient
-    when ``params`` is one flat tensor and ``opt`` a fused Adam: the clip becomes the kernel's
-    ``grad_scale`` (the fused kernel divides each gradient element by it as it reads it, as it does
-    for ``GradScaler``), so the gradient is read twice (norm, Adam) instead of three times and written
-    once instead of twice. Scale = max(1, (||g|| + 1e-6) / max_norm) = 1 / clip_grad_norm_'s clamped
-    coefficient.
+    """``clip_grad_norm_(params, max_norm)`` then ``opt.step()``, with one pass less over the gradient.
 
-    ``host_check`` (default: on CPU only, where reading a scalar waits for no device): read the norm on
-    the host and, when no clip is due (the usual case: gradient norms ~0.3-0.6 against the reference's
-    max_norm 1.0 in a HalfCheetah fit), run Adam without a scale, so the gradient is not written at
-    all. Off (CUDA): the scale stays on the device, clamped to >= 1, and no host sync happens.
+    When ``params`` is one flat tensor and ``opt`` a fused Adam, the clip becomes the kernel's
+    ``grad_scale`` (the fused kernel divides each gradient element by it as it reads it, as it does for
+    ``GradScaler``), so the gradient is read twice (norm, Adam) instead of three times and written once
+    instead of twice. Scale = max(1, (||g|| + 1e-6) / max_norm) = 1 / clip_grad_norm_'s clamped
+    coefficient. The gradient is left divided by the scale, as after ``clip_grad_norm_``. Any other
+    optimizer or parameter list takes the plain ``clip_grad_norm_`` + ``step`` path.
 
-    The gradient is left divided by the scale, as after ``clip_grad_norm_``. Any other optimizer or
-    parameter list takes the plain ``clip_grad_norm_`` + ``step`` path. ``max_norm`` must be a positive
-    finite number (``ValueError`` otherwise).
+    Args:
+        opt: the optimizer over ``params``.
+        params: the parameters whose gradients are clipped (one flat tensor for the fused path).
+        max_norm: the largest global gradient norm, a positive finite number.
+        host_check: read the norm on the host and, when no clip is due (the usual case once training
+            settles: gradient norms stay below the reference's max_norm 1.0), run Adam without a scale,
+            so the gradient is not written at all. Default: on CPU only, where reading a scalar waits
+            for no device. Off (CUDA): the scale stays on the device, clamped to >= 1, no host sync.
+
+    Raises:
+        ValueError: ``max_norm`` is not a positive finite number (nothing is stepped).
     """
     try:
         ok = 0 < float(max_norm) < float("inf")   # numpy scalars pass, None / strings / nan do not
@@ -76,7 +89,7 @@ def clipped_adam_step(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor]
     params = list(params)
     if len(params) == 1 and opt.defaults.get("fused") and params[0].grad is not None:
         g = params[0].grad.view(-1)
-        # ||g|| by one dot product: half the time of vector_norm on CPU for a 6.5M-element gradient
+        # ||g|| by one dot product: cheaper than vector_norm on CPU (benchmarks/THROUGHPUT.md)
         scale = torch.dot(g, g).sqrt_().add_(1e-6).div_(max_norm)
         if host_check is None:
             host_check = g.device.type == "cpu"

@@ -7,24 +7,28 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .validation import positive_int
+
 _MIN_STD = 1e-6
 
 
 class Normalizer:
     """Maps rows to mean 0 / std 1 per dimension, fitted on real data at each retrain.
 
+    Constant columns get std 1 so they never divide by zero: ``unnormalize`` maps 0 to their mean,
+    but a model's samples of such a column scatter around it by the model's own error.
+
     Args:
         dim: row width D.
         terminal_dims: columns holding 0/1 terminals: left raw, thresholded at 0.5 after sampling (seed A).
         skip_dims: columns left un-normalised (the reference DMC setup skips the reward).
 
-    Constant columns get std 1 so they never divide by zero (they come back exactly at their mean).
+    Raises:
+        ValueError: ``dim`` is not a positive int, or a terminal / skip column is out of range or repeated.
     """
 
     def __init__(self, dim: int, terminal_dims: Sequence[int] = (), skip_dims: Sequence[int] = ()):
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        self.dim = int(dim)
+        self.dim = dim = positive_int("dim", dim)
         self.terminal_dims = _check_dims("terminal_dims", terminal_dims, dim)
         self.skip_dims = _check_dims("skip_dims", skip_dims, dim)
         self.mean = np.zeros(dim, dtype=np.float32)
@@ -32,7 +36,11 @@ class Normalizer:
         self.fitted = False
 
     def fit(self, x: np.ndarray) -> "Normalizer":
-        """Fit mean/std on rows ``x`` [N, D] (float64 accumulation)."""
+        """Fit mean/std on rows ``x`` [N, D] (float64 accumulation); returns ``self``.
+
+        Raises:
+            ValueError: ``x`` is not [N, D] with N >= 2.
+        """
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected rows of shape [N, {self.dim}], got {x.shape}")
@@ -78,7 +86,11 @@ class Normalizer:
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "Normalizer":
-        """Rebuild from ``state_dict()``."""
+        """Rebuild from ``state_dict()``.
+
+        Raises:
+            ValueError: mean / std of the wrong shape, not finite, or std <= 0.
+        """
         n = cls(d["dim"], d["terminal_dims"], d["skip_dims"])
         mean, std = d["mean"].numpy().astype(np.float32), d["std"].numpy().astype(np.float32)
         if mean.shape != (n.dim,) or std.shape != (n.dim,):

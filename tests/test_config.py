@@ -114,13 +114,40 @@ def test_replace_unknown_field_raises_naming_it():
     ("lr", 0.0), ("sigma_min", -1.0), ("ema_decay", 1.0), ("batch_size", 0), ("s_churn", -1.0),
     ("width", 2.5), ("train_steps", True), ("real_ratio", float("nan")), ("device", ""),
     ("compile", 1), ("compile", "yes"), ("async_retrain", 0), ("precision", "fp16"), ("precision", None),
-    ("precision", "BF16"),
+    ("precision", "BF16"), ("gradients", "fast"), ("gradients", None), ("gradients", True),
+    ("param_layout", "packed"), ("param_layout", False), ("min_real", 0), ("seed", 1.5), ("outlier_std", 0.0),
 ])
 def test_invalid_values_raise_naming_field(field, value):
     with pytest.raises(ValueError, match=field):
         SynthERConfig.preset("paper").replace(**{field: value})
     with pytest.raises(ValueError, match=field):
         SynthERConfig(**{field: value})
+
+
+def test_numpy_scalars_are_stored_as_plain_python():
+    """Values read from numpy (e.g. a sweep's grid) are accepted and stored as int / float, so
+    to_dict stays JSON- and weights_only-safe."""
+    import numpy as np
+
+    cfg = SynthERConfig.preset("tiny").replace(width=np.int64(64), lr=np.float64(1e-3), batch_size=np.int32(32),
+                                               real_ratio=np.float32(0.25), seed=np.int16(3))
+    d = cfg.to_dict()
+    assert (d["width"], d["batch_size"], d["seed"]) == (64, 32, 3) and d["real_ratio"] == 0.25
+    for name in ("width", "batch_size", "seed"):
+        assert type(d[name]) is int, name
+    for name in ("lr", "real_ratio"):
+        assert type(d[name]) is float, name
+    assert json.loads(json.dumps(d)) == d
+
+
+@pytest.mark.parametrize("field,default,others", [("gradients", "auto", ("manual", "autograd")),
+                                                  ("param_layout", "auto", ("flat", "per_tensor"))])
+def test_training_step_fields(field, default, others):
+    """The fields that choose fit's training step: "auto" in every preset, the other values accepted."""
+    for name in ("paper", "fast", "tiny"):
+        assert getattr(SynthERConfig.preset(name), field) == default
+    for value in others:
+        assert getattr(SynthERConfig.preset("tiny").replace(**{field: value}), field) == value
 
 
 def test_sigma_min_must_be_below_sigma_max():

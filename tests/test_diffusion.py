@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from synther_buffer import DiffusionTrainingError, SynthERConfig, TransitionDiffusion
 
@@ -331,18 +332,16 @@ HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 @pytest.mark.skipif(not HAS_CXX, reason="torch.compile's CPU backend needs a C++ compiler")
-@pytest.mark.parametrize("manual", [True, False], ids=["manual-gradients", "autograd"])
-def test_compiled_fit_matches_eager(rng, monkeypatch, manual):
+@pytest.mark.parametrize("gradients", ["manual", "autograd"])
+def test_compiled_fit_matches_eager(rng, gradients):
     """config.compile=True trains the same model as eager (same draws; fused kernels only reorder
     float sums), and says it compiled: on the hand-written gradients and on the autograd path."""
-    import synther_buffer.diffusion as diffusion_mod
-
-    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", manual)
     x = rng.standard_normal((300, 3)).astype(np.float32)
-    eager, compiled = TransitionDiffusion(3, _tiny()), TransitionDiffusion(3, _tiny(compile=True))
+    eager = TransitionDiffusion(3, _tiny(gradients=gradients))
+    compiled = TransitionDiffusion(3, _tiny(compile=True, gradients=gradients))
     a, b = eager.fit(x, steps=60), compiled.fit(x, steps=60)
     assert a["compiled"] is False and b["compiled"] is True
-    assert a["gradients"] == b["gradients"] == ("manual" if manual else "autograd")
+    assert a["gradients"] == b["gradients"] == gradients
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
     for (name, pa), pb in zip(eager.ema.state_dict().items(), compiled.ema.state_dict().values()):
         torch.testing.assert_close(pb, pa, rtol=1e-3, atol=1e-4, msg=name)
@@ -352,16 +351,16 @@ def test_compiled_fit_matches_eager(rng, monkeypatch, manual):
 def test_compile_failure_falls_back_to_eager(rng, monkeypatch, caplog):
     """If compilation raises on the first step, the fit warns and trains eagerly: no lost retrain,
     and exactly the eager model (the step's noise was drawn before the failed call)."""
-    import synther_buffer.diffusion as diffusion_mod
+    import synther_buffer.train_step as train_step
 
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(diffusion_mod, "compiled", lambda fn: broken)
+    monkeypatch.setattr(train_step, "compiled", lambda fn: broken)   # fault injection
     x = rng.standard_normal((300, 3)).astype(np.float32)
     eager, fallback = TransitionDiffusion(3, _tiny()), TransitionDiffusion(3, _tiny(compile=True))
     eager.fit(x, steps=30)
-    with caplog.at_level("WARNING", logger="synther_buffer.diffusion"):
+    with caplog.at_level("WARNING", logger="synther_buffer.train_step"):
         info = fallback.fit(x, steps=30)
     assert info["compiled"] is False
     assert any("torch.compile failed" in r.getMessage() and "no C++ compiler" in r.getMessage()
@@ -370,17 +369,92 @@ def test_compile_failure_falls_back_to_eager(rng, monkeypatch, caplog):
         assert torch.equal(pa, pb)
 
 
-# ============================================================================ precision="bf16" (opt-in)
-@pytest.mark.parametrize("manual", [True, False], ids=["manual-gradients", "autograd"])
-def test_bf16_fit_and_sample_learn_the_mixture(mixture_data, mixture_model, monkeypatch, manual):
-    """precision='bf16' (bfloat16 matmuls in training and sampling) still learns the 2-D mixture, on
-    the hand-written gradients and on autograd under autocast, to about the fp32 model's loss."""
+# ============================================================================ the training step's choice
+class GeluTimeMLP(TransitionDiffusion):
+    """A maintainer's edit of the denoiser: GELU instead of SiLU in the time MLP, which the hand-written
+    gradients (derived for SiLU) would get wrong."""
+
+    def _build_network(self, seed: int):
+        net = super()._build_network(seed)
+        net.net.time_mlp[2] = nn.GELU()
+        return net
+
+
+def test_modified_denoiser_falls_back_to_autograd_and_learns(mixture_data, caplog, monkeypatch):
+    """gradients="auto" (and "manual") on a network the structure check refuses: one warning, naming
+    the change; the fit trains with autograd's gradients (bit-for-bit the model of an explicit
+    gradients="autograd" fit) and still learns the 2-D mixture."""
+    import synther_buffer.train_step as train_step
+
+    monkeypatch.setattr(train_step, "_WARNED", set())   # warned once per process: start afresh
+    with caplog.at_level("WARNING", logger="synther_buffer.train_step"):
+        model = GeluTimeMLP(2, _tiny())
+        info = model.fit(mixture_data)
+        assert GeluTimeMLP(2, _tiny(gradients="manual")).fit(mixture_data, steps=5)["gradients"] == "autograd"
+    assert info["gradients"] == "autograd"
+    said = [r.getMessage() for r in caplog.records if "hand-written gradients" in r.getMessage()]
+    assert len(said) == 1 and "GELU" in said[0] and "autograd" in said[0], said
+
+    ref = GeluTimeMLP(2, _tiny(gradients="autograd"))
+    ref.fit(mixture_data)
+    for (name, a), b in zip(model.ema.state_dict().items(), ref.ema.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert isinstance(model.ema.net.time_mlp[2], nn.GELU)
+    y = model.sample(4000, seed=123)
+    assert mixture_matches(y, mixture_data), mixture_stats(y, mixture_data)
+
+
+def test_removed_module_switches_warn(rng):
+    """MANUAL_GRADIENTS / FLAT_MAX_PARAMS_CPU no longer steer fit: reading or assigning one warns and
+    names the config field that does; an assignment changes nothing."""
     import synther_buffer.diffusion as diffusion_mod
 
-    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", manual)
-    model = TransitionDiffusion(2, _tiny(precision="bf16"))
+    with pytest.warns(DeprecationWarning, match="gradients="):
+        assert diffusion_mod.MANUAL_GRADIENTS is True
+    with pytest.warns(DeprecationWarning, match="param_layout="):
+        assert diffusion_mod.FLAT_MAX_PARAMS_CPU == 1_000_000
+    try:
+        with pytest.warns(DeprecationWarning, match="no longer read"):
+            diffusion_mod.MANUAL_GRADIENTS = False
+        info = TransitionDiffusion(3, _tiny()).fit(rng.standard_normal((50, 3)).astype(np.float32), steps=2)
+        assert info["gradients"] == "manual"
+    finally:
+        vars(diffusion_mod).pop("MANUAL_GRADIENTS", None)
+
+
+def test_default_config_follows_the_device(monkeypatch, caplog):
+    """config=None is SynthERConfig.for_device("auto"): the fast preset on a CPU-only machine, said
+    once at INFO (the paper preset on CUDA: tests/test_config.py)."""
+    import synther_buffer.config as config_mod
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(config_mod, "_ANNOUNCED", set())
+    with caplog.at_level("INFO", logger="synther_buffer.config"):
+        a, b = TransitionDiffusion(3), TransitionDiffusion(3, None)
+    assert a.config == b.config == SynthERConfig.preset("fast")
+    assert a.device.type == "cpu" and a.config.width == SynthERConfig.preset("fast").width
+    said = [r.getMessage() for r in caplog.records if "preset" in r.getMessage()]
+    assert len(said) == 1 and "'fast' preset for CPU" in said[0]
+
+
+def test_files_saved_before_the_new_config_fields_load(mixture_model):
+    """A state dict whose config has no gradients / param_layout (files saved before they existed)
+    loads, the missing fields at their defaults, and samples as the model does."""
+    state = mixture_model.state_dict()
+    state["config"] = {k: v for k, v in state["config"].items() if k not in ("gradients", "param_layout")}
+    loaded = TransitionDiffusion.from_state_dict(state)
+    assert loaded.config.gradients == "auto" and loaded.config.param_layout == "auto"
+    np.testing.assert_array_equal(loaded.sample(100, seed=2), mixture_model.sample(100, seed=2))
+
+
+# ============================================================================ precision="bf16" (opt-in)
+@pytest.mark.parametrize("gradients", ["manual", "autograd"])
+def test_bf16_fit_and_sample_learn_the_mixture(mixture_data, mixture_model, gradients):
+    """precision='bf16' (bfloat16 matmuls in training and sampling) still learns the 2-D mixture, on
+    the hand-written gradients and on autograd under autocast, to about the fp32 model's loss."""
+    model = TransitionDiffusion(2, _tiny(precision="bf16", gradients=gradients))
     info = model.fit(mixture_data)
-    assert info["gradients"] == ("manual" if manual else "autograd")
+    assert info["gradients"] == gradients
     assert info["loss"] == pytest.approx(mixture_model.last_fit["loss"], rel=0.05)
     y = model.sample(4000, seed=123)
     assert y.dtype == np.float32

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import synther_buffer.diffusion as diffusion_mod
 from synther_buffer import SynthERConfig, TransitionDiffusion
 from synther_buffer.denoiser import ResidualMLPDenoiser
 from synther_buffer.flat import ALIGN, clipped_adam_step, flatten_parameters
@@ -148,20 +147,45 @@ def test_bad_modules_raise():
         flatten_parameters(mixed, with_grads=True)
 
 
-def test_fit_with_flat_buffer_matches_per_tensor_fit(monkeypatch, rng):
-    """On the autograd path, TransitionDiffusion.fit trains the same model whether it uses the flat
-    buffer (small models on CPU) or per-tensor clip/Adam/EMA (large models on CPU)."""
-    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", False)
+@pytest.mark.parametrize("gradients", ["autograd", "manual"])
+def test_fit_with_flat_buffer_matches_per_tensor_fit(rng, gradients):
+    """TransitionDiffusion.fit trains the same model whether it uses the flat buffer
+    (param_layout="flat": "auto"'s choice for small models on CPU and for hand-written gradients) or
+    per-tensor clip/Adam/EMA ("per_tensor": "auto"'s choice for large autograd models on CPU)."""
     x = rng.standard_normal((300, 4)).astype(np.float32)
-    cfg = SynthERConfig.preset("tiny").replace(device="cpu")
-    flat_fit = TransitionDiffusion(4, cfg)
+    cfg = SynthERConfig.preset("tiny").replace(device="cpu", gradients=gradients)
+    flat_fit = TransitionDiffusion(4, cfg.replace(param_layout="flat"))
     flat_fit.fit(x, steps=40)
-    monkeypatch.setattr(diffusion_mod, "FLAT_MAX_PARAMS_CPU", 0)
-    per_tensor = TransitionDiffusion(4, cfg)
+    per_tensor = TransitionDiffusion(4, cfg.replace(param_layout="per_tensor"))
     per_tensor.fit(x, steps=40)
+    assert flat_fit.last_fit["gradients"] == per_tensor.last_fit["gradients"] == gradients
     assert flat_fit.last_fit["loss"] == pytest.approx(per_tensor.last_fit["loss"], rel=1e-4)
     for (name, a), b in zip(flat_fit.ema.state_dict().items(), per_tensor.ema.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     storages = lambda m: {p.untyped_storage().data_ptr() for p in m.parameters()}  # noqa: E731
     assert len(storages(flat_fit.model)) == 1 and len(storages(per_tensor.model)) > 1
-    assert all(p.grad is None for p in flat_fit.model.parameters())   # no gradient buffer kept
+    assert all(p.grad is None for m in (flat_fit, per_tensor) for p in m.model.parameters())  # none kept
+
+
+def test_auto_layout_rule():
+    """param_layout="auto": flat for hand-written gradients and on CUDA; on CPU, autograd flattens up to
+    FLAT_MAX_PARAMS_CPU parameters and not above. "flat" / "per_tensor" are taken as said."""
+    from synther_buffer.train_step import FLAT_MAX_PARAMS_CPU, resolve_flat
+
+    cpu, cuda, limit = torch.device("cpu"), torch.device("cuda"), FLAT_MAX_PARAMS_CPU
+    assert resolve_flat("auto", "autograd", cpu, limit) and not resolve_flat("auto", "autograd", cpu, limit + 1)
+    assert resolve_flat("auto", "manual", cpu, 10 * limit) and resolve_flat("auto", "autograd", cuda, 10 * limit)
+    assert resolve_flat("flat", "autograd", cpu, 10 * limit) and not resolve_flat("per_tensor", "manual", cuda, 1)
+    with pytest.raises(ValueError, match="param_layout"):
+        resolve_flat("packed", "manual", cpu, 1)
+
+
+def test_fit_follows_the_auto_layout(rng):
+    """A small tiny-preset model: "auto" trains it flat on both gradient paths (one storage)."""
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    cfg = SynthERConfig.preset("tiny").replace(device="cpu")
+    storages = lambda m: len({p.untyped_storage().data_ptr() for p in m.model.parameters()})  # noqa: E731
+    for gradients in ("autograd", "manual"):
+        model = TransitionDiffusion(4, cfg.replace(gradients=gradients))
+        model.fit(x, steps=2)
+        assert storages(model) == 1, gradients

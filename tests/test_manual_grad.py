@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import synther_buffer.diffusion as diffusion_mod
 from synther_buffer import SynthERConfig, TransitionDiffusion
 from synther_buffer.denoiser import ResidualMLPDenoiser
 from synther_buffer.edm import EDMPrecond, edm_loss_from_noise
 from synther_buffer.flat import flatten_parameters
-from synther_buffer.manual_grad import edm_loss_and_grads, supports
+from synther_buffer.manual_grad import (edm_loss_and_grads, edm_loss_and_grads_unchecked, structure_mismatch,
+                                        supports)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -111,6 +111,80 @@ def test_unsupported_networks_are_refused():
         edm_loss_and_grads(Custom(model.net), *_draws(4, 5))
 
 
+def _set_children(module: nn.Module, order) -> None:
+    module._modules = {name: module._modules[name] for name in order}
+
+
+# (what is changed, the change, a word the reason must name)
+MODIFICATIONS = [
+    ("GELU in the time MLP", lambda m: m.net.time_mlp.__setitem__(2, nn.GELU()), "GELU"),
+    ("an extra layer in the time MLP", lambda m: m.net.time_mlp.append(nn.Linear(8, 8)), "time_mlp"),
+    ("an extra block of another type", lambda m: m.net.blocks.append(nn.Linear(16, 16)), "blocks[2]"),
+    ("an extra layer in the network", lambda m: m.net.add_module("drop", nn.Dropout(0.1)), "drop"),
+    ("LayerNorm removed from a block", lambda m: setattr(m.net.blocks[0], "norm", nn.Identity()), "blocks[0]"),
+    ("block layers reordered", lambda m: _set_children(m.net.blocks[1], ["linear", "norm"]), "blocks[1]"),
+    ("a Linear without bias", lambda m: m.net.time_mlp.__setitem__(3, nn.Linear(8, 8, bias=False)), "time_mlp[3]"),
+    ("a Linear of another shape", lambda m: setattr(m.net, "linear_out", nn.Linear(16, 4)), "linear_out"),
+    ("a LayerNorm without affine", lambda m: setattr(m.net, "norm_out", nn.LayerNorm(16, elementwise_affine=False)),
+     "norm_out"),
+    ("a forward hook", lambda m: m.net.blocks[0].register_forward_hook(lambda mod, i, o: o * 2), "hooks"),
+    ("a per-instance forward", lambda m: setattr(m.net.blocks[1], "forward", lambda x: x), "own forward"),
+    ("a frozen parameter", lambda m: m.net.proj.weight.requires_grad_(False), "frozen"),
+    ("float64 parameters", lambda m: m.double(), "float64"),
+]
+
+
+@pytest.mark.parametrize("what,modify,named", MODIFICATIONS, ids=[m[0] for m in MODIFICATIONS])
+def test_structure_check_rejects_modified_denoisers(what, modify, named):
+    """Any change to the network the hand-written gradients index by position is refused, naming it."""
+    model = _denoiser()
+    assert structure_mismatch(model) is None and supports(model)
+    modify(model)
+    reason = structure_mismatch(model)
+    assert reason is not None and named in reason, (what, reason)
+    assert not supports(model)
+    with pytest.raises(TypeError, match="EDMPrecond"):
+        edm_loss_and_grads(model, *_draws(4, 5))
+
+
+def test_hand_written_gradients_would_be_wrong_on_a_gelu_time_mlp():
+    """Why the check matters: on the GELU network the formulas (which assume SiLU) give a wrong loss
+    gradient for the time MLP, while autograd follows the network."""
+    model = _denoiser(width=16, depth=2, seed=3)
+    model.net.time_mlp[2] = nn.GELU()
+    x, rn, un = _draws(64, 5)
+    _, ref = _autograd(model, x, rn, un)
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    edm_loss_and_grads_unchecked(model, x, rn, un)
+    g, r = model.net.time_mlp[1].weight.grad, ref["net.time_mlp.1.weight"]
+    assert ((g - r).norm() / r.norm()).item() > 1e-2
+
+
+def test_forward_probe_catches_an_edited_block_forward(monkeypatch):
+    """An edit of ResidualBlock.forward itself (the classes and layers unchanged: GELU instead of ReLU,
+    or the LayerNorm after the Linear) is caught by the forward probe."""
+    import torch.nn.functional as F
+
+    from synther_buffer.denoiser import ResidualBlock
+
+    model = _denoiser()
+    edits = {"gelu": lambda self, x: self.linear(F.gelu(self.norm(x))) + x,
+             "norm after linear": lambda self, x: torch.relu(self.norm(self.linear(x))) + x}
+    for name, forward in edits.items():
+        with monkeypatch.context() as m:
+            m.setattr(ResidualBlock, "forward", forward)
+            reason = structure_mismatch(model)
+            assert reason is not None and "forward differs" in reason, (name, reason)
+    assert structure_mismatch(model) is None                 # the class restored: accepted again
+
+
+def test_forward_probe_leaves_global_rng_alone():
+    before = torch.get_rng_state()
+    assert structure_mismatch(_denoiser()) is None
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 # ------------------------------------------------------------------------- bfloat16 matmuls
 def _autocast_autograd(model, x, rn, un):
     """The reference for matmul_dtype=bfloat16: autograd through torch.autocast(bfloat16)."""
@@ -172,14 +246,13 @@ def _cfg(**kw) -> SynthERConfig:
     return SynthERConfig.preset("tiny").replace(device="cpu", progress=False, **kw)
 
 
-def test_fit_with_manual_gradients_matches_autograd_fit(monkeypatch, rng):
-    """Same draws, same optimiser: the manual path trains the autograd path's model (float sums
-    reordered only), and last_fit says which path ran."""
+def test_fit_with_manual_gradients_matches_autograd_fit(rng):
+    """Same draws, same optimiser: the manual path (the default, gradients="auto") trains the autograd
+    path's model (float sums reordered only), and last_fit says which path ran."""
     x = rng.standard_normal((300, 4)).astype(np.float32)
     manual = TransitionDiffusion(4, _cfg())
     a = manual.fit(x, steps=60)
-    monkeypatch.setattr(diffusion_mod, "MANUAL_GRADIENTS", False)
-    auto = TransitionDiffusion(4, _cfg())
+    auto = TransitionDiffusion(4, _cfg(gradients="autograd"))
     b = auto.fit(x, steps=60)
     assert a["gradients"] == "manual" and b["gradients"] == "autograd"
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
