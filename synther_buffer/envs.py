@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, SupportsFloat
 import numpy as np
 
 from .extras import require
+from .validation import positive_int
 
 gym = require("gymnasium", "envs", "synther_buffer.envs")
 from gymnasium import spaces  # noqa: E402
@@ -234,8 +235,7 @@ class ActionRepeat(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def __init__(self, env: gym.Env, repeat: int):
         """Wrap ``env``, repeating every action ``repeat`` (>= 1) times."""
-        if int(repeat) != repeat or repeat < 1:
-            raise ValueError(f"action_repeat must be an integer >= 1, got {repeat!r}")
+        _check_action_repeat(repeat)
         gym.utils.RecordConstructorArgs.__init__(self, repeat=repeat)
         gym.Wrapper.__init__(self, env)
         self.repeat = int(repeat)
@@ -368,10 +368,7 @@ class EnvInfo(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 
 def _check_action_repeat(action_repeat: Any) -> None:
-    if isinstance(action_repeat, bool) or not isinstance(action_repeat, (int, np.integer)):
-        raise ValueError(f"action_repeat must be an integer >= 1, got {action_repeat!r}")
-    if action_repeat < 1:
-        raise ValueError(f"action_repeat must be an integer >= 1, got {action_repeat!r}")
+    positive_int("action_repeat", action_repeat)
 
 
 def _dmc_raw_limit(env: gym.Env) -> int:
@@ -498,8 +495,7 @@ def make_vec_env(
         MissingExtraError: stable-baselines3 (the ``sb3`` extra) is not installed.
     """
     vec_env = require("stable_baselines3.common.vec_env", "sb3", "make_vec_env")
-    if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
-        raise ValueError(f"n_envs must be an integer >= 1, got {n_envs!r}")
+    positive_int("n_envs", n_envs)
     # Validate the id and action_repeat here, not inside a worker process.
     resolve_env_id(env_id)
     _check_action_repeat(action_repeat)
