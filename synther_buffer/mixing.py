@@ -214,8 +214,8 @@ class MixingCore:
         if n:
             warnings.warn(
                 f"SynthER retrain at env step {self.pool.env_steps}: {n} of {len(rows)} real transitions have "
-                f"actions outside the bounds synthetic actions are clipped to (low {low.tolist()}, high "
-                f"{high.tolist()}; real actions span {act.min(axis=0).tolist()} to {act.max(axis=0).tolist()}). "
+                f"actions outside the bounds synthetic actions are clipped to (low {_fmt(low)}, high {_fmt(high)}; "
+                f"real actions span {_fmt(act.min(axis=0))} to {_fmt(act.max(axis=0))}). "
                 "Where the loop stores actions at the env's scale (CleanRL, a custom loop) rather than SB3's "
                 "rescaled [-1, 1], pass action_bounds=(env.action_space.low, env.action_space.high), or "
                 "action_bounds=None for no clipping.", UserWarning, stacklevel=2)
@@ -294,6 +294,11 @@ class UsesMixingCore:
     def wait(self) -> bool:
         """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
         return self.core.pool.wait()
+
+
+def _fmt(values: np.ndarray) -> str:
+    """A short list of numbers for a message: ``[-2, 2.5]``."""
+    return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "]"
 
 
 def batch_device(device) -> Optional[torch.device]:
