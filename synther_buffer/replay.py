@@ -190,6 +190,12 @@ class GenerativeReplay(HasBatchDevice, UsesMixingCore):
         return s
 
     # ------------------------------------------------------------------ checkpoints
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle; a buffer pickled before batches had their own device sends them to the model's, as then."""
+        if "_device" not in state:
+            state["_device"] = state["core"].pool.device
+        self.__dict__.update(state)
+
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write real data, synthetic pool, model, normalizer, schedule counters and the batch device
         to directory ``path``.

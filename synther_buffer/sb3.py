@@ -134,7 +134,8 @@ class GenerativeReplayBuffer(UsesMixingCore, ReplayBuffer):
 
     def _check_sizes(self, obs, next_obs, action, reward, done) -> None:
         widths = {"obs": self.obs_size, "next_obs": self.obs_size, "action": self.action_dim, "reward": 1, "done": 1}
-        sizes = {name: int(np.size(v)) for name, v in zip(widths, (obs, next_obs, action, reward, done))}
+        # np.shape, not np.size: a torch tensor's .size is a method
+        sizes = {name: int(np.prod(np.shape(v))) for name, v in zip(widths, (obs, next_obs, action, reward, done))}
         for name, width in widths.items():
             if sizes[name] != self.n_envs * width:
                 ours = (sizes["next_obs"], sizes["action"], sizes["reward"]) == (

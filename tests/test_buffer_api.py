@@ -175,3 +175,13 @@ def test_retrain_warns_when_real_actions_lie_outside_the_clip_bounds(scale, boun
         low, high = (np.broadcast_to(np.asarray(x, np.float32), (ACT,)) for x in bounds)
         pool_actions = buf.pool.pool[:, OBS:OBS + ACT].numpy()
         assert (pool_actions >= low).all() and (pool_actions <= high).all()
+
+
+def test_pickle_keeps_the_batch_device_and_old_pickles_use_the_model_device():
+    import pickle
+
+    buf = GenerativeReplay(OBS, ACT, capacity=50, config=NO_RETRAIN, device="meta")
+    assert pickle.loads(pickle.dumps(buf)).device == META
+    del buf._device                                      # what a pickle made before batches had a device holds
+    old = pickle.loads(pickle.dumps(buf))
+    assert old.device == old.pool.device == torch.device("cpu")
