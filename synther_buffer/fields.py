@@ -79,8 +79,9 @@ def check_fields(values: Sequence, obs_dim: int, action_dim: int, *, batch: Opti
 
     Raises:
         ValueError: not five fields, a non-numeric field, or a field of the wrong shape, named with
-            the shape expected. Where the shapes say the fields came in stable-baselines3's order
-            (possible to tell when ``obs_dim != action_dim`` or ``action_dim > 1``), the message says so.
+            the shape expected. Where the shapes say the fields came in stable-baselines3's order,
+            the message says so (always told apart, except a batch with ``obs_dim == action_dim == 1``
+            and [B, 1] rewards, where both orders have the same shapes).
     """
     where = f" (from {source})" if source else ""
     if len(values) != len(FIELDS):
