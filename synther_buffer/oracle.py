@@ -302,6 +302,10 @@ class DMCWalkerOracle(DMCOracle):
     * ``rootx`` (the x position) is unobserved and replayed as 0: the floor is a plane (infinite
       for collisions), and the reward reads the torso height, its upright-ness and the
       centre-of-mass velocity, none of which depend on x.
+
+    The observation is over-complete (14 numbers for 7 angles): a synthetic ``(xx, xz)`` pair off
+    the unit circle is read by its angle only, so such an error in ``s`` is not charged, while the
+    same error in ``s'`` is (the simulator's next pairs are on the circle).
     """
 
     domain = "walker"
