@@ -120,3 +120,52 @@ def test_missing_torchrl_names_the_extra(monkeypatch):
     with pytest.raises(MissingExtraError) as e:
         importlib.import_module("synther_buffer.torchrl")
     assert e.value.extra == "torchrl" and 'pip install "synther-buffer[torchrl]"' in str(e.value)
+
+
+def test_a_torchrl_sac_loop_trains_on_the_mixed_batches():
+    """torchrl's own loop: a Collector feeds rb.extend, SACLoss trains on rb.sample() through a retrain."""
+    from tensordict.nn import NormalParamExtractor, TensorDictModule
+    from torchrl.collectors import Collector
+    from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+    from torchrl.objectives import SACLoss, SoftUpdate
+
+    torch.manual_seed(0)
+    env = GymEnv("Pendulum-v1")
+    env.set_seed(0)
+    low, high = env.action_spec.space.low, env.action_spec.space.high
+    actor = ProbabilisticActor(
+        TensorDictModule(torch.nn.Sequential(MLP(in_features=3, out_features=2, num_cells=[32, 32]),
+                                             NormalParamExtractor()), in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"], spec=env.action_spec, distribution_class=TanhNormal,
+        distribution_kwargs={"low": low, "high": high}, return_log_prob=True)
+    qvalue = ValueOperator(MLP(in_features=4, out_features=1, num_cells=[32, 32]), in_keys=["observation", "action"])
+    loss = SACLoss(actor, qvalue, num_qvalue_nets=2)
+    loss.make_value_estimator(gamma=0.99)
+    target = SoftUpdate(loss, tau=0.005)
+    opt = torch.optim.Adam(loss.parameters(), lr=3e-4)
+
+    storage = LazyTensorStorage(1_000)
+    synther = SynthERTransform(storage, 3, 1, config=CFG, action_bounds=(low, high))
+    rb = TensorDictReplayBuffer(storage=storage, batch_size=B, transform=synther)
+    collector = Collector(env, actor, frames_per_batch=50, total_frames=300, init_random_frames=100,
+                          auto_register_policy_transforms=False)
+    shares, losses = [], []
+    for data in collector:
+        rb.extend(data.reshape(-1))
+        if len(storage) < 100:
+            continue
+        for _ in range(2):
+            batch = rb.sample()
+            shares.append(float(batch["synthetic"].float().mean()))
+            out = loss(batch)
+            total = out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            target.step()
+            losses.append(float(total))
+    collector.shutdown()
+    assert synther.stats()["retrain_count"] == 1 and synther.stats()["env_steps"] == 300
+    # updates at 100, 150 stored: all real; at 200, 250, 300 (the retrain runs at the first of them): half synthetic
+    assert shares == [0.0] * 4 + [0.5] * 6, shares
+    assert all(np.isfinite(losses)), losses
