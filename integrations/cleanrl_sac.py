@@ -12,20 +12,22 @@ tau 0.005. One change to the algorithm: ``--utd`` gradient steps per env step (1
 The SynthER swap. CleanRL stores transitions in stable-baselines3's ``ReplayBuffer``; this script
 uses ``GenerativeReplayBuffer``, a subclass of it, and everything else (``rb.add``, ``rb.sample``,
 ``data.observations``, ``data.rewards.flatten()``, ...) stays as CleanRL wrote it. Against the same
-script built on SB3's buffer, 3 lines differ::
+file built on SB3's buffer, ``diff`` shows 3 lines replaced by 5::
 
-    from stable_baselines3.common.buffers import ReplayBuffer           # 1: the import
-    rb = ReplayBuffer(args.buffer_size, env.observation_space, env.action_space, device,
-                      handle_timeout_termination=False)                 # 2-3: the constructor
+    < from stable_baselines3.common.buffers import ReplayBuffer
+    > from synther_buffer import GenerativeReplayBuffer, SynthERConfig
 
-    from synther_buffer import GenerativeReplayBuffer, SynthERConfig
-    rb = GenerativeReplayBuffer(args.buffer_size, env.observation_space, env.action_space, device,
-                                handle_timeout_termination=False, config=cfg, action_bounds=(low, high))
+    < rb = ReplayBuffer(args.buffer_size, env.observation_space, env.action_space, device,
+    <                   handle_timeout_termination=False)
+    > cfg = SynthERConfig.preset(args.synther_preset) if args.synther_preset else None  # None: by device
+    > rb = GenerativeReplayBuffer(args.buffer_size, env.observation_space, env.action_space, device,
+    >                             handle_timeout_termination=False, config=cfg,
+    >                             action_bounds=(env.action_space.low, env.action_space.high))
 
-plus the line that makes ``cfg`` (a preset, or None for the device's default). The
-``action_bounds`` are needed because CleanRL stores actions at the env's scale (Pendulum: [-2, 2]),
-not SB3's rescaled [-1, 1]: without them synthetic actions would be clipped to [-1, 1] (and each
-retrain would warn). The ``synther/`` lines in the log are optional reporting.
+besides the optional ``--synther-preset`` flag and the two ``synther/`` log lines. The
+``action_bounds`` matter: CleanRL stores actions at the env's scale (Pendulum: [-2, 2]), not SB3's
+rescaled [-1, 1], and without them synthetic actions would be clipped to [-1, 1] (each retrain then
+warns that real actions lie outside the bounds).
 
 Differences from CleanRL's file, none of which touch the buffer: argparse instead of tyro (not a
 dependency here), stdout instead of TensorBoard / wandb, and a single ``gym.Env`` instead of a
