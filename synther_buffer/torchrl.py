@@ -83,8 +83,9 @@ class SynthERTransform(Transform):
     where present, each in the stored entry's dtype and trailing shape. Other entries of a
     synthetic row (``index``, priorities, ``collector`` ids, pixels) still hold the replaced real
     row's values: a prioritized sampler's ``update_priority`` would credit them to that real row,
-    so mask them with ``batch[synthetic_key]``. The synthetic pool is not part of torchrl's
-    ``rb.dumps`` / ``state_dict`` checkpoints.
+    so mask them with ``batch[synthetic_key]``. torchrl's ``rb.dumps`` / ``rb.loads`` and
+    ``rb.state_dict`` / ``load_state_dict`` carry the SynthER state (model, pool, schedule) through
+    ``get_extra_state``; the config is not saved (build the transform with the same one).
     """
 
     def __init__(self, storage, obs_dim: int, action_dim: int, config: Optional[SynthERConfig] = None, *,
@@ -198,6 +199,28 @@ class SynthERTransform(Transform):
                 tensordict.set(flat, torch.cat([real[:n_real], syn], dim=0))
         tensordict.set(self.synthetic_key, mark)
         return tensordict
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> dict:
+        """The SynthER state for torch's ``state_dict`` (so torchrl's ``rb.dumps`` / ``rb.state_dict`` keep it).
+
+        Holds the diffusion model, the synthetic pool, the schedule counters and a retrain still
+        due; ``weights_only``-safe (torchrl's ``rb.loads`` reads it with ``torch.load``). The config
+        is not saved: build the transform with the same one before ``rb.loads`` / ``load_state_dict``.
+        """
+        return {"obs_dim": self.obs_dim, "action_dim": self.action_dim, "due": self._due, **self.core.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore what ``get_extra_state`` returned (called by ``load_state_dict``; ``rb.loads``).
+
+        Raises:
+            ValueError: the state is for other observation / action sizes.
+        """
+        if (state["obs_dim"], state["action_dim"]) != (self.obs_dim, self.action_dim):
+            raise ValueError(f"the saved SynthER state is for obs_dim={state['obs_dim']}, action_dim="
+                             f"{state['action_dim']}; this transform has {self.obs_dim}, {self.action_dim}")
+        self.core.load_state_dict(state["pool"], state.get("terminal_column"))
+        self._due = bool(state["due"])
 
     # ------------------------------------------------------------------ reporting
     def stats(self) -> dict:

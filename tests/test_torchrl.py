@@ -169,3 +169,24 @@ def test_a_torchrl_sac_loop_trains_on_the_mixed_batches():
     # updates at 100, 150 stored: all real; at 200, 250, 300 (the retrain runs at the first of them): half synthetic
     assert shares == [0.0] * 4 + [0.5] * 6, shares
     assert all(np.isfinite(losses)), losses
+
+
+def test_rb_dumps_and_loads_keep_the_synther_state(filled, tmp_path):
+    rb, synther = filled["rb"], filled["synther"]
+    rb.dumps(tmp_path / "rb")
+    storage = LazyTensorStorage(1_000)
+    fresh = SynthERTransform(storage, 3, 1, config=CFG)
+    rb2 = TensorDictReplayBuffer(storage=storage, batch_size=B, transform=fresh)
+    rb2.loads(tmp_path / "rb")
+    saved, loaded = synther.stats(), fresh.stats()
+    for key in ("env_steps", "retrain_count", "num_synthetic", "last_retrain_env_step", "next_retrain", "num_real"):
+        assert loaded[key] == saved[key], (key, loaded, saved)
+    assert torch.equal(fresh.core.pool.pool, synther.core.pool.pool)
+    batch = rb2.sample()
+    assert batch["synthetic"].sum() == B // 2
+    # synthetic rows come from the restored pool
+    pool_obs = synther.core.pool.pool[:, :3]
+    syn_obs = batch["observation"][B // 2:]
+    assert (syn_obs[:, None, :] == pool_obs[None]).all(-1).any(1).all()
+    with pytest.raises(ValueError, match="obs_dim=3"):
+        SynthERTransform(LazyTensorStorage(10), 4, 1, config=CFG).load_state_dict(synther.state_dict())
