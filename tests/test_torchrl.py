@@ -163,7 +163,7 @@ def test_a_torchrl_sac_loop_trains_on_the_mixed_batches():
             total.backward()
             opt.step()
             target.step()
-            losses.append(float(total))
+            losses.append(float(total.detach()))
     collector.shutdown()
     assert synther.stats()["retrain_count"] == 1 and synther.stats()["env_steps"] == 300
     # updates at 100, 150 stored: all real; at 200, 250, 300 (the retrain runs at the first of them): half synthetic
