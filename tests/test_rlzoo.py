@@ -1,7 +1,7 @@
 """rl-zoo3 trains with SynthER through the hyperparameter file integrations/rlzoo3_synther.py.
 
-``python -m rl_zoo3.train --algo sac --env Pendulum-v1 -conf <file>.py`` runs 300 env steps (a
-retrain at 200) with the shipped file's settings, only shrunk for a test (tiny preset, UTD 2,
+``python -m rl_zoo3.train --algo <sac|td3|ddpg|tqc|crossq> --env Pendulum-v1 -conf <file>.py`` runs
+300 env steps (a retrain at 200; sac and tqc by default, td3 / ddpg / crossq in the slow set) with the shipped file's settings, only shrunk for a test (tiny preset, UTD 2,
 small nets) by a file that ``exec``s the shipped one and updates its ``default`` entry. The saved
 replay buffer is our buffer with the retrain in it, and its batches are half synthetic.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("rl_zoo3")
-from stable_baselines3 import SAC  # noqa: E402
+from rl_zoo3 import ALGOS  # noqa: E402
 from stable_baselines3.common.save_util import load_from_pkl  # noqa: E402
 
 from synther_buffer import GenerativeReplayBuffer  # noqa: E402
@@ -55,15 +55,16 @@ def test_the_shipped_file_is_the_papers_recipe():
     assert hp["callback"] == "synther_buffer.sb3.SynthERLogCallback"
 
 
-def test_rl_zoo3_trains_sac_with_the_synther_buffer(tmp_path):
+@pytest.mark.parametrize("algo", ["sac", "tqc", *(pytest.param(a, marks=pytest.mark.slow) for a in ("td3", "ddpg", "crossq"))])
+def test_rl_zoo3_trains_with_the_synther_buffer(tmp_path, algo):
     conf = tmp_path / "synther_test.py"
     conf.write_text(TEST_HYPERPARAMS.format(shipped=str(SHIPPED)))
-    p = _train(tmp_path, conf)
+    p = _train(tmp_path, conf, algo)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     # SynthERLogCallback's metrics in rl-zoo3's own log table
     assert "synther/" in p.stdout and "retrain_count" in p.stdout and "diffusion_loss" in p.stdout, p.stdout[-3000:]
     assert "clipped to" not in p.stderr   # SB3 stores rescaled actions: no action-bounds warning
-    run = tmp_path / "logs" / "sac" / "Pendulum-v1_1"
+    run = tmp_path / "logs" / algo / "Pendulum-v1_1"
     buf = load_from_pkl(run / "replay_buffer.pkl")
     assert isinstance(buf, GenerativeReplayBuffer)
     s = buf.stats()
@@ -72,7 +73,7 @@ def test_rl_zoo3_trains_sac_with_the_synther_buffer(tmp_path):
     stored = torch.as_tensor(buf.observations[:buf.size(), 0])
     is_real = (batch.observations[:, None, :] == stored[None]).all(-1).any(1)
     assert is_real[:32].all() and not is_real[32:].any()
-    model = SAC.load(run / "Pendulum-v1.zip", device="cpu")
+    model = ALGOS[algo].load(run / "Pendulum-v1.zip", device="cpu")
     assert model.replay_buffer_class is GenerativeReplayBuffer
 
 
