@@ -1,9 +1,10 @@
 """rl-zoo3 trains with SynthER through the hyperparameter file integrations/rlzoo3_synther.py.
 
-``python -m rl_zoo3.train --algo <sac|td3|ddpg|tqc|crossq> --env Pendulum-v1 -conf <file>.py`` runs
-300 env steps (a retrain at 200; sac and tqc by default, td3 / ddpg / crossq in the slow set) with the shipped file's settings, only shrunk for a test (tiny preset, UTD 2,
-small nets) by a file that ``exec``s the shipped one and updates its ``default`` entry. The saved
-replay buffer is our buffer with the retrain in it, and its batches are half synthetic.
+``python -m rl_zoo3.train --algo <algo> --env Pendulum-v1 -conf <file>.py`` runs 300 env steps (a
+retrain at 200) with the shipped file's settings, only shrunk for a test (tiny preset, UTD 2, small
+nets) by a file that ``exec``s the shipped one and updates its ``default`` entry. The saved replay
+buffer is our buffer with the retrain in it, and its batches are half synthetic. sac and tqc run by
+default; td3, ddpg and crossq in the slow set (``make test-all``).
 """
 
 from __future__ import annotations
