@@ -44,8 +44,10 @@ __all__ = ["SynthERTransform"]
 log = logging.getLogger(__name__)
 
 
-def _as_key(key) -> Union[str, tuple]:
-    return tuple(key) if isinstance(key, (list, tuple)) else key
+def _as_key(*parts) -> Union[str, tuple]:
+    """A tensordict key from ``parts`` (strings or nested keys): ``"observation"`` or ``("next", "reward")``."""
+    flat = tuple(p for part in parts for p in (part if isinstance(part, (list, tuple)) else (part,)))
+    return flat[0] if len(flat) == 1 else flat
 
 
 class SynthERTransform(Transform):
@@ -147,15 +149,15 @@ class SynthERTransform(Transform):
     def _fields(self, td: TensorDictBase, where: str) -> list:
         """The five fields of ``td`` flattened to [N, width] (obs, action, reward, next_obs, terminal)."""
         n = int(td.numel())
-        terminal_key = ("next", self.terminated_key) if ("next", self.terminated_key) in td.keys(True) \
-            else ("next", self.done_key)
+        terminal_key = _as_key("next", self.terminated_key)
+        if terminal_key not in td.keys(True):
+            terminal_key = _as_key("next", self.done_key)
         spec = (("observation", self.observation_key, self.obs_dim), ("action", self.action_key, self.action_dim),
-                ("reward", ("next", self.reward_key), 1), ("next observation", ("next", self.observation_key),
-                                                           self.obs_dim), ("terminal", terminal_key, 1))
+                ("reward", _as_key("next", self.reward_key), 1),
+                ("next observation", _as_key("next", self.observation_key), self.obs_dim),
+                ("terminal", terminal_key, 1))
         out = []
         for name, key, width in spec:
-            key = key if isinstance(key, str) else tuple(
-                part for k in key for part in (k if isinstance(k, tuple) else (k,)))
             value = td.get(key, None)
             if value is None:
                 raise ValueError(f"SynthERTransform ({where}): the data has no {name} entry {key!r}; keys: "
@@ -181,22 +183,20 @@ class SynthERTransform(Transform):
             mark[n_real:] = True
             obs, action, reward, next_obs, term = self.core.store_layout.split(self.core.synthetic_rows(n_syn))
             false = torch.zeros(n_syn, dtype=torch.bool)
-            fill = {self.observation_key: obs, self.action_key: action, ("next", self.observation_key): next_obs,
-                    ("next", self.reward_key): reward, ("next", self.terminated_key): term > 0.5,
-                    ("next", self.done_key): term > 0.5, ("next", self.truncated_key): false,
-                    self.done_key: false, self.terminated_key: false, self.truncated_key: false}
-            required = (self.observation_key, self.action_key, ("next", self.observation_key),
-                        ("next", self.reward_key))
-            for key, syn in fill.items():
-                flat = key if isinstance(key, str) else tuple(
-                    part for k in key for part in (k if isinstance(k, tuple) else (k,)))
-                real = tensordict.get(flat, None)
+            nxt = lambda key: _as_key("next", key)  # noqa: E731
+            required = {self.observation_key: obs, self.action_key: action, nxt(self.observation_key): next_obs,
+                        nxt(self.reward_key): reward}
+            optional = {nxt(self.terminated_key): term > 0.5, nxt(self.done_key): term > 0.5,
+                        nxt(self.truncated_key): false, self.done_key: false, self.terminated_key: false,
+                        self.truncated_key: false}
+            for key, syn in [*required.items(), *optional.items()]:
+                real = tensordict.get(key, None)
                 if real is None:
                     if key in required:
-                        raise ValueError(f"SynthERTransform: the sampled batch has no {flat!r} entry")
+                        raise ValueError(f"SynthERTransform: the sampled batch has no {key!r} entry")
                     continue
                 syn = syn.to(device=real.device, dtype=real.dtype).reshape(n_syn, *real.shape[1:])
-                tensordict.set(flat, torch.cat([real[:n_real], syn], dim=0))
+                tensordict.set(key, torch.cat([real[:n_real], syn], dim=0))
         tensordict.set(self.synthetic_key, mark)
         return tensordict
 

@@ -190,3 +190,18 @@ def test_rb_dumps_and_loads_keep_the_synther_state(filled, tmp_path):
     assert (syn_obs[:, None, :] == pool_obs[None]).all(-1).any(1).all()
     with pytest.raises(ValueError, match="obs_dim=3"):
         SynthERTransform(LazyTensorStorage(10), 4, 1, config=CFG).load_state_dict(synther.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["list", "memmap"])
+def test_other_storages(kind, tmp_path):
+    from torchrl.data import LazyMemmapStorage, ListStorage
+
+    storage = ListStorage(1_000) if kind == "list" else LazyMemmapStorage(1_000, scratch_dir=tmp_path)
+    synther = SynthERTransform(storage, 3, 1, config=CFG.replace(train_steps=50))
+    rb = TensorDictReplayBuffer(storage=storage, batch_size=16, transform=synther)
+    env = GymEnv("Pendulum-v1")
+    for td in _rollouts(env, 4):
+        rb.extend(td)
+    batch = rb.sample()
+    assert synther.stats()["retrain_count"] == 1 and synther.real_rows().shape == (200, 3 + 1 + 1 + 3 + 1)
+    assert batch["synthetic"].tolist() == [False] * 8 + [True] * 8 and batch["observation"].shape == (16, 3)
