@@ -130,14 +130,14 @@ class Actor(nn.Module):
         x = F.relu(self.fc2(x))
         mean = self.fc_mean(x)
         log_std = torch.tanh(self.fc_logstd(x))
-        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)  # from SpinUp / Denis Yarats
+        log_std = LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)  # squash into [MIN, MAX]
         return mean, log_std
 
     def get_action(self, x: torch.Tensor):
         mean, log_std = self(x)
         std = log_std.exp()
         normal = torch.distributions.Normal(mean, std)
-        x_t = normal.rsample()  # reparameterization trick
+        x_t = normal.rsample()  # differentiable sample
         y_t = torch.tanh(x_t)
         action = y_t * self.action_scale + self.action_bias
         log_prob = normal.log_prob(x_t)
@@ -189,28 +189,28 @@ def main(argv=None) -> dict:
 
     obs, _ = env.reset(seed=args.seed)
     for global_step in range(args.total_timesteps):
-        # ALGO LOGIC: put action logic here
+        # act: uniform random until learning starts, then the stochastic policy
         if global_step < args.learning_starts:
             actions = env.action_space.sample()
         else:
             actions, _, _ = actor.get_action(torch.Tensor(obs).unsqueeze(0).to(device))
             actions = actions.detach().cpu().numpy()[0]
 
-        # TRY NOT TO MODIFY: execute the game and log data.
+        # step the env; RecordEpisodeStatistics reports the return at an episode's end
         next_obs, rewards, terminations, truncations, infos = env.step(actions)
         if "episode" in infos:
             episodic_returns.append(float(np.asarray(infos["episode"]["r"]).reshape(-1)[0]))
 
-        # TRY NOT TO MODIFY: save data to the replay buffer; next_obs is the real last observation
-        # even when the episode is truncated (the env is reset only below)
+        # store the transition; next_obs is the true last observation even at a truncation (the env
+        # is reset only below), and terminations (not truncations) are the stored dones
         rb.add(obs, next_obs, actions, rewards, terminations, [infos])
 
-        # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+        # move on to the next observation, or a fresh episode
         obs = next_obs
         if terminations or truncations:
             obs, _ = env.reset()
 
-        # ALGO LOGIC: training, --utd gradient steps per env step
+        # learn: --utd gradient steps per env step
         if global_step >= args.learning_starts:
             for _ in range(args.utd):
                 grad_step += 1
@@ -229,13 +229,12 @@ def main(argv=None) -> dict:
                 qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
                 qf_loss = qf1_loss + qf2_loss
 
-                # optimize the model
                 q_optimizer.zero_grad()
                 qf_loss.backward()
                 q_optimizer.step()
 
-                if grad_step % args.policy_frequency == 0:  # TD3 delayed update support
-                    for _ in range(args.policy_frequency):  # compensate for the delay by doing 'actor_update_interval' instead of 1
+                if grad_step % args.policy_frequency == 0:  # delayed actor updates
+                    for _ in range(args.policy_frequency):  # as many as were skipped
                         pi, log_pi, _ = actor.get_action(data.observations)
                         qf1_pi = qf1(data.observations, pi)
                         qf2_pi = qf2(data.observations, pi)
@@ -256,7 +255,7 @@ def main(argv=None) -> dict:
                             a_optimizer.step()
                             alpha = log_alpha.exp().item()
 
-                # update the target networks
+                # Polyak-average the target critics
                 if grad_step % args.target_network_frequency == 0:
                     for param, target_param in zip(qf1.parameters(), qf1_target.parameters()):
                         target_param.data.copy_(args.tau * param.data + (1 - args.tau) * target_param.data)

@@ -133,9 +133,9 @@ def test_a_torchrl_sac_loop_trains_on_the_mixed_batches():
     env = GymEnv("Pendulum-v1")
     env.set_seed(0)
     low, high = env.action_spec.space.low, env.action_spec.space.high
+    net = torch.nn.Sequential(MLP(in_features=3, out_features=2, num_cells=[32, 32]), NormalParamExtractor())
     actor = ProbabilisticActor(
-        TensorDictModule(torch.nn.Sequential(MLP(in_features=3, out_features=2, num_cells=[32, 32]),
-                                             NormalParamExtractor()), in_keys=["observation"], out_keys=["loc", "scale"]),
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"], spec=env.action_spec, distribution_class=TanhNormal,
         distribution_kwargs={"low": low, "high": high}, return_log_prob=True)
     qvalue = ValueOperator(MLP(in_features=4, out_features=1, num_cells=[32, 32]), in_keys=["observation", "action"])
