@@ -256,23 +256,37 @@ def _n_step_settings(n_steps, gamma, optimize_memory_usage: bool) -> tuple:
 
 
 class SynthERLogCallback(BaseCallback):
-    """Sends SynthER metrics to SB3's logger (stdout / CSV / TensorBoard).
+    """Sends SynthER metrics to SB3's logger (stdout / CSV / TensorBoard) and prints one line per retrain.
 
     Retrain metrics (``synther/diffusion_loss``, ``synther/fit_seconds``, ``synther/generate_seconds``,
     ``synther/num_synthetic``, ...) are recorded when a retrain happens; pool sizes at each rollout end.
+
+    Args:
+        verbose: 1 (default) prints a line when a new pool arrives (env step, loss, fit and generation
+            seconds, pool size), so a run shows its retrains with no logging setup; 0 is silent.
     """
+
+    def __init__(self, verbose: int = 1):
+        super().__init__(verbose)
+        self._retrains_seen = 0
 
     def _on_training_start(self) -> None:
         buf = self.model.replay_buffer
         if not isinstance(buf, GenerativeReplayBuffer):
             raise ValueError("SynthERLogCallback needs a model using GenerativeReplayBuffer")
         buf.pool.log_fn = self.logger.record
+        self._retrains_seen = buf.stats()["retrain_count"]
 
     def _on_rollout_end(self) -> None:
         s = self.model.replay_buffer.stats()
         self.logger.record("synther/num_real", s["num_real"])
         self.logger.record("synther/num_synthetic", s["num_synthetic"])
         self.logger.record("synther/retrain_count", s["retrain_count"])
+        if self.verbose >= 1 and s["retrain_count"] > self._retrains_seen:
+            print(f"SynthER retrain {s['retrain_count']} (data up to env step {s['last_retrain_env_step']:,}): "
+                  f"loss {s['last_train_loss']:.4f}, fit {s['last_fit_seconds']:.1f}s, "
+                  f"generate {s['last_generate_seconds']:.1f}s, {s['num_synthetic']:,} synthetic rows", flush=True)
+        self._retrains_seen = s["retrain_count"]
 
     def _on_step(self) -> bool:
         return True
