@@ -23,6 +23,7 @@ _ANNOUNCED: set = set()   # presets for_device has logged (once per process each
 
 SAMPLERS = ("stochastic", "deterministic")
 PRECISIONS = ("fp32", "bf16")
+RETRAIN_BACKENDS = ("thread", "ray")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class SynthERConfig:
         async_retrain: retrain in a background thread while the agent keeps stepping and training on
             the previous pool; the new pool is swapped in atomically when ready. ``False`` (default)
             is the paper's synchronous schedule (reproducible).
+        retrain_backend: where a retrain's fit + generate + filter runs. ``"thread"`` (default): in
+            this process (in a background thread when ``async_retrain``). ``"ray"``: in a Ray actor
+            placed by resources (another GPU or node; ``synther_buffer.distributed``; the
+            ``distributed`` extra); ``async_retrain`` still decides whether the agent waits for it.
     Misc:
         device: ``"auto"`` (CUDA when available, else CPU), or any torch device string.
         seed: seeds weight init, training batches and sampling noise.
@@ -114,6 +119,7 @@ class SynthERConfig:
     normalize_reward: bool = True
     outlier_std: Optional[float] = 10.0
     async_retrain: bool = False
+    retrain_backend: str = "thread"
     # misc
     device: str = "auto"
     seed: int = 0
@@ -161,6 +167,9 @@ class SynthERConfig:
             raise ValueError(f"SynthERConfig.outlier_std must be None or > 0, got {self.outlier_std!r}")
         if not isinstance(self.async_retrain, bool):
             raise ValueError(f"SynthERConfig.async_retrain must be a bool, got {self.async_retrain!r}")
+        if self.retrain_backend not in RETRAIN_BACKENDS:
+            raise ValueError(f"SynthERConfig.retrain_backend must be one of {RETRAIN_BACKENDS}, "
+                             f"got {self.retrain_backend!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"SynthERConfig.compile must be a bool, got {self.compile!r}")
         if not isinstance(self.normalize_reward, bool):
