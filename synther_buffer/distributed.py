@@ -129,7 +129,7 @@ def _node_sees(path: str) -> Tuple[str, bool]:
 
 
 def check_shared_dir(directory: Path, timeout_s: float = 60.0,
-                     probe: Callable[[str], Tuple[str, bool]] = _node_sees) -> None:
+                     probe: Optional[Callable[[str], Tuple[str, bool]]] = None) -> None:
     """Make sure every alive Ray node sees ``directory`` (the shards write their parts there).
 
     Writes a probe file into ``directory``, runs ``probe`` on every alive node (pinned to it) and
@@ -138,7 +138,8 @@ def check_shared_dir(directory: Path, timeout_s: float = 60.0,
     Args:
         directory: an existing directory.
         timeout_s: how long to wait for the nodes' answers.
-        probe: ``probe(path) -> (host, exists)``; a parameter for tests.
+        probe: ``probe(path) -> (host, exists)``, run on each node (default: this module's
+            ``_node_sees``, looked up at call time).
 
     Raises:
         ValueError: some node does not see the file (named in the message).
@@ -150,7 +151,7 @@ def check_shared_dir(directory: Path, timeout_s: float = 60.0,
     token.write_text("shared?")
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        remote = ray.remote(num_cpus=0)(probe)
+        remote = ray.remote(num_cpus=0)(probe if probe is not None else _node_sees)
         refs = [remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
                                runtime_env=worker_runtime_env()).remote(str(token)) for n in nodes]
         answers = ray.get(refs, timeout=timeout_s)
