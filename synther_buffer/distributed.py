@@ -185,7 +185,7 @@ def generate_shard(state: dict, shard: int, plan: Sequence[Tuple[int, int]], spe
 
     Returns:
         The shard's record: ``shard``, ``chunks`` (first, last + 1), ``rows``, ``attempt``, ``host``,
-        ``pid``, ``device``, ``threads``, ``seconds`` (the task), ``load_seconds`` (model rebuild),
+        ``pid``, ``node_id`` (Ray's), ``device``, ``threads``, ``seconds`` (the task), ``load_seconds`` (model rebuild),
         ``sample_seconds``, ``outside_real``, ``clipped``.
 
     Raises:
@@ -206,7 +206,10 @@ def generate_shard(state: dict, shard: int, plan: Sequence[Tuple[int, int]], spe
             attempt = int(json.loads(info_path.read_text())["attempt"]) + 1
         except (OSError, ValueError, KeyError, TypeError):
             attempt = 2
-    info = {"shard": shard, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid()}
+    import ray
+
+    info = {"shard": shard, "attempt": attempt, "host": socket.gethostname(), "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id()}
     tmp_info = info_path.with_name(info_path.name + ".tmp")
     tmp_info.write_text(json.dumps(info))
     os.replace(tmp_info, info_path)
@@ -317,7 +320,7 @@ class ShardedGeneration:
         state_ref = ray.put(_to_cpu(model.state_dict()))
         task = ray.remote(generate_shard).options(
             num_cpus=self.cpus_per_worker, num_gpus=1 if self.use_gpus else 0, max_retries=self.max_retries,
-            retry_exceptions=False, runtime_env=worker_runtime_env())
+            retry_exceptions=False, scheduling_strategy="SPREAD", runtime_env=worker_runtime_env())
         self.owner = [0] * n_chunks
         for i in range(shards):
             shard_plan = []
