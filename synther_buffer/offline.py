@@ -18,6 +18,17 @@ whole output:
 * ``.npy``: the same streamed writer, directly.
 Every writer writes ``out`` + ``.tmp`` and renames it into place only when complete.
 
+Sharded generation (``workers=N``, ``synther upsample --workers N``; ``synther_buffer.distributed``):
+the model is fitted here, sent once to Ray's object store, and N Ray tasks each draw the synthetic
+rows of a contiguous range of the output's chunks into a part file (``.npy``, streamed chunk by
+chunk) in a temporary directory beside ``out``. This process then writes ``out`` exactly as above,
+taking each chunk's synthetic rows from the parts (one chunk in memory at a time) and the real
+rows of a mixture from the dataset. Chunk ``c``'s synthetic rows are drawn with a seed that depends
+only on (seed, c), so the file is the same for N = 1, 2, ... and the same as in-process (given the
+same ``chunk_size``, device and torch thread count, since floating-point sums depend on them). A
+task whose worker or node dies is rerun by Ray; any other failure removes the parts and leaves no
+``out``. Peak extra disk use: the synthetic rows once more (the parts), plus the ``.npz`` copy.
+
 Mixtures (seed E.2): ``mix`` is the fraction of *real* rows in the output. The output has exactly
 ``num_samples`` rows, of which ``num_real = round(mix * num_samples)`` are real and the rest
 synthetic. Real rows are taken without replacement from a random permutation of the dataset, and
@@ -343,9 +354,11 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
         max_retries: times Ray reruns a generation task whose worker process or node died.
 
     Returns:
-        A summary dict: counts, timings, the writer used and ``"compression"``
-        (``compression_report``); with ``workers``, ``"shards"`` (one dict per task: chunks, rows,
-        seconds, node, attempts) and ``"ray"``.
+        A summary dict: counts, timings (``sample_seconds``: time spent sampling, summed over the
+        tasks with ``workers``; ``generate_seconds``: wall clock of generation and writing), rates
+        (``synthetic_rows_per_second`` per sampling second, ``wall_synthetic_rows_per_second``), the
+        writer used and ``"compression"`` (``compression_report``); with ``workers``, ``"shards"``
+        (one record per task: chunks, rows, seconds, host, node, attempt) and ``"ray"``.
 
     Raises:
         ValueError: bad arguments or inputs, before any training.

@@ -3,6 +3,14 @@
 Used through ``synther_buffer.mixing.MixingCore`` by every buffer: whoever owns the real data calls
 ``step(n)`` as transitions arrive and ``retrain(rows)`` when ``due``; ``sample(k)`` draws synthetic
 rows. Rows follow ``synther_buffer.layout.RowLayout``: concat(obs, action, reward, next_obs[, terminal]).
+
+A retrain's work is :func:`build_pool` (fit, generate, clip, filter). Where it runs is
+``config.retrain_backend``: ``"thread"`` in this process, ``"ray"`` in a Ray actor
+(``synther_buffer.distributed.RemoteRetrainer``). Whether the caller waits for it is
+``config.async_retrain``, for either backend: synchronous, the caller blocks until the new pool is
+installed; in the background, a thread runs the work (or, for Ray, waits for the actor's answer and
+rebuilds the model here) and ``poll()`` swaps the result in at the next ``due`` / ``sample`` /
+``stats``. ``state_dict()`` (checkpoints, pickling) waits for a retrain in flight, remote or not.
 """
 
 from __future__ import annotations
@@ -71,8 +79,12 @@ class SyntheticPool:
     Args:
         layout: the layout of the rows the model is fitted on (and the pool holds).
         config: ``retrain_every``, ``synthetic_size``, ``num_generate``, ``min_real``,
-            ``normalize_reward``, ``outlier_std`` and the diffusion hyperparameters.
+            ``normalize_reward``, ``outlier_std``, ``async_retrain``, ``retrain_backend`` and the diffusion
+            hyperparameters.
         log_fn: ``log_fn(key, value)`` called with the retrain metrics (SB3's logger.record, say).
+
+    Raises:
+        MissingExtraError: ``config.retrain_backend="ray"`` without Ray installed.
     """
 
     def __init__(self, layout: RowLayout, config: SynthERConfig, log_fn: Optional[LogFn] = None):
