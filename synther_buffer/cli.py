@@ -172,6 +172,10 @@ def cmd_upsample(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be >= 1 (omit it to generate in this process), got {args.workers}")
     if args.ray_address is not None and args.workers is None:
         raise ValueError("--ray needs --workers N (the number of generation tasks)")
+    if not args.cpus_per_worker > 0:
+        raise ValueError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+    if args.max_retries < 0:
+        raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}")
     cfg, preset = _config(args)
     model = None
     if args.load_model:
