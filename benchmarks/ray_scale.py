@@ -96,7 +96,8 @@ def bench_retrain(args) -> dict:
                 p.poll()
                 swap = time.perf_counter() - t0
                 out["background"][b].append({"submit": submit, "swap": swap})
-                print(f"background {b:6s} rep {rep}: submit {submit * 1e3:.1f} ms, swap {swap * 1e3:.1f} ms", flush=True)
+                print(f"background {b:6s} rep {rep}: submit {submit * 1e3:.1f} ms, swap {swap * 1e3:.1f} ms",
+                      flush=True)
     finally:
         ray.shutdown()
     out["summary"] = {
@@ -114,7 +115,8 @@ def bench_upsample(args) -> dict:
     rows = real_rows(10_000)
     layout = RowLayout(OBS, ACT, False)
     data = {"observations": rows[:, :OBS], "actions": rows[:, OBS:OBS + ACT], "rewards": rows[:, OBS + ACT],
-            "next_observations": rows[:, OBS + ACT + 1:OBS + ACT + 1 + OBS], "terminals": np.zeros(len(rows), np.float32)}
+            "next_observations": rows[:, OBS + ACT + 1:OBS + ACT + 1 + OBS],
+            "terminals": np.zeros(len(rows), np.float32)}
     model = offline.make_model(layout, layout.dim, cfg)
     model.fit(rows)
     kw = dict(num_samples=args.num_samples, chunk_size=args.chunk_size, model=model, seed=1, progress=False,

@@ -162,7 +162,8 @@ def test_a_killed_shard_past_its_retries_fails_cleanly(ray_local, tmp_path, data
 
 # ---------------------------------------------------------------------------------------- arguments
 @pytest.mark.parametrize("kw,match", [
-    (dict(workers=0), "workers must be"), (dict(workers=True), "workers must be"), (dict(workers=1.5), "workers must be"),
+    (dict(workers=0), "workers must be"), (dict(workers=True), "workers must be"),
+    (dict(workers=1.5), "workers must be"),
     (dict(ray_address="auto"), "ray_address needs workers"), (dict(workers=2, cpus_per_worker=0), "cpus_per_worker"),
     (dict(workers=2, max_retries=-1), "max_retries")])
 def test_bad_worker_arguments_are_refused_before_training(tmp_path, data, monkeypatch, kw, match):
