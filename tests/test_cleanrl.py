@@ -22,9 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from test_wheel import BUILD_FILES, _link_torch, _pip
+from test_wheel import BUILD_FILES, _fresh_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "integrations" / "cleanrl_sac.py"
@@ -107,14 +106,7 @@ def test_cleanrl_sac_gymnasium_0291(tmp_path):
     shutil.copytree(ROOT / "synther_buffer", src / "synther_buffer", ignore=shutil.ignore_patterns("__pycache__"))
     for name in BUILD_FILES:
         shutil.copy2(ROOT / name, src / name)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    py = venv / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    _link_torch(venv / "shared")
-    Path(site, "shared_torch.pth").write_text(str(venv / "shared") + "\n")
-    _pip(py, "install", f"{src}[sb3]", "gymnasium==0.29.1", cwd=tmp_path)
+    py = _fresh_venv(tmp_path / "venv", f"{src}[sb3]", "gymnasium==0.29.1") / "python"
     work = tmp_path / "outside"
     work.mkdir()
     seen = _run_driver(py, work)

@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from importlib import metadata
 from pathlib import Path
 
@@ -70,15 +69,15 @@ def _link_torch(dest: Path) -> None:
                 (dest / top).symlink_to(root / top)
 
 
-def _fresh_venv(path: Path, wheel: Path, extras: str) -> Path:
-    """A new venv at ``path`` with torch linked in and ``wheel[extras]`` installed; returns its bin dir."""
+def _fresh_venv(path: Path, *requirements: str) -> Path:
+    """A new venv at ``path`` with torch linked in and ``requirements`` pip-installed; returns its bin dir."""
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
     py = path / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     _link_torch(path / "shared")
     Path(site, "shared_torch.pth").write_text(str(path / "shared") + "\n")
-    _pip(py, "install", f"{wheel}[{extras}]", cwd=path)
+    _pip(py, "install", *requirements, cwd=path)
     return path / "bin"
 
 
@@ -134,7 +133,7 @@ print("SB3-OK " + json.dumps({{k: stats[k] for k in ("env_steps", "retrain_count
 
 
 def test_sb3_wheel(wheel, tmp_path):
-    bin_dir = _fresh_venv(tmp_path / "venv", wheel, "sb3")
+    bin_dir = _fresh_venv(tmp_path / "venv", f"{wheel}[sb3]")
     work = tmp_path / "outside"
     work.mkdir()
     p = _run([bin_dir / "python", "-c", SB3_SCRIPT.format(root=str(ROOT))], cwd=work)
@@ -178,7 +177,7 @@ print("ENVS-OK")
 
 @pytest.mark.slow
 def test_envs_offline_wheel(wheel, tmp_path):
-    bin_dir = _fresh_venv(tmp_path / "venv", wheel, "envs,offline")
+    bin_dir = _fresh_venv(tmp_path / "venv", f"{wheel}[envs,offline]")
     work = tmp_path / "outside"
     work.mkdir()
     p = _run([bin_dir / "python", "-c", ENVS_SCRIPT], cwd=work)
