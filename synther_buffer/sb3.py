@@ -115,6 +115,8 @@ class GenerativeReplayBuffer(UsesMixingCore, ReplayBuffer):
         Raises:
             RuntimeError: fewer than 2 real transitions, or a background retrain is running.
         """
+        # read from the space at each retrain, so a buffer unpickled from an older file gets them too
+        self.core.pool.set_obs_bounds(self.observation_space.low, self.observation_space.high)
         return self.core.retrain(self.real_rows())
 
     # ------------------------------------------------------------------ sampling
@@ -157,6 +159,7 @@ class GenerativeReplayBuffer(UsesMixingCore, ReplayBuffer):
             pool.min_real, core.pool = core.min_real, pool
             state["core"] = core
         self.__dict__.update(state)
+
 
 
 class SynthERLogCallback(BaseCallback):
