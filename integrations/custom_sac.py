@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     if args.no_synther:  # never retrain, all-real batches: the same buffer without SynthER
         cfg = cfg.replace(retrain_every=args.total_steps + 1, real_ratio=1.0)
     buf = GenerativeReplay(obs_dim, act_dim, capacity=min(args.total_steps, 1_000_000), config=cfg,
-                           model_terminals=can_terminate(args.env), action_bounds=(-1.0, 1.0))
+                           model_terminals=can_terminate(args.env), action_bounds=(-1.0, 1.0), device=device)
 
     # The agent: actor, critic ensemble + target copy, learned temperature alpha.
     actor = Actor(obs_dim, act_dim, args.hidden).to(device)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, SupportsFloat
 import numpy as np
 
 from .extras import require
+from .validation import positive_int
 
 gym = require("gymnasium", "envs", "synther_buffer.envs")
 from gymnasium import spaces  # noqa: E402
@@ -234,8 +235,7 @@ class ActionRepeat(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def __init__(self, env: gym.Env, repeat: int):
         """Wrap ``env``, repeating every action ``repeat`` (>= 1) times."""
-        if int(repeat) != repeat or repeat < 1:
-            raise ValueError(f"action_repeat must be an integer >= 1, got {repeat!r}")
+        _check_action_repeat(repeat)
         gym.utils.RecordConstructorArgs.__init__(self, repeat=repeat)
         gym.Wrapper.__init__(self, env)
         self.repeat = int(repeat)
@@ -258,6 +258,14 @@ def _to_float32_bounds(bound: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(b), np.clip(b, f32.min, f32.max), b).astype(np.float32)
 
 
+def _float32_box(inner: Any, wrapper: str, what: str) -> spaces.Box:
+    """``inner`` (which must be a ``Box``) as a float32 ``Box`` of the same shape and bounds."""
+    if not isinstance(inner, spaces.Box):
+        raise ValueError(f"{wrapper} needs a Box {what} space, got {inner}")
+    return spaces.Box(low=_to_float32_bounds(inner.low), high=_to_float32_bounds(inner.high), shape=inner.shape,
+                      dtype=np.float32)
+
+
 class Float32Observation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Cast a ``Box`` observation (and its space) to ``float32``."""
 
@@ -265,15 +273,7 @@ class Float32Observation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs
         """Wrap ``env``, whose observation space must be a ``Box``."""
         gym.utils.RecordConstructorArgs.__init__(self)
         gym.ObservationWrapper.__init__(self, env)
-        inner = env.observation_space
-        if not isinstance(inner, spaces.Box):
-            raise ValueError(f"Float32Observation needs a Box observation space, got {inner}")
-        self.observation_space = spaces.Box(
-            low=_to_float32_bounds(inner.low),
-            high=_to_float32_bounds(inner.high),
-            shape=inner.shape,
-            dtype=np.float32,
-        )
+        self.observation_space = _float32_box(env.observation_space, "Float32Observation", "observation")
 
     def observation(self, observation: Any) -> np.ndarray:
         """Return ``observation`` as a float32 array."""
@@ -291,18 +291,9 @@ class Float32Action(gym.ActionWrapper, gym.utils.RecordConstructorArgs):
         """Wrap ``env``, whose action space must be a bounded ``Box``."""
         gym.utils.RecordConstructorArgs.__init__(self)
         gym.ActionWrapper.__init__(self, env)
+        self.action_space = _float32_box(env.action_space, "Float32Action", "action")
         inner = env.action_space
-        if not isinstance(inner, spaces.Box):
-            raise ValueError(f"Float32Action needs a Box action space, got {inner}")
-        self._low = inner.low
-        self._high = inner.high
-        self._inner_dtype = inner.dtype
-        self.action_space = spaces.Box(
-            low=_to_float32_bounds(inner.low),
-            high=_to_float32_bounds(inner.high),
-            shape=inner.shape,
-            dtype=np.float32,
-        )
+        self._low, self._high, self._inner_dtype = inner.low, inner.high, inner.dtype
 
     def action(self, action: Any) -> np.ndarray:
         """Cast ``action`` to the inner dtype and clip it to the inner bounds."""
@@ -368,10 +359,7 @@ class EnvInfo(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 
 def _check_action_repeat(action_repeat: Any) -> None:
-    if isinstance(action_repeat, bool) or not isinstance(action_repeat, (int, np.integer)):
-        raise ValueError(f"action_repeat must be an integer >= 1, got {action_repeat!r}")
-    if action_repeat < 1:
-        raise ValueError(f"action_repeat must be an integer >= 1, got {action_repeat!r}")
+    positive_int("action_repeat", action_repeat)
 
 
 def _dmc_raw_limit(env: gym.Env) -> int:
@@ -498,8 +486,7 @@ def make_vec_env(
         MissingExtraError: stable-baselines3 (the ``sb3`` extra) is not installed.
     """
     vec_env = require("stable_baselines3.common.vec_env", "sb3", "make_vec_env")
-    if isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1:
-        raise ValueError(f"n_envs must be an integer >= 1, got {n_envs!r}")
+    positive_int("n_envs", n_envs)
     # Validate the id and action_repeat here, not inside a worker process.
     resolve_env_id(env_id)
     _check_action_repeat(action_repeat)

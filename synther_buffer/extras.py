@@ -29,6 +29,7 @@ EXTRAS = {
     "envs": "MuJoCo, dm_control, shimmy and gymnasium >= 1.0 (make_env, simulator-oracle fidelity)",
     "offline": "h5py and matplotlib (HDF5 datasets, synther report, learning-curve plots)",
     "distributed": "Ray (benchmark campaigns, sharded upsampling and retraining on a cluster)",
+    "torchrl": "torchrl and tensordict (synther_buffer.torchrl.SynthERTransform for TensorDictReplayBuffer)",
 }
 """The extras that :func:`require` may name, with what each one brings."""
 

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .validation import positive_int
+
 
 def _positive_int(name: str, value) -> int:
     """``value`` as an int; ``ValueError`` naming ``name`` unless it is a positive int (bool is not).
@@ -28,9 +30,7 @@ def _positive_int(name: str, value) -> int:
     Raises:
         ValueError: ``value`` is not an integer >= 1.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    return positive_int(name, value)
 
 
 @dataclass(frozen=True)

@@ -25,25 +25,57 @@ from __future__ import annotations
 
 import logging
 import operator
+import warnings
 from typing import Dict, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 
 from .config import SynthERConfig
+from .diffusion import resolve_device
 from .layout import RowLayout, _positive_int
 from .pool import LogFn, SyntheticPool
 
 log = logging.getLogger(__name__)
 
+# Real actions this far (relative, at least absolute) past a clip bound count as outside it (float32 noise).
+ACTION_BOUND_TOL = 1e-5
+
+class SB3Samples(NamedTuple):
+    """A batch under stable-baselines3's field names, order and shapes (``ReplayBufferSamples``).
+
+    Made by ``ReplaySamples.as_sb3()``; a loop written against SB3's buffer (CleanRL's, say) reads it
+    unchanged, and ``r + (1 - d) * gamma * q`` cannot broadcast to [B, B] since rewards and dones
+    are [B, 1] as there.
+    """
+
+    observations: torch.Tensor       # [B, obs_dim]
+    actions: torch.Tensor            # [B, action_dim]
+    next_observations: torch.Tensor  # [B, obs_dim]
+    dones: torch.Tensor              # [B, 1] the true terminal flag (SB3: done * (1 - timeout))
+    rewards: torch.Tensor            # [B, 1]
+    discounts: Optional[torch.Tensor] = None   # [B, 1] for n-step returns; None: the algorithm's gamma
+
+
 class ReplaySamples(NamedTuple):
-    """A mixed batch: the first ``n_real`` rows are real, the rest synthetic. All on the buffer's device."""
+    """A mixed batch: the first ``n_real`` rows are real, the rest synthetic, all on the buffer's ``device``."""
 
     obs: torch.Tensor          # [B, obs_dim] float32
     action: torch.Tensor       # [B, action_dim] float32
     reward: torch.Tensor       # [B] float32
     next_obs: torch.Tensor     # [B, obs_dim] float32
     terminated: torch.Tensor   # [B] float32 in {0, 1}; truncations are not terminals
+
+    def as_sb3(self) -> SB3Samples:
+        """The same batch as stable-baselines3 names and shapes it (views, no copy).
+
+        Returns:
+            ``SB3Samples(observations, actions, next_observations, dones, rewards, discounts=None)``
+            with ``rewards`` and ``dones`` (= ``terminated``) of shape [B, 1], field for field
+            what SB3's ``ReplayBuffer.sample`` returns.
+        """
+        return SB3Samples(self.obs, self.action, self.next_obs, self.terminated.unsqueeze(1),
+                          self.reward.unsqueeze(1))
 
 
 def resolve_config(config: Optional[SynthERConfig], device: str = "auto") -> SynthERConfig:
@@ -161,9 +193,32 @@ class MixingCore:
                 self.pool.set_layout(self.model_layout.with_terminal(terminal))
             log.info("model_terminals='auto': %s (%s real terminal in %d rows)", "modelled" if terminal
                      else "not modelled", "a" if terminal else "no", rows.shape[0])
+        self._warn_on_actions_out_of_bounds(rows)
         if not self.model_layout.terminal:
             rows = rows[:, :-1]
         return self.pool.retrain(np.ascontiguousarray(rows))
+
+    def _warn_on_actions_out_of_bounds(self, rows: np.ndarray) -> None:
+        """Warn when real actions lie outside the bounds synthetic actions are clipped to.
+
+        Synthetic actions would then be clamped where real ones are not: the CleanRL case, a loop
+        that stores env-scale actions (Pendulum: [-2, 2]) in a buffer that clips to SB3's [-1, 1].
+        """
+        low, high = self.pool.action_low, self.pool.action_high
+        if low is None:
+            return
+        act = rows[:, self.store_layout.action_cols]
+        tol = ACTION_BOUND_TOL * np.maximum(1.0, np.maximum(np.abs(low), np.abs(high)))
+        outside = ((act < low - tol) | (act > high + tol)).any(axis=1)
+        n = int(outside.sum())
+        if n:
+            warnings.warn(
+                f"SynthER retrain at env step {self.pool.env_steps}: {n} of {len(rows)} real transitions have "
+                f"actions outside the bounds synthetic actions are clipped to (low {_fmt(low)}, high {_fmt(high)}; "
+                f"real actions span {_fmt(act.min(axis=0))} to {_fmt(act.max(axis=0))}). "
+                "Where the loop stores actions at the env's scale (CleanRL, a custom loop) rather than SB3's "
+                "rescaled [-1, 1], pass action_bounds=(env.action_space.low, env.action_space.high), or "
+                "action_bounds=None for no clipping.", UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ batches
     def split(self, batch_size: int) -> tuple:
@@ -181,8 +236,14 @@ class MixingCore:
         return rows
 
     def batch(self, real: torch.Tensor, n_synthetic: int) -> ReplaySamples:
-        """``real`` store rows [n_real, D_store] followed by ``n_synthetic`` synthetic rows, as fields."""
-        rows = torch.cat([real, self.synthetic_rows(n_synthetic)], dim=0) if n_synthetic else real
+        """``real`` store rows [n_real, D_store] followed by ``n_synthetic`` synthetic rows, as fields.
+
+        The batch is on ``real``'s device (synthetic rows are moved there from the pool's).
+        """
+        if n_synthetic:
+            rows = torch.cat([real, self.synthetic_rows(n_synthetic).to(real.device)], dim=0)
+        else:
+            rows = real
         return ReplaySamples(*self.store_layout.split(rows))
 
     # ------------------------------------------------------------------ checkpoints
@@ -253,3 +314,34 @@ class UsesMixingCore:
     def wait(self) -> bool:
         """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
         return self.core.pool.wait()
+
+
+def _fmt(values: np.ndarray) -> str:
+    """A short list of numbers for a message: ``[-2, 2.5]``."""
+    return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "]"
+
+
+def batch_device(device) -> Optional[torch.device]:
+    """``device`` as a ``torch.device`` (``"auto"``: CUDA when available), or None for None.
+
+    Raises:
+        ValueError: not a device name, or CUDA asked for where there is none.
+    """
+    if device is None or isinstance(device, torch.device):
+        return device
+    return resolve_device(str(device))
+
+
+class HasBatchDevice:
+    """A buffer's ``device``: where its batches go, apart from where the diffusion model runs."""
+
+    _device: Optional[torch.device] = None
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """Where batches go (settable: a ``torch.device``, a name such as ``"cuda"``, or ``"auto"``)."""
+        return self._device
+
+    @device.setter
+    def device(self, value) -> None:
+        self._device = batch_device(value)

@@ -5,14 +5,24 @@ maps back to the physics state), the action ``a`` (clipped to the action bounds)
 simulator's next observation and reward are compared with ``s'`` and ``r``. Errors are divided per
 dimension by the real data's std, so 1.0 means "as wrong as a random draw of the marginal".
 
-Supported environments are those whose observation is the full physics state without the x
-position, so that a transition can be replayed exactly:
+Supported environments are those whose observation determines the physics state up to the x
+position (which neither their dynamics nor their reward depend on), so that a transition can be
+replayed exactly:
 
 * gymnasium MuJoCo ``HalfCheetah-v5`` (and ``-v4``): ``obs = concat(qpos[1:], qvel)``; ``qpos[0]``
   (the x position) is unobserved and set to 0. The dynamics do not depend on it and the reward uses
   only the x displacement during the step.
 * DMC ``cheetah-run`` (``dm_control/cheetah-run-v0`` via shimmy): the flattened observation is
   ``concat(position, velocity)`` = ``concat(qpos[1:], qvel)``.
+* DMC ``walker-walk`` (and the other walker tasks): ``concat(height, orientations, velocity)``;
+  the body pitches give the hinge angles, the torso height the root z, ``velocity`` is ``qvel``,
+  and the unobserved x position is replayed as 0 (:class:`DMCWalkerOracle`).
+* DMC ``reacher-hard`` (and ``reacher-easy``): ``concat(position, to_target, velocity)``; the
+  target position (part of the model, not of the physics state) is ``to_target`` plus the finger
+  position (:class:`DMCReacherOracle`).
+
+The DMC observations are flattened in the key order of :func:`synther_buffer.envs.make_env`
+(gymnasium's ``FlattenObservation`` over shimmy's ``Dict`` space, whose keys are sorted).
 
 Needs the ``envs`` extra (gymnasium, MuJoCo, dm_control, shimmy); a missing one raises
 :class:`synther_buffer.extras.MissingExtraError` when an oracle is built, not at import.
@@ -29,13 +39,15 @@ import numpy as np
 
 from .extras import require
 
-__all__ = ["KEYS", "SUPPORTED_ENVS", "SimulatorOracle", "HalfCheetahOracle", "DMCCheetahOracle",
-           "make_oracle", "score_transitions"]
+__all__ = ["KEYS", "SUPPORTED_ENVS", "SimulatorOracle", "HalfCheetahOracle", "DMCOracle", "DMCCheetahOracle",
+           "DMCWalkerOracle", "DMCReacherOracle", "make_oracle", "score_transitions"]
 
 KEYS = ("observations", "actions", "rewards", "next_observations", "terminals")
 """The transition keys a rows dict carries (``terminals`` optional for scoring)."""
 
-SUPPORTED_ENVS = ("HalfCheetah-v5", "HalfCheetah-v4", "cheetah-run (dm_control/cheetah-run-v0)")
+SUPPORTED_ENVS = ("HalfCheetah-v5", "HalfCheetah-v4", "cheetah-run (dm_control/cheetah-run-v0)",
+                  "walker-walk / -stand / -run (dm_control/walker-walk-v0, ...)",
+                  "reacher-hard / -easy (dm_control/reacher-hard-v0, ...)")
 """Environments :func:`make_oracle` can replay, as shown in error messages."""
 
 _PURPOSE = "simulator-oracle fidelity scoring"
@@ -135,68 +147,236 @@ class HalfCheetahOracle(SimulatorOracle):
         self._env.close()
 
 
-class DMCCheetahOracle(SimulatorOracle):
-    """dm_control cheetah (shimmy): flat obs = ``concat(position, velocity)`` = ``concat(qpos[1:], qvel)``.
+class DMCOracle(SimulatorOracle):
+    """Base of the dm_control suite oracles (shimmy envs): one ``control.Environment`` step per row.
 
     Steps the way ``dm_control.rl.control.Environment.step`` does (``task.before_step``,
-    ``physics.step(n_sub_steps)``, ``task.after_step``, ``task.get_reward``) without its episode
-    step counter, so rows can be replayed in any order.
+    ``physics.step(n_sub_steps)``, ``task.after_step``, ``task.get_reward``,
+    ``task.get_observation``) without its episode step counter, so rows can be replayed in any
+    order. The next observation is the task's own observation, flattened in the order gymnasium's
+    ``FlattenObservation`` uses (the keys of shimmy's ``Dict`` space, i.e. sorted), as
+    :func:`synther_buffer.envs.make_env` sees it. Subclasses implement :meth:`_set_state`: the
+    physics state that a flat observation describes. The DMC suite's action bounds are [-1, 1],
+    the same as ``make_env``'s, so actions are replayed unscaled.
+
+    Attributes:
+        obs_keys: the observation keys in flat order; ``dim_groups`` maps each to its columns.
     """
 
+    domain: str = ""
+
     def __init__(self, env_id: str):
-        """Build the environment.
+        """Build the environment and read its flat observation layout.
 
         Args:
-            env_id: a resolved shimmy id, ``"dm_control/cheetah-run-v0"``.
+            env_id: a resolved shimmy id of the subclass's domain, e.g. ``"dm_control/walker-walk-v0"``.
 
         Raises:
             MissingExtraError: dm_control, shimmy or gymnasium is not installed (the ``envs`` extra).
-            ValueError: the observation is not ``position`` + ``velocity`` of ``qpos[1:]`` / ``qvel``.
+            ValueError: the id is not of the subclass's domain, or its observation is not the
+                layout the subclass maps back to a physics state.
         """
         from .envs import resolve_env_id
 
         gym = require("gymnasium", "envs", _PURPOSE)
+        self._mujoco = require("mujoco", "envs", _PURPOSE)
         self.env_id = resolve_env_id(env_id)  # registers the dm_control ids
+        if not self.env_id.startswith(f"dm_control/{self.domain}-"):
+            raise ValueError(f"{type(self).__name__} replays dm_control {self.domain} tasks, not {env_id!r}")
         self._env = gym.make(self.env_id)
-        self._env.reset(seed=0)
-        self._dm = self._env.unwrapped._env
-        self._physics = self._dm.physics
-        self._task = self._dm._task
-        self._n_sub_steps = int(self._dm._n_sub_steps)
-        spec = self._dm.observation_spec()
-        nq, nv = self._physics.model.nq, self._physics.model.nv
-        if list(spec) != ["position", "velocity"]:
+        try:
+            self._env.reset(seed=0)  # runs the task's initialize_episode (e.g. reacher's target size)
+            self._dm = self._env.unwrapped._env
+            self._physics = self._dm.physics
+            self._task = self._dm._task
+            self._n_sub_steps = int(self._dm._n_sub_steps)
+            space = self._env.unwrapped.observation_space
+            spec = self._dm.observation_spec()
+            self.obs_keys = tuple(space.spaces) if hasattr(space, "spaces") else tuple(spec)
+            if sorted(self.obs_keys) != sorted(spec):
+                raise ValueError(f"{env_id}: gym observation keys {self.obs_keys} differ from the task's {list(spec)}")
+            self.dim_groups, start = {}, 0
+            for k in self.obs_keys:
+                width = int(np.prod(spec[k].shape))
+                self.dim_groups[k] = slice(start, start + width)
+                start += width
+            self.obs_dim = start
+            aspec = self._dm.action_spec()
+            self.action_dim = int(aspec.shape[0])
+            self.action_low = np.asarray(aspec.minimum, dtype=np.float64)
+            self.action_high = np.asarray(aspec.maximum, dtype=np.float64)
+            self.dt = float(self._dm.control_timestep())
+            self._check_layout({k: tuple(spec[k].shape) for k in spec})
+        except Exception:
             self._env.close()
-            raise ValueError(f"{env_id}: unexpected observation keys {list(spec)}; expected position, velocity")
-        if spec["position"].shape != (nq - 1,) or spec["velocity"].shape != (nv,):
-            self._env.close()
-            raise ValueError(f"{env_id}: position/velocity shapes do not match qpos[1:]/qvel")
-        self._nq = nq
-        self.obs_dim = (nq - 1) + nv
-        aspec = self._dm.action_spec()
-        self.action_dim = int(aspec.shape[0])
-        self.action_low = np.asarray(aspec.minimum, dtype=np.float64)
-        self.action_high = np.asarray(aspec.maximum, dtype=np.float64)
-        self.dim_groups = {"position": slice(0, nq - 1), "velocity": slice(nq - 1, self.obs_dim)}
-        self.dt = float(self._dm.control_timestep())
+            raise
+
+    def _check_layout(self, shapes: Mapping[str, Tuple[int, ...]]) -> None:
+        """Raise ``ValueError`` unless the observation is the layout :meth:`_set_state` reads.
+
+        Args:
+            shapes: the task's observation shapes by key.
+        """
+        raise NotImplementedError
+
+    def _group(self, obs: np.ndarray, key: str) -> np.ndarray:
+        """The columns of ``obs`` that hold observation ``key``, as float64."""
+        return np.asarray(obs[self.dim_groups[key]], dtype=np.float64)
+
+    def _set_state(self, obs: np.ndarray) -> None:
+        """Write the physics state of ``obs`` into ``self._physics`` (called inside ``reset_context``).
+
+        Args:
+            obs: a flat observation [obs_dim].
+        """
+        raise NotImplementedError
+
+    def observe(self) -> np.ndarray:
+        """The task's observation of the current physics state, flattened as ``make_env`` does.
+
+        Returns:
+            A float64 array [obs_dim].
+        """
+        ob = self._task.get_observation(self._physics)
+        return np.concatenate([np.asarray(ob[k], dtype=np.float64).reshape(-1) for k in self.obs_keys])
 
     def step(self, obs: np.ndarray, action: np.ndarray) -> Tuple[np.ndarray, float]:
         """See :meth:`SimulatorOracle.step`; the physics is reset first, so rows replay in any order."""
         p = self._physics
         with p.reset_context():  # resets data (warm start, time), then mj_forward on exit
-            p.data.qpos[0] = 0.0
-            p.data.qpos[1:] = obs[: self._nq - 1]
-            p.data.qvel[:] = obs[self._nq - 1:]
+            self._set_state(np.asarray(obs, dtype=np.float64))
         self._task.before_step(action, p)
         p.step(self._n_sub_steps)
         self._task.after_step(p)
         reward = float(self._task.get_reward(p))
-        next_obs = np.concatenate([p.data.qpos[1:], p.data.qvel])
-        return next_obs, reward
+        return self.observe(), reward
 
     def close(self) -> None:
         """Close the environment."""
         self._env.close()
+
+
+class DMCCheetahOracle(DMCOracle):
+    """dm_control cheetah (shimmy): flat obs = ``concat(position, velocity)`` = ``concat(qpos[1:], qvel)``.
+
+    ``qpos[0]`` (the x position) is unobserved and replayed as 0: the dynamics are translation
+    invariant and the reward (run speed) reads a velocity sensor.
+    """
+
+    domain = "cheetah"
+
+    def _check_layout(self, shapes: Mapping[str, Tuple[int, ...]]) -> None:
+        """See :meth:`DMCOracle._check_layout`: ``position`` = ``qpos[1:]``, ``velocity`` = ``qvel``."""
+        nq, nv = self._physics.model.nq, self._physics.model.nv
+        if list(self.obs_keys) != ["position", "velocity"]:
+            raise ValueError(f"{self.env_id}: unexpected observation keys {list(self.obs_keys)}; "
+                             f"expected position, velocity")
+        if shapes["position"] != (nq - 1,) or shapes["velocity"] != (nv,):
+            raise ValueError(f"{self.env_id}: position/velocity shapes do not match qpos[1:]/qvel")
+
+    def _set_state(self, obs: np.ndarray) -> None:
+        """See :meth:`DMCOracle._set_state`."""
+        d = self._physics.data
+        d.qpos[0] = 0.0
+        d.qpos[1:] = self._group(obs, "position")
+        d.qvel[:] = self._group(obs, "velocity")
+
+
+def _wrap(angle: float, center: float) -> float:
+    """``angle`` shifted by a multiple of 2 pi into ``[center - pi, center + pi)``."""
+    return center + (angle - center + math.pi) % (2 * math.pi) - math.pi
+
+
+class DMCWalkerOracle(DMCOracle):
+    """dm_control planar walker (shimmy): flat obs = ``concat(height, orientations, velocity)`` (1 + 14 + 9).
+
+    The physics state is ``qpos = (rootz, rootx, rooty, 6 leg hinges)`` and ``qvel`` (9 each):
+
+    * ``velocity`` is ``qvel``;
+    * ``orientations`` holds each body's ``(xx, xz)`` rotation-matrix entries; every joint axis is
+      the world y axis (up to sign) and the bodies have no rest rotation, so a body's pitch is
+      ``atan2(xz, xx)`` and a hinge angle is ``sign * (pitch(body) - pitch(parent))``, taken in
+      the 2 pi window centred on the joint range (limits act on the unwrapped angle; ``rooty`` is
+      unlimited and only its value mod 2 pi matters);
+    * ``height`` is the torso's world z, so ``rootz = height - torso_body_pos_z``;
+    * ``rootx`` (the x position) is unobserved and replayed as 0: the floor is a plane (infinite
+      for collisions), and the reward reads the torso height, its upright-ness and the
+      centre-of-mass velocity, none of which depend on x.
+
+    The observation is over-complete (14 numbers for 7 angles): a synthetic ``(xx, xz)`` pair off
+    the unit circle is read by its angle only, so such an error in ``s`` is not charged, while the
+    same error in ``s'`` is (the simulator's next pairs are on the circle).
+    """
+
+    domain = "walker"
+
+    def _check_layout(self, shapes: Mapping[str, Tuple[int, ...]]) -> None:
+        """See :meth:`DMCOracle._check_layout`: the walker's joints, bodies and observation shapes."""
+        mj = self._mujoco
+        m = self._physics.model
+        nb = m.nbody
+        if sorted(shapes) != ["height", "orientations", "velocity"] or shapes["orientations"] != (2 * (nb - 1),) \
+                or shapes["velocity"] != (m.nv,) or int(np.prod(shapes["height"])) != 1 or m.nq != m.nv:
+            raise ValueError(f"{self.env_id}: unexpected walker observation {dict(shapes)}")
+        names = [m.joint(j).name for j in range(m.njnt)]
+        if names[:3] != ["rootz", "rootx", "rooty"] or m.body(1).name != "torso":
+            raise ValueError(f"{self.env_id}: unexpected walker joints {names}")
+        if not np.allclose(m.body_quat[1:], [1.0, 0.0, 0.0, 0.0]):
+            raise ValueError(f"{self.env_id}: walker bodies with a rest rotation are not supported")
+        self._torso_z0 = float(m.body_pos[1, 2])
+        self._hinges = []  # (qpos index, body, parent body, axis sign, wrap centre)
+        for j in range(2, m.njnt):
+            axis = m.jnt_axis[j]
+            if m.jnt_type[j] != mj.mjtJoint.mjJNT_HINGE or not np.allclose(np.abs(axis), [0.0, 1.0, 0.0]):
+                raise ValueError(f"{self.env_id}: joint {names[j]} is not a hinge about the y axis")
+            body = int(m.jnt_bodyid[j])
+            centre = float(np.mean(m.jnt_range[j])) if m.jnt_limited[j] else 0.0
+            self._hinges.append((int(m.jnt_qposadr[j]), body, int(m.body_parentid[body]), float(axis[1]), centre))
+
+    def _set_state(self, obs: np.ndarray) -> None:
+        """See :meth:`DMCOracle._set_state`."""
+        d = self._physics.data
+        ori = self._group(obs, "orientations").reshape(-1, 2)
+        pitch = np.concatenate([[0.0], np.arctan2(ori[:, 1], ori[:, 0])])  # by body id; world = 0
+        d.qpos[0] = self._group(obs, "height")[0] - self._torso_z0
+        d.qpos[1] = 0.0
+        for adr, body, parent, sign, centre in self._hinges:
+            d.qpos[adr] = _wrap(sign * (pitch[body] - pitch[parent]), centre)
+        d.qvel[:] = self._group(obs, "velocity")
+
+
+class DMCReacherOracle(DMCOracle):
+    """dm_control reacher (shimmy): flat obs = ``concat(position, to_target, velocity)`` (2 + 2 + 2).
+
+    ``position`` / ``velocity`` are ``qpos`` / ``qvel`` (shoulder, wrist). The target is not in
+    the physics state but in the model (the ``target`` geom's position, drawn per episode); it is
+    ``to_target`` plus the finger's position, which forward kinematics of ``qpos`` gives. The
+    target's radius (easy / hard) is the task's, set when the oracle's env is reset.
+    """
+
+    domain = "reacher"
+
+    def _check_layout(self, shapes: Mapping[str, Tuple[int, ...]]) -> None:
+        """See :meth:`DMCOracle._check_layout`: ``position`` / ``velocity`` = ``qpos`` / ``qvel``, xy ``to_target``."""
+        m = self._physics.model
+        if dict(shapes) != {"position": (m.nq,), "to_target": (2,), "velocity": (m.nv,)}:
+            raise ValueError(f"{self.env_id}: unexpected reacher observation {dict(shapes)}")
+        mj = self._mujoco
+        self._target = mj.mj_name2id(m.ptr, mj.mjtObj.mjOBJ_GEOM, "target")
+        self._finger = mj.mj_name2id(m.ptr, mj.mjtObj.mjOBJ_GEOM, "finger")
+        if self._target < 0 or self._finger < 0 or m.geom_bodyid[self._target] != 0:
+            raise ValueError(f"{self.env_id}: expected a world 'target' geom and a 'finger' geom")
+
+    def _set_state(self, obs: np.ndarray) -> None:
+        """See :meth:`DMCOracle._set_state`."""
+        p = self._physics
+        p.data.qpos[:] = self._group(obs, "position")
+        p.data.qvel[:] = self._group(obs, "velocity")
+        self._mujoco.mj_kinematics(p.model.ptr, p.data.ptr)
+        p.model.geom_pos[self._target, :2] = self._group(obs, "to_target") + p.data.geom_xpos[self._finger, :2]
+
+
+_DMC_ORACLES = {cls.domain: cls for cls in (DMCCheetahOracle, DMCWalkerOracle, DMCReacherOracle)}
 
 
 def make_oracle(env_id: str) -> SimulatorOracle:
@@ -204,7 +384,9 @@ def make_oracle(env_id: str) -> SimulatorOracle:
 
     Args:
         env_id: any form :func:`synther_buffer.envs.resolve_env_id` takes, e.g. ``"HalfCheetah-v5"``,
-            ``"cheetah-run"`` or ``"dm_control/cheetah-run-v0"``.
+            ``"cheetah-run"``, ``"dm_control/cheetah-run-v0"``, ``"walker-walk"`` or ``"reacher-hard"``.
+            DMC ids route by domain (cheetah, walker, reacher), so every task of those domains is
+            replayed with its own reward.
 
     Returns:
         The oracle; close it (or use it as a context manager) when done.
@@ -218,8 +400,10 @@ def make_oracle(env_id: str) -> SimulatorOracle:
 
     resolved = resolve_env_id(env_id)
     name = resolved.rsplit("/", 1)[-1]
-    if resolved.startswith("dm_control/cheetah-"):
-        return DMCCheetahOracle(resolved)
+    if resolved.startswith("dm_control/"):
+        domain = name.split("-", 1)[0]
+        if domain in _DMC_ORACLES:
+            return _DMC_ORACLES[domain](resolved)
     if name in ("HalfCheetah-v5", "HalfCheetah-v4"):
         return HalfCheetahOracle(resolved)
     raise ValueError(f"fidelity scoring is not available for {env_id!r} ({resolved}): its observation does not "
@@ -260,8 +444,8 @@ def score_transitions(env_id: str, rows: Mapping[str, Any], *, reference: Option
     """Replay transitions in the simulator and measure how wrong their next states and rewards are.
 
     Args:
-        env_id: ``"HalfCheetah-v5"``, ``"cheetah-run"`` / ``"dm_control/cheetah-run-v0"`` (see
-            :func:`make_oracle`).
+        env_id: ``"HalfCheetah-v5"``, ``"cheetah-run"`` / ``"dm_control/cheetah-run-v0"``,
+            ``"walker-walk"``, ``"reacher-hard"`` (see :func:`make_oracle`).
         rows: ``observations`` [N, obs_dim], ``actions`` [N, act_dim], ``rewards`` [N] (or [N, 1]),
             ``next_observations`` [N, obs_dim] and optionally ``terminals``, e.g. a synthetic dataset
             from ``synther upsample``.

@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from .extras import MissingExtraError, require
+from .validation import non_negative_int, positive_int
 
 CSV_NAME = "eval_returns.csv"
 JSON_NAME = "results.json"
@@ -68,8 +69,7 @@ def evaluate(policy_fn: Callable[[np.ndarray], Any], env, episodes: int) -> List
     a seed, so successive calls see fresh initial states from the env's own RNG (seed it once at
     creation, e.g. ``make_env(env_id, seed=...)``).
     """
-    if isinstance(episodes, bool) or not isinstance(episodes, (int, np.integer)) or episodes < 1:
-        raise ValueError(f"episodes must be a positive int, got {episodes!r}")
+    positive_int("episodes", episodes)
     returns = []
     for _ in range(int(episodes)):
         obs, _ = env.reset()
@@ -350,8 +350,7 @@ class TrainingMonitor:
     def __init__(self, results: Results, total_steps: int, eval_every: int, eval_episodes: int, eval_env,
                  policy_fn: Callable[[np.ndarray], Any], stats_fn: Optional[Callable[[], dict]] = None,
                  timing: Optional[TimingSplit] = None, progress: bool = True, eval_at_start: bool = True):
-        if eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {eval_every}")
+        non_negative_int("eval_every", eval_every)
         self.results, self.total_steps = results, int(total_steps)
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
         self.eval_env, self.policy_fn = eval_env, policy_fn

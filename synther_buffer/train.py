@@ -48,7 +48,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add ``synther train``'s flags to ``p`` (called by ``synther_buffer.cli``)."""
     p.description = ("Online RL with a SynthER replay buffer: SB3 SAC at UTD=20 (default: the CPU demo on "
-                     "DMC cheetah-run, 1,750 env steps, 2 retrains, ~5-7 min on 2 cores).")
+                     "DMC cheetah-run, 1,750 env steps, 2 retrains: minutes on a laptop CPU).")
     p.formatter_class = _DefaultsFormatter
     g = p.add_argument_group("run")
     g.add_argument("--env", default=DEFAULT_ENV,
@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default="runs/train", help="output directory (CSV, JSON, PNG)")
     g.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
     g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 on CPU, where 2 threads on 2 shared cores can run "
-                        "~100x slower; torch's default on CUDA)")
+                   help="torch CPU threads (default: 1 on CPU, where threads competing with other processes "
+                        "for a few shared cores slow small networks down badly; torch's default on CUDA)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("agent (SB3 SAC)")
     g.add_argument("--utd", type=int, default=20, help="update-to-data ratio: SAC gradient steps per env step")

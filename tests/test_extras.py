@@ -53,7 +53,7 @@ def test_an_installed_but_broken_package_is_not_called_missing(monkeypatch, tmp_
 def test_require_rejects_an_unknown_extra():
     with pytest.raises(ValueError, match="unknown extra"):
         require("json", "bogus")
-    assert set(EXTRAS) == {"sb3", "envs", "offline", "distributed"}
+    assert set(EXTRAS) == {"sb3", "envs", "offline", "distributed", "torchrl"}
 
 
 def test_a_module_that_names_its_own_extra_is_not_rewrapped(monkeypatch, tmp_path):

@@ -69,7 +69,9 @@ def test_config_none_is_the_preset_for_the_device(owner, cuda, monkeypatch):
     buf, _ = OWNERS[owner](None, transitions(10))
     expected = SynthERConfig.preset("paper" if cuda else "fast").replace(device="auto")
     assert buf.config == expected
-    assert buf.device == torch.device("cuda" if cuda else "cpu")
+    assert buf.pool.device == torch.device("cuda" if cuda else "cpu")     # the model's device ...
+    # ... is not where batches go: the CPU unless told (WrappedReplay: None, the data's own device)
+    assert buf.device == (torch.device("cpu") if owner == "GenerativeReplay" else None)
 
 
 def test_config_none_is_announced_once(caplog, monkeypatch):

@@ -533,3 +533,24 @@ def test_replay_buffer_pickled_by_version_0_1_0_loads(tmp_path, fake_diffusion):
     assert_sb3_batch(buf.sample(20), 20, 3, 1, "cpu")
     feed(buf, 70, done_p=0.1)                                       # the schedule continues: env step 200
     assert buf.stats()["env_steps"] == 200 and buf.stats()["next_retrain"] == 300
+
+
+def test_log_callback_prints_each_retrain_and_sb3_shows_the_metrics(capsys):
+    from stable_baselines3 import SAC
+
+    from synther_buffer import SynthERConfig
+    from synther_buffer.sb3 import GenerativeReplayBuffer, SynthERLogCallback
+
+    cfg = SynthERConfig.preset("tiny").replace(device="cpu", retrain_every=100, min_real=100, train_steps=50,
+                                               num_generate=200, synthetic_size=200)
+    model = SAC("MlpPolicy", "Pendulum-v1", learning_starts=100, batch_size=32, train_freq=1, gradient_steps=1,
+                policy_kwargs=dict(net_arch=[16, 16]), replay_buffer_class=GenerativeReplayBuffer,
+                replay_buffer_kwargs=dict(config=cfg), seed=0, device="cpu", verbose=1)
+    model.learn(820, callback=SynthERLogCallback(), log_interval=4)   # Pendulum episodes: 200 steps
+    out = capsys.readouterr().out
+    assert out.count("SynthER retrain ") == model.replay_buffer.stats()["retrain_count"] >= 2
+    assert "SynthER retrain 1 (data up to env step 100)" in out
+    table = out[out.index("| synther/"):]                                  # SB3's own log table groups by prefix
+    assert "num_synthetic" in table and "retrain_count" in table and "diffusion_loss" in table
+    model.learn(100, callback=SynthERLogCallback(verbose=0), reset_num_timesteps=False)
+    assert "SynthER retrain" not in capsys.readouterr().out

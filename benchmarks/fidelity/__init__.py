@@ -19,12 +19,21 @@ velocity), so a transition can be replayed exactly:
 * DMC ``cheetah-run`` (``dm_control/cheetah-run-v0`` via shimmy): the flat observation is
   ``concat(position, velocity)`` = ``concat(qpos[1:], qvel)`` (gymnasium flattens the Dict in key
   order); verified by round trip (max error ~2e-6, float32 rounding).
+* DMC ``walker-walk``: ``concat(height, orientations, velocity)``; body pitches ``atan2(xz, xx)``
+  give the hinge angles, the torso height ``rootz``, ``velocity`` is ``qvel``, and the unobserved
+  x position is replayed as 0 (the floor plane is infinite for collisions; the reward reads height,
+  upright-ness and the centre-of-mass velocity).
+* DMC ``reacher-hard``: ``concat(position, to_target, velocity)``; the target's position (a model
+  parameter) is ``to_target`` plus the finger position from forward kinematics.
+
+Both are verified by round trip on real transitions (``tests/test_oracle_dmc.py``).
 
 Real data (``collect_transitions``) mixes three behaviour policies, chosen per episode (5 simulated
 seconds each): uniform random actions; a random open-loop sinusoidal gait (random amplitude, phase,
 bias and frequency per episode) plus N(0, 0.3) action noise; and a cheap "partially trained" policy:
 an open-loop gait whose parameters were tuned by random search on return (``tune_gait``: 6 rounds of
-16 noisy 5 s rollouts, 1-6 s of CPU), executed with N(0, 0.2) noise. The tuned gait moves forward
+16 noisy 5 s rollouts, 1-8 s of CPU), executed with N(0, 0.2) noise (for reacher: a noisy
+closed-loop reaching controller, ``reach_action``, since random actions almost never touch its target). The tuned gait moves forward
 (~1.25 reward/step on HalfCheetah-v5, ~0.13 on cheetah-run, where random actions give ~-0.35 and
 ~0.00), so the data covers still, flailing and running states. (No SAC is trained: too slow for a
 benchmark on 2 shared cores.)
@@ -66,12 +75,13 @@ from .baselines import _gmm_numpy, augment, ctgan_generate, gmm_generate  # noqa
 from .cli import (ALL_GENERATORS, GENERATOR_LABELS, SWEEP_COLUMNS, SWEEP_SETTINGS, TABLE_COLUMNS,
                   build_parser, format_result, main, markdown_table, run, sweep_label)
 from .metrics import distribution_metrics, plot_marginals, sdmetrics_scores
-from .oracles import (KEYS, POLICIES, SUPPORTED_ENVS, TUNED_NOISE, DMCCheetahOracle, GaitParams,
-                      HalfCheetahOracle, SimulatorOracle, collect_transitions, make_oracle, safe_std,
-                      score_transitions, tune_gait)
+from .oracles import (KEYS, POLICIES, REACH_NOISE, SUPPORTED_ENVS, TUNED_NOISE, DMCCheetahOracle, DMCOracle,
+                      DMCReacherOracle, DMCWalkerOracle, GaitParams, HalfCheetahOracle, SimulatorOracle,
+                      collect_transitions, make_oracle, reach_action, safe_std, score_transitions, tune_gait)
 
 __all__ = ["ALL_GENERATORS", "GENERATOR_LABELS", "SWEEP_COLUMNS", "SWEEP_SETTINGS", "TABLE_COLUMNS", "build_parser",
            "format_result", "main", "markdown_table", "run", "sweep_label", "augment", "ctgan_generate",
            "gmm_generate", "distribution_metrics", "plot_marginals", "sdmetrics_scores", "KEYS", "POLICIES",
-           "SUPPORTED_ENVS", "TUNED_NOISE", "DMCCheetahOracle", "GaitParams", "HalfCheetahOracle",
-           "SimulatorOracle", "collect_transitions", "make_oracle", "safe_std", "score_transitions", "tune_gait"]
+           "SUPPORTED_ENVS", "REACH_NOISE", "TUNED_NOISE", "DMCCheetahOracle", "DMCOracle", "DMCReacherOracle",
+           "DMCWalkerOracle", "GaitParams", "HalfCheetahOracle", "SimulatorOracle", "collect_transitions",
+           "make_oracle", "reach_action", "safe_std", "score_transitions", "tune_gait"]

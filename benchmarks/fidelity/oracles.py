@@ -7,9 +7,13 @@ here. What stays here is benchmark-only: the behaviour policies that collect the
 Real data (:func:`collect_transitions`) mixes three behaviour policies, chosen per episode (5
 simulated seconds each): uniform random actions; a random open-loop sinusoidal gait (random
 amplitude, phase, bias and frequency per episode) plus N(0, 0.3) action noise; and a cheap
-"partially trained" policy: an open-loop gait tuned by random search on return (:func:`tune_gait`),
-executed with N(0, 0.2) noise. The tuned gait moves forward, so the data covers still, flailing and
-running states.
+"partially trained" policy (``tuned``). For the locomotion tasks (HalfCheetah, cheetah-run,
+walker-walk) that is an open-loop gait tuned by random search on return (:func:`tune_gait`),
+executed with N(0, 0.2) noise: it moves the cheetahs forward and gets the walker off the floor
+more often, so the data covers still, flailing and moving states. For reacher, where random
+actions almost never touch the small target, it is a closed-loop reaching controller
+(:func:`reach_action`: Jacobian-transpose pull of the finger towards the target plus velocity
+damping, gains drawn per episode) with N(0, 0.3) noise, so the data holds rewarding rows too.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
-from synther_buffer.oracle import (KEYS, SUPPORTED_ENVS, DMCCheetahOracle, HalfCheetahOracle,
-                                   SimulatorOracle, make_oracle, safe_std, score_transitions)
+from synther_buffer.oracle import (KEYS, SUPPORTED_ENVS, DMCCheetahOracle, DMCOracle, DMCReacherOracle,
+                                   DMCWalkerOracle, HalfCheetahOracle, SimulatorOracle, make_oracle, safe_std,
+                                   score_transitions)
 
-__all__ = ["KEYS", "SUPPORTED_ENVS", "DMCCheetahOracle", "HalfCheetahOracle", "SimulatorOracle", "make_oracle",
-           "safe_std", "score_transitions", "GaitParams", "POLICIES", "TUNED_NOISE", "collect_transitions",
-           "tune_gait"]
+__all__ = ["KEYS", "SUPPORTED_ENVS", "DMCCheetahOracle", "DMCOracle", "DMCReacherOracle", "DMCWalkerOracle",
+           "HalfCheetahOracle", "SimulatorOracle", "make_oracle", "safe_std", "score_transitions", "GaitParams",
+           "POLICIES", "REACH_NOISE", "TUNED_NOISE", "collect_transitions", "reach_action", "tune_gait"]
 
 
 @dataclass
@@ -113,6 +118,36 @@ def tune_gait(env_id: str, seed: int = 0, candidates: int = 16, rounds: int = 6,
 
 
 POLICIES = ("random", "gait", "tuned")
+REACH_NOISE = 0.3
+_REACHER_LINKS = (0.12, 0.12)  # shoulder-to-wrist and wrist-to-finger lengths in dm_control's reacher.xml
+
+
+def reach_action(obs: np.ndarray, kp: float, kd: float) -> np.ndarray:
+    """A reaching controller for DMC reacher: pull the finger towards the target, damp the joints.
+
+    ``a = J(q)^T (kp * to_target) - kd * qvel``, with ``J`` the finger's planar Jacobian, before
+    any noise or clipping.
+
+    Args:
+        obs: a flat ``make_env("reacher-...")`` observation: ``(shoulder, wrist, to_target_x,
+            to_target_y, shoulder_vel, wrist_vel)``.
+        kp: gain on the finger-to-target vector.
+        kd: damping on the joint velocities.
+
+    Returns:
+        The (unclipped) action [2].
+    """
+    q1, q2 = float(obs[0]), float(obs[1])
+    l1, l2 = _REACHER_LINKS
+    s1, c1, s12, c12 = np.sin(q1), np.cos(q1), np.sin(q1 + q2), np.cos(q1 + q2)
+    jac = np.array([[-l1 * s1 - l2 * s12, -l2 * s12], [l1 * c1 + l2 * c12, l2 * c12]])
+    return jac.T @ (kp * np.asarray(obs[2:4], dtype=np.float64)) - kd * np.asarray(obs[4:6], dtype=np.float64)
+
+
+def _is_reacher(env_id: str) -> bool:
+    from synther_buffer.envs import resolve_env_id
+
+    return resolve_env_id(env_id).startswith("dm_control/reacher-")
 
 
 def collect_transitions(env_id: str, n: int, seed: int = 0, *, episode_seconds: float = 5.0,
@@ -121,15 +156,31 @@ def collect_transitions(env_id: str, n: int, seed: int = 0, *, episode_seconds: 
 
     Each episode (``episode_seconds`` of simulated time; the env's own limit still applies) draws
     one of :data:`POLICIES` with ``policy_probs``: uniform random actions; a random sinusoidal gait
-    + N(0, 0.3) noise; the :func:`tune_gait` gait + N(0, 0.2) noise. Returns the transition keys
-    (float32; ``terminals`` bool) plus ``policy`` (index into :data:`POLICIES`) and ``episode``.
+    + N(0, 0.3) noise; ``tuned``: the :func:`tune_gait` gait + N(0, 0.2) noise, or for DMC reacher
+    :func:`reach_action` with gains drawn per episode (``kp`` log-uniform in [30, 400], ``kd``
+    uniform in [0.05, 0.5]) + N(0, 0.3) noise.
+
+    Args:
+        env_id: any id :func:`synther_buffer.envs.make_env` takes.
+        n: transitions to collect.
+        seed: seeds the policies and the episode resets.
+        episode_seconds: simulated seconds per episode.
+        policy_probs: weights of (random, gait, tuned).
+
+    Returns:
+        The transition keys (float32; ``terminals`` bool) plus ``policy`` (index into
+        :data:`POLICIES`) and ``episode``.
+
+    Raises:
+        ValueError: ``n < 1``.
     """
     from synther_buffer.envs import make_env
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
-    tuned = tune_gait(env_id, seed=0) if policy_probs[2] > 0 else None
+    reacher = _is_reacher(env_id)
+    tuned = tune_gait(env_id, seed=0) if policy_probs[2] > 0 and not reacher else None
     env = make_env(env_id, seed=seed)
     k = int(env.action_space.shape[0])
     dt = _control_dt(env)
@@ -146,6 +197,10 @@ def collect_transitions(env_id: str, n: int, seed: int = 0, *, episode_seconds: 
             pol = int(rng.choice(3, p=probs))
             gait = _random_gait(rng, k) if pol == 1 else tuned
             noise = 0.3 if pol == 1 else TUNED_NOISE
+            reach = pol == 2 and reacher
+            if reach:
+                kp = float(np.exp(rng.uniform(np.log(30), np.log(400))))
+                kd, noise = float(rng.uniform(0.05, 0.5)), REACH_NOISE
             obs, _ = env.reset(seed=int(rng.integers(2 ** 31)))
             t0 = float(rng.uniform(0, 10))  # random gait phase offset
             for t in range(ep_steps):
@@ -153,6 +208,8 @@ def collect_transitions(env_id: str, n: int, seed: int = 0, *, episode_seconds: 
                     break
                 if pol == 0:
                     a = rng.uniform(-1, 1, k)
+                elif reach:
+                    a = reach_action(obs, kp, kd) + rng.normal(0, noise, k)
                 else:
                     a = gait.action(t0 + t * dt) + rng.normal(0, noise, k)
                 a = np.clip(a, -1, 1).astype(np.float32)
