@@ -139,13 +139,13 @@ def test_demo_retrains_twice_and_learns_from_the_first_pool(monkeypatch, fake_di
 
 
 def test_demo_fits_the_cpu_budget_it_claims(monkeypatch, fake_diffusion):
-    """The help's "~5-7 min on 2 cores" against this machine's measured rates (DESIGN.md's environment
-    notes where it is beside the repository): SAC's gradient steps at UTD 20 plus the diffusion fits
-    alone, a lower bound on the run's time, must fit the claim's upper end."""
+    """The demo "finishes in minutes" on a 2-core machine ("a few minutes", module docstring; taken here as
+    at most 10), checked against the machine's measured rates (DESIGN.md's environment notes where it is
+    beside the repository): SAC's gradient steps at UTD 20 plus the diffusion fits alone, a lower bound
+    on the run's time, must fit."""
     demo = _demo_setup(monkeypatch)
     args, cfg = demo["args"], demo["config"]
-    claim = re.search(r"~(\d+)-(\d+) min on 2 cores", demo["description"])
-    assert claim, demo["description"]
+    assert "a few minutes" in train_mod.__doc__ and "minutes" in demo["description"]
     sac_steps_per_s, fit_steps, fit_seconds = 114.0, 15_000, 118.0     # DESIGN.md, as copied here
     if DESIGN.is_file():
         text = DESIGN.read_text()
@@ -155,7 +155,7 @@ def test_demo_fits_the_cpu_budget_it_claims(monkeypatch, fake_diffusion):
     retrains = len(_demo_retrains(cfg, demo["buffer_size"], args.total_steps))
     updates = (args.total_steps - demo["learning_starts"]) * args.utd
     seconds = updates / sac_steps_per_s + retrains * cfg.train_steps * fit_seconds / fit_steps
-    assert seconds <= 60 * int(claim.group(2)), (seconds, updates, retrains)
+    assert seconds <= 10 * 60, (seconds, updates, retrains)
     from synther_buffer import SynthERConfig
 
     fast = SynthERConfig.preset("fast")
