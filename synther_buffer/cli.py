@@ -3,11 +3,13 @@
     synther upsample DATASET --num-samples 5000000 --out OUT.npz [--preset paper|fast|tiny] [--mix 0.5]
                      [--seed S] [--device D] [--train-steps N] [--save-model PATH] [--load-model PATH]
                      [--chunk-size ROWS] [--action-bounds LOW HIGH] [--threads N] [--quiet]
+                     [--workers N [--ray ADDRESS] [--cpus-per-worker C] [--max-retries R]]
     synther report DATASET SYNTHETIC [--out report.png] [--env-id ID] [--max-rows N]
     synther train ...   (delegates to synther_buffer.train: add_arguments(parser) / run(args))
 
 ``upsample`` and ``report`` are implemented in ``synther_buffer.offline`` (see its docstring for the
-file formats, the streaming writers and the exact meaning of ``--mix``). ``train`` imports its
+file formats, the streaming writers and the exact meaning of ``--mix``; ``--workers`` shards the
+generation over Ray tasks, ``synther_buffer.distributed``). ``train`` imports its
 module only when that subcommand is used, so ``upsample`` never pays for an RL stack. The
 benchmarks (``python -m benchmarks.fidelity`` etc.) run from a source checkout, not through here.
 
@@ -65,6 +67,17 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (torch.set_num_threads); 1 avoids thread oversubscription on a "
                         "busy machine, where 2 threads on 2 shared cores can run >10x slower")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="fit here, then generate in N Ray tasks (the distributed extra), one GPU each when the "
+                        "cluster has GPUs; the output is the same for every N. Default: generate in this process")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", dest="ray_address",
+                   help="with --workers: the Ray cluster ('auto' = RAY_ADDRESS / `ray start`, host:port, "
+                        "ray://...); default: start a local Ray instance. The output's directory must be on a "
+                        "filesystem every node mounts")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="with --workers: CPUs (and torch threads) each generation task takes (default 1)")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="with --workers: reruns of a task whose worker or node died (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -155,27 +168,43 @@ def cmd_upsample(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1 (omit it to generate in this process), got {args.workers}")
+    if args.ray_address is not None and args.workers is None:
+        raise ValueError("--ray needs --workers N (the number of generation tasks)")
+    if not args.cpus_per_worker > 0:
+        raise ValueError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+    if args.max_retries < 0:
+        raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}")
     cfg, preset = _config(args)
     model = None
     if args.load_model:
         model = TransitionDiffusion.load(args.load_model, device=args.device)
     print(f"synther upsample: {args.dataset} -> {args.out}  ({args.num_samples:,} rows, mix {args.mix}, "
-          + (f"model {args.load_model}" if model else f"preset {preset}") + ")", flush=True)
+          + (f"model {args.load_model}" if model else f"preset {preset}")
+          + (f", {args.workers} Ray workers" if args.workers else "") + ")", flush=True)
     s = offline.upsample(args.dataset, args.out, num_samples=args.num_samples, config=cfg, mix=args.mix,
                          seed=args.seed, train_steps=args.train_steps, save_model=args.save_model, model=model,
                          chunk_size=args.chunk_size, progress=not args.quiet,
-                         action_bounds=tuple(args.action_bounds) if args.action_bounds else None)
+                         action_bounds=tuple(args.action_bounds) if args.action_bounds else None,
+                         workers=args.workers, ray_address=args.ray_address, cpus_per_worker=args.cpus_per_worker,
+                         max_retries=args.max_retries)
     fit = s["fit"]
     print(f"data: {s['dataset_rows']:,} rows x {s['dim']} dims"
           + (" (terminals modelled)" if s["model_terminals"] else ""))
     if not fit.get("reused"):
         print(f"fit: {fit['steps']:,} steps, batch {fit['batch_size']}, loss {fit['loss']:.4f}, "
               f"{s['fit_seconds']:.1f}s on {s['device']}")
-    rate = s["synthetic_rows_per_second"]
+    rate = s["wall_synthetic_rows_per_second"] if s.get("workers") else s["synthetic_rows_per_second"]
+    tasks = f" over {len(s['shards'])} Ray tasks" if s.get("workers") else ""
     print(f"wrote {s['num_samples']:,} rows ({s['num_real']:,} real, {s['num_synthetic']:,} synthetic) in "
           f"{s['chunks']} chunks, {s['generate_seconds']:.1f}s"
-          + (f" ({rate:,.0f} synthetic rows/s)" if rate else "") + f" -> {s['out']} "
+          + (f" ({rate:,.0f} synthetic rows/s{tasks})" if rate else "") + f" -> {s['out']} "
           f"({s['output_bytes'] / 1024 ** 2:.1f} MiB; {s['writer']})")
+    for sh in s.get("shards") or ():
+        print(f"  shard {sh['shard']}: chunks {sh['chunks'][0]}-{sh['chunks'][1] - 1}, {sh['rows']:,} synthetic rows, "
+              f"{sh['seconds']:.1f}s ({sh['sample_seconds']:.1f}s sampling) on {sh['host']} {sh['device']}"
+              + (f", attempt {sh['attempt']}" if sh["attempt"] > 1 else ""))
     if s["synthetic_actions_outside_real_range"] is not None and s["num_synthetic"]:
         line = (f"synthetic rows with an action outside the real data's range: "
                 f"{s['synthetic_actions_outside_real_range']:,} of {s['num_synthetic']:,}")

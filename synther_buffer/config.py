@@ -26,6 +26,7 @@ SAMPLERS = ("stochastic", "deterministic")
 PRECISIONS = ("fp32", "bf16")
 GRADIENTS = ("auto", "manual", "autograd")
 PARAM_LAYOUTS = ("auto", "flat", "per_tensor")
+RETRAIN_BACKENDS = ("thread", "ray")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class SynthERConfig:
         async_retrain: retrain in a background thread while the agent keeps stepping and training on
             the previous pool; the new pool is swapped in atomically when ready. ``False`` (default)
             is the paper's synchronous schedule (reproducible).
+        retrain_backend: where a retrain's fit + generate + filter runs. ``"thread"`` (default): in
+            this process (in a background thread when ``async_retrain``). ``"ray"``: in a Ray actor
+            placed by resources (another GPU or node; ``synther_buffer.distributed``; the
+            ``distributed`` extra); ``async_retrain`` still decides whether the agent waits for it.
         device: ``"auto"`` (CUDA when available, else CPU), or any torch device string.
         seed: seeds weight init, training batches and sampling noise.
         progress: show tqdm progress bars for fit and sample.
@@ -135,6 +140,7 @@ class SynthERConfig:
     normalize_reward: bool = True
     outlier_std: Optional[float] = 10.0
     async_retrain: bool = False
+    retrain_backend: str = "thread"
     # misc
     device: str = "auto"
     seed: int = 0
@@ -180,6 +186,7 @@ class SynthERConfig:
         check_choice("SynthERConfig.sampler", self.sampler, SAMPLERS)
         check_choice("SynthERConfig.gradients", self.gradients, GRADIENTS)
         check_choice("SynthERConfig.param_layout", self.param_layout, PARAM_LAYOUTS)
+        check_choice("SynthERConfig.retrain_backend", self.retrain_backend, RETRAIN_BACKENDS)
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"SynthERConfig.device must be 'auto' or a torch device string, got {self.device!r}")
         return out

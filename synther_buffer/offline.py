@@ -18,6 +18,17 @@ whole output:
 * ``.npy``: the same streamed writer, directly.
 Every writer writes ``out`` + ``.tmp`` and renames it into place only when complete.
 
+Sharded generation (``workers=N``, ``synther upsample --workers N``; ``synther_buffer.distributed``):
+the model is fitted here, sent once to Ray's object store, and N Ray tasks each draw the synthetic
+rows of a contiguous range of the output's chunks into a part file (``.npy``, streamed chunk by
+chunk) in a temporary directory beside ``out``. This process then writes ``out`` exactly as above,
+taking each chunk's synthetic rows from the parts (one chunk in memory at a time) and the real
+rows of a mixture from the dataset. Chunk ``c``'s synthetic rows are drawn with a seed that depends
+only on (seed, c), so the file is the same for N = 1, 2, ... and the same as in-process (given the
+same ``chunk_size``, device and torch thread count, since floating-point sums depend on them). A
+task whose worker or node dies is rerun by Ray; any other failure removes the parts and leaves no
+``out``. Peak extra disk use: the synthetic rows once more (the parts), plus the ``.npz`` copy.
+
 Mixtures (seed E.2): ``mix`` is the fraction of *real* rows in the output. The output has exactly
 ``num_samples`` rows, of which ``num_real = round(mix * num_samples)`` are real and the rest
 synthetic. Real rows are taken without replacement from a random permutation of the dataset, and
@@ -51,8 +62,9 @@ import shutil
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -205,6 +217,91 @@ class _RealIndexStream:
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
+def chunk_plan(num_samples: int, num_real: int, chunk_size: int) -> List[Tuple[int, int, int]]:
+    """The output's chunks as ``(start, end, real rows)``: real rows spread evenly over the chunks.
+
+    Args:
+        num_samples: rows in the output.
+        num_real: real rows among them.
+        chunk_size: rows per chunk (the last one may be shorter).
+
+    Returns:
+        One ``(start, end, r)`` per chunk; chunk ``[s, e)`` holds
+        ``num_real * e // num_samples - num_real * s // num_samples`` real rows, the rest synthetic.
+    """
+    return [(s, min(num_samples, s + chunk_size),
+             (num_real * min(num_samples, s + chunk_size)) // num_samples - (num_real * s) // num_samples)
+            for s in range(0, num_samples, chunk_size)]
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """How the synthetic rows of one output chunk are drawn: the same in-process and in a Ray task.
+
+    Attributes:
+        seed: the upsample's seed; chunk ``c`` samples with :meth:`chunk_seed` ``(c)``.
+        act: the action columns of a row (None for plain arrays).
+        real_low, real_high: the real data's per-dimension action range (counted, not enforced).
+        action_low, action_high: clip bounds for the synthetic actions (None: no clipping).
+    """
+
+    seed: int
+    act: Optional[slice] = None
+    real_low: Optional[np.ndarray] = None
+    real_high: Optional[np.ndarray] = None
+    action_low: Optional[np.ndarray] = None
+    action_high: Optional[np.ndarray] = None
+
+    def chunk_seed(self, chunk: int) -> int:
+        """The sampling seed of output chunk ``chunk``: a function of (seed, chunk) only."""
+        return self.seed + 1_000_003 * (chunk + 1) + 17
+
+    def generate(self, model: TransitionDiffusion, chunk: int, n: int) -> Tuple[np.ndarray, int, int]:
+        """Draw chunk ``chunk``'s ``n`` synthetic rows.
+
+        Args:
+            model: the fitted model.
+            chunk: the output chunk's index (it picks the seed).
+            n: synthetic rows in that chunk.
+
+        Returns:
+            ``(rows, outside, clipped)``: float32 rows [n, D] (actions clipped when bounds are set),
+            the number of rows with an action outside the real range, and the number clipped.
+        """
+        rows = model.sample(n, seed=self.chunk_seed(chunk), progress=False)
+        outside = clipped = 0
+        if self.act is not None:
+            a = rows[:, self.act]  # a view: clipping below writes into rows
+            outside = int(((a < self.real_low) | (a > self.real_high)).any(axis=1).sum())
+            if self.action_low is not None:
+                clipped = int(((a < self.action_low) | (a > self.action_high)).any(axis=1).sum())
+                np.clip(a, self.action_low, self.action_high, out=a)
+        return rows, outside, clipped
+
+
+class _InProcessSynthetic:
+    """Synthetic rows for each chunk, drawn here when the writer asks for them."""
+
+    def __init__(self, model: TransitionDiffusion, spec: SyntheticSpec):
+        self.model, self.spec = model, spec
+        self.outside_real = self.clipped = 0
+        self.sample_seconds = 0.0
+
+    def take(self, chunk: int, n: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        rows, outside, clipped = self.spec.generate(self.model, chunk, n)
+        self.sample_seconds += time.perf_counter() - t0
+        self.outside_real += outside
+        self.clipped += clipped
+        return rows
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
 # ---------------------------------------------------------------------------------------------- upsample
 def make_model(layout: Optional[RowLayout], dim: int, config: SynthERConfig) -> TransitionDiffusion:
     """A fresh ``TransitionDiffusion`` for rows of ``layout`` (see ``synther_buffer.pool.model_for``),
@@ -220,7 +317,8 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
              save_model: Optional[PathLike] = None, model: Optional[TransitionDiffusion] = None,
              model_terminals: Optional[bool] = None, chunk_size: Optional[int] = None,
              progress: bool = True, write_json: bool = True,
-             action_bounds: Optional[Tuple[Any, Any]] = None) -> dict:
+             action_bounds: Optional[Tuple[Any, Any]] = None, workers: Optional[int] = None,
+             ray_address: Optional[str] = None, cpus_per_worker: float = 1.0, max_retries: int = 3) -> dict:
     """Fit SynthER on a dataset and write ``num_samples`` rows to ``out``, streaming chunk by chunk (seed C.1).
 
     Args:
@@ -242,9 +340,29 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
         action_bounds: ``(low, high)``, scalars or one value per action dimension: the synthetic
             rows' actions are clipped to them (real rows are written as they are). Transition data
             only. None (default): actions as generated.
+        workers: None (default): generate in this process. An int N >= 1: fit here, then generate in
+            N Ray tasks (``synther_buffer.distributed``; the ``distributed`` extra), each on one GPU
+            when the cluster has GPUs (and ``config.device`` is not ``"cpu"``), else on
+            ``cpus_per_worker`` CPUs; the parts are merged into ``out`` here. Chunk ``c``'s synthetic
+            rows are drawn with the seed ``seed + 1_000_003 * (c + 1) + 17`` whichever task draws
+            them, so the output is the same for every N (and the same as without ``workers``, up to
+            floating-point differences between devices and thread counts).
+        ray_address: the Ray cluster to use with ``workers`` (``"auto"``, ``"host:port"``,
+            ``"ray://..."``); None starts a local Ray instance (and shuts it down at the end), unless
+            Ray is already initialised in this process, whose cluster is then used.
+        cpus_per_worker: CPUs each generation task reserves (and torch threads it uses).
+        max_retries: times Ray reruns a generation task whose worker process or node died.
 
-    Returns a summary dict: counts, timings, the writer used and ``"compression"``
-    (``compression_report``). Raises ``ValueError`` for bad arguments or inputs before any training.
+    Returns:
+        A summary dict: counts, timings (``sample_seconds``: time spent sampling, summed over the
+        tasks with ``workers``; ``generate_seconds``: wall clock of generation and writing), rates
+        (``synthetic_rows_per_second`` per sampling second, ``wall_synthetic_rows_per_second``), the
+        writer used and ``"compression"`` (``compression_report``); with ``workers``, ``"shards"``
+        (one record per task: chunks, rows, seconds, host, node, attempt) and ``"ray"``.
+
+    Raises:
+        ValueError: bad arguments or inputs, before any training.
+        MissingExtraError: ``workers`` without Ray installed (before any training).
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -259,6 +377,16 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
     num_samples, mix = int(num_samples), float(mix)
     if action_bounds is not None and (not isinstance(action_bounds, (tuple, list)) or len(action_bounds) != 2):
         raise ValueError(f"action_bounds must be a (low, high) pair, got {action_bounds!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+                                or workers < 1):
+        raise ValueError(f"workers must be None or a positive int, got {workers!r}")
+    if ray_address is not None and workers is None:
+        raise ValueError("ray_address needs workers (the number of generation tasks)")
+    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, (int, float)) or \
+            not 0 < float(cpus_per_worker) < float("inf"):
+        raise ValueError(f"cpus_per_worker must be a positive number, got {cpus_per_worker!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, (int, np.integer)) or max_retries < 0:
+        raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
     cfg = config if config is not None else SynthERConfig.preset("paper")
     changes: Dict[str, Any] = {}
     if seed is not None:
@@ -290,118 +418,131 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
     act = layout.slices()["actions"] if layout is not None else None
     if act is not None:  # the real data's action range, for the summary's count of synthetic rows outside it
         real_low, real_high = rows[:, act].min(axis=0), rows[:, act].max(axis=0)
-    outside_real = clipped = 0
     n_real_data, dim = rows.shape
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    # ---- fit (or reuse) the model
-    if model is None:
-        model = make_model(layout, dim, cfg)
-        fit = model.fit(rows, progress=cfg.progress)
-    else:
-        if model.dim != dim:
-            raise ValueError(f"model.dim={model.dim} does not match the data's row width {dim}")
-        if not model.fitted:
-            raise ValueError("the given model is not fitted")
-        fit = dict(model.last_fit)
-        fit["reused"] = True
-    fit_seconds = time.perf_counter() - t_start
-    model_path: Optional[Path] = None
-    if save_model is not None:
-        model_path = Path(save_model)
-        model.save(model_path)
-    compression = compression_report(n_real_data, dim, model, model_path)
-    if chunk_size is None:
-        chunk_size = model.config.sample_batch_size or (
-            DEFAULT_CHUNK_SIZE if model.device.type == "cuda" else 16_384)
-    chunk_size = int(chunk_size)
-
-    # ---- generate and write, chunk by chunk
-    num_real = int(round(mix * num_samples))
-    num_synth = num_samples - num_real
-    rng = np.random.default_rng([cfg.seed, 0x5EED])
-    real_stream = _RealIndexStream(n_real_data, rng) if num_real else None
-    if layout is None:
-        specs = {"rows": ((num_samples, dim), np.dtype(np.float32))}
-    elif kind == "npy":
-        specs = {"rows": ((num_samples, dim), np.dtype(np.float32))}
-    else:
-        tdt = np.dtype(layout.terminal_dtype)
-        specs = {"observations": ((num_samples, layout.obs_dim), np.dtype(np.float32)),
-                 "actions": ((num_samples, layout.action_dim), np.dtype(np.float32)),
-                 "rewards": ((num_samples,), np.dtype(np.float32)),
-                 "next_observations": ((num_samples, layout.obs_dim), np.dtype(np.float32)),
-                 "terminals": ((num_samples,), tdt)}
-        if layout.timeouts:
-            specs["timeouts"] = ((num_samples,), tdt)
-    attrs = {"synther_num_real": num_real, "synther_num_synthetic": num_synth, "synther_mix": mix}
-    writer = _Writer(out, specs, chunk_size, attrs=attrs)
-    t_gen = time.perf_counter()
-    chunks = 0
-    sample_seconds = 0.0
-    bar = tqdm(total=num_samples, desc=f"upsample -> {out.name}", unit="row", unit_scale=True,
-               disable=not progress, dynamic_ncols=True)
+    sharded = None
+    if workers is not None:   # Ray first: a missing extra or an unreachable cluster fails before the fit
+        from .distributed import ShardedGeneration
+        sharded = ShardedGeneration(int(workers), address=ray_address, cpus_per_worker=float(cpus_per_worker),
+                                    max_retries=int(max_retries), shared_dir=out.parent,
+                                    device=(model.config.device if model is not None else cfg.device))
     try:
-        for start in range(0, num_samples, chunk_size):
-            end = min(num_samples, start + chunk_size)
-            b = end - start
-            r = (num_real * end) // num_samples - (num_real * start) // num_samples
-            chunk = np.empty((b, dim), dtype=np.float32)
-            timeouts = np.zeros(b, dtype=np.float32) if real_timeouts is not None else None
-            if b - r:
-                t0 = time.perf_counter()
-                chunk[r:] = model.sample(b - r, seed=cfg.seed + 1_000_003 * (chunks + 1) + 17, progress=False)
-                sample_seconds += time.perf_counter() - t0
-                if act is not None:
-                    a = chunk[r:, act]  # a view: clipping below writes into the chunk
-                    outside_real += int(((a < real_low) | (a > real_high)).any(axis=1).sum())
-                    if action_bounds is not None:
-                        clipped += int(((a < action_low) | (a > action_high)).any(axis=1).sum())
-                        np.clip(a, action_low, action_high, out=a)
-            if r:
-                idx = real_stream.take(r)
-                chunk[:r] = rows[idx]
-                if timeouts is not None:
-                    timeouts[:r] = np.asarray(real_timeouts)[idx]
-                perm = rng.permutation(b)
-                chunk = chunk[perm]
-                if timeouts is not None:
-                    timeouts = timeouts[perm]
-            if layout is None or kind == "npy":
-                writer.write(start, {"rows": chunk})
-            else:
-                writer.write(start, from_rows(chunk, layout, timeouts=timeouts))
-            chunks += 1
-            bar.update(b)
-        bar.close()
-        writer.finish()
-    except BaseException:
-        bar.close()
-        writer.abort()
-        raise
-    gen_seconds = time.perf_counter() - t_gen
-    total = time.perf_counter() - t_start
+        # ---- fit (or reuse) the model
+        if model is None:
+            model = make_model(layout, dim, cfg)
+            fit = model.fit(rows, progress=cfg.progress)
+        else:
+            if model.dim != dim:
+                raise ValueError(f"model.dim={model.dim} does not match the data's row width {dim}")
+            if not model.fitted:
+                raise ValueError("the given model is not fitted")
+            fit = dict(model.last_fit)
+            fit["reused"] = True
+        fit_seconds = time.perf_counter() - t_start
+        model_path: Optional[Path] = None
+        if save_model is not None:
+            model_path = Path(save_model)
+            model.save(model_path)
+        compression = compression_report(n_real_data, dim, model, model_path)
+        if chunk_size is None:   # one sampler batch, on the device that generates (the shards' with workers)
+            on_cuda = sharded.use_gpus if sharded is not None else model.device.type == "cuda"
+            chunk_size = model.config.sample_batch_size or (DEFAULT_CHUNK_SIZE if on_cuda else 16_384)
+        chunk_size = int(chunk_size)
 
-    summary = {
-        "source": source_name, "out": str(out), "format": kind, "writer": writer.description,
-        "num_samples": num_samples, "num_real": num_real, "num_synthetic": num_synth, "mix": mix,
-        "chunk_size": chunk_size, "chunks": chunks, "dataset_rows": n_real_data, "dim": dim,
-        "layout": layout.to_dict() if layout is not None else None,
-        "model_terminals": bool(layout.terminal) if layout is not None else False,
-        "fit": fit, "fit_seconds": fit_seconds, "generate_seconds": gen_seconds,
-        "sample_seconds": sample_seconds,
-        "synthetic_rows_per_second": num_synth / sample_seconds if sample_seconds > 0 else None,
-        "total_seconds": total, "device": str(model.device), "config": model.config.to_dict(),
-        "output_bytes": out.stat().st_size, "compression": compression,
-        "action_bounds": None if action_bounds is None else [action_low.tolist(), action_high.tolist()],
-        "synthetic_actions_outside_real_range": outside_real if act is not None else None,
-        "synthetic_actions_clipped": clipped if action_bounds is not None else None,
-    }
-    if write_json:
-        jpath = out.with_suffix(".compression.json")
-        summary["json"] = str(jpath)
-        _write_json(jpath, summary)
-    return summary
+        # ---- generate and write, chunk by chunk
+        num_real = int(round(mix * num_samples))
+        num_synth = num_samples - num_real
+        plan = chunk_plan(num_samples, num_real, chunk_size)
+        spec = SyntheticSpec(seed=cfg.seed, act=act, real_low=real_low if act is not None else None,
+                             real_high=real_high if act is not None else None,
+                             action_low=action_low if action_bounds is not None else None,
+                             action_high=action_high if action_bounds is not None else None)
+        rng = np.random.default_rng([cfg.seed, 0x5EED])
+        real_stream = _RealIndexStream(n_real_data, rng) if num_real else None
+        if layout is None:
+            specs = {"rows": ((num_samples, dim), np.dtype(np.float32))}
+        elif kind == "npy":
+            specs = {"rows": ((num_samples, dim), np.dtype(np.float32))}
+        else:
+            tdt = np.dtype(layout.terminal_dtype)
+            specs = {"observations": ((num_samples, layout.obs_dim), np.dtype(np.float32)),
+                     "actions": ((num_samples, layout.action_dim), np.dtype(np.float32)),
+                     "rewards": ((num_samples,), np.dtype(np.float32)),
+                     "next_observations": ((num_samples, layout.obs_dim), np.dtype(np.float32)),
+                     "terminals": ((num_samples,), tdt)}
+            if layout.timeouts:
+                specs["timeouts"] = ((num_samples,), tdt)
+        attrs = {"synther_num_real": num_real, "synther_num_synthetic": num_synth, "synther_mix": mix}
+        writer = _Writer(out, specs, chunk_size, attrs=attrs)
+        t_gen = time.perf_counter()
+        chunks = 0
+        bar = tqdm(total=num_samples, desc=f"upsample -> {out.name}", unit="row", unit_scale=True,
+                   disable=not progress, dynamic_ncols=True)
+        source = _InProcessSynthetic(model, spec) if sharded is None else sharded.start(model, spec, plan, out, bar)
+        try:
+            for c, (start, end, r) in enumerate(plan):
+                b = end - start
+                chunk = np.empty((b, dim), dtype=np.float32)
+                timeouts = np.zeros(b, dtype=np.float32) if real_timeouts is not None else None
+                if b - r:
+                    chunk[r:] = source.take(c, b - r)
+                if r:
+                    idx = real_stream.take(r)
+                    chunk[:r] = rows[idx]
+                    if timeouts is not None:
+                        timeouts[:r] = np.asarray(real_timeouts)[idx]
+                    perm = rng.permutation(b)
+                    chunk = chunk[perm]
+                    if timeouts is not None:
+                        timeouts = timeouts[perm]
+                if layout is None or kind == "npy":
+                    writer.write(start, {"rows": chunk})
+                else:
+                    writer.write(start, from_rows(chunk, layout, timeouts=timeouts))
+                chunks += 1
+                bar.update(b)
+            source.close()
+            bar.close()
+            writer.finish()
+        except BaseException:
+            bar.close()
+            try:
+                source.abort()
+            finally:
+                writer.abort()
+            raise
+        outside_real, clipped, sample_seconds = source.outside_real, source.clipped, source.sample_seconds
+        gen_seconds = time.perf_counter() - t_gen
+        total = time.perf_counter() - t_start
+
+        summary = {
+            "source": source_name, "out": str(out), "format": kind, "writer": writer.description,
+            "num_samples": num_samples, "num_real": num_real, "num_synthetic": num_synth, "mix": mix,
+            "chunk_size": chunk_size, "chunks": chunks, "dataset_rows": n_real_data, "dim": dim,
+            "layout": layout.to_dict() if layout is not None else None,
+            "model_terminals": bool(layout.terminal) if layout is not None else False,
+            "fit": fit, "fit_seconds": fit_seconds, "generate_seconds": gen_seconds,
+            "sample_seconds": sample_seconds,
+            "synthetic_rows_per_second": num_synth / sample_seconds if sample_seconds > 0 else None,
+            "total_seconds": total, "device": str(model.device), "config": model.config.to_dict(),
+            "output_bytes": out.stat().st_size, "compression": compression,
+            "action_bounds": None if action_bounds is None else [action_low.tolist(), action_high.tolist()],
+            "synthetic_actions_outside_real_range": outside_real if act is not None else None,
+            "synthetic_actions_clipped": clipped if action_bounds is not None else None,
+            "wall_synthetic_rows_per_second": num_synth / gen_seconds if gen_seconds > 0 else None,
+            "workers": None if sharded is None else int(workers),
+        }
+        if sharded is not None:
+            summary.update(sharded.summary())
+        if write_json:
+            jpath = out.with_suffix(".compression.json")
+            summary["json"] = str(jpath)
+            _write_json(jpath, summary)
+        return summary
+    finally:
+        if sharded is not None:
+            sharded.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------- compression

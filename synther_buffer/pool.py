@@ -3,6 +3,14 @@
 Used through ``synther_buffer.mixing.MixingCore`` by every buffer: whoever owns the real data calls
 ``step(n)`` as transitions arrive and ``retrain(rows)`` when ``due``; ``sample(k)`` draws synthetic
 rows. Rows follow ``synther_buffer.layout.RowLayout``: concat(obs, action, reward, next_obs[, terminal]).
+
+A retrain's work is :func:`build_pool` (fit, generate, clip, filter). Where it runs is
+``config.retrain_backend``: ``"thread"`` in this process, ``"ray"`` in a Ray actor
+(``synther_buffer.distributed.RemoteRetrainer``). Whether the caller waits for it is
+``config.async_retrain``, for either backend: synchronous, the caller blocks until the new pool is
+installed; in the background, a thread runs the work (or, for Ray, waits for the actor's answer and
+rebuilds the model here) and ``poll()`` swaps the result in at the next ``due`` / ``sample`` /
+``stats``. ``state_dict()`` (checkpoints, pickling) waits for a retrain in flight, remote or not.
 """
 
 from __future__ import annotations
@@ -72,8 +80,12 @@ class SyntheticPool:
     Args:
         layout: the layout of the rows the model is fitted on (and the pool holds).
         config: ``retrain_every``, ``synthetic_size``, ``num_generate``, ``min_real``,
-            ``normalize_reward``, ``outlier_std`` and the diffusion hyperparameters.
+            ``normalize_reward``, ``outlier_std``, ``async_retrain``, ``retrain_backend`` and the diffusion
+            hyperparameters.
         log_fn: ``log_fn(key, value)`` called with the retrain metrics (SB3's logger.record, say).
+
+    Raises:
+        MissingExtraError: ``config.retrain_backend="ray"`` without Ray installed.
     """
 
     def __init__(self, layout: RowLayout, config: SynthERConfig, log_fn: Optional[LogFn] = None):
@@ -101,6 +113,28 @@ class SyntheticPool:
         self.num_obs_clipped = 0                        # synthetic rows whose obs or next_obs was clipped
         self._worker: Optional[threading.Thread] = None
         self._job: Optional[dict] = None
+        self.remote = None   # synther_buffer.distributed.RemoteRetrainer for retrain_backend="ray"
+        if config.retrain_backend == "ray":   # without Ray: MissingExtraError naming the extra, here
+            from .distributed import RemoteRetrainer
+            self.remote = RemoteRetrainer()
+
+    def set_ray_actor_options(self, **options) -> None:
+        """Where the retrain actor runs (``retrain_backend="ray"``): Ray actor options.
+
+        E.g. ``num_gpus=1``, ``num_cpus=4``, ``resources={"diffusion": 1}``, ``memory=...`` or a
+        ``scheduling_strategy``. The default asks for 1 CPU, plus 1 GPU when the cluster has GPUs
+        and ``config.device`` is not ``"cpu"``. Takes effect at the next retrain (a running actor
+        with other options is replaced then).
+
+        Args:
+            **options: keyword arguments of Ray's ``ActorClass.options``.
+
+        Raises:
+            ValueError: the pool's ``config.retrain_backend`` is not ``"ray"``.
+        """
+        if self.remote is None:
+            raise ValueError("set_ray_actor_options needs SynthERConfig.retrain_backend='ray'")
+        self.remote.set_options(options)
 
     def set_action_bounds(self, low, high) -> None:
         """Clip the action columns of generated rows to [low, high] (e.g. the env's action space)."""
@@ -171,9 +205,17 @@ class SyntheticPool:
         ``poll()`` (called from ``due`` / ``sample`` / ``stats``), and an unexpected error in the
         worker is raised by the next ``poll()``. The schedule moves on either way.
 
+        With ``config.retrain_backend="ray"`` the same work (:func:`build_pool`) runs in a Ray actor
+        (``synther_buffer.distributed.RemoteRetrainer``): ``rows`` go to the object store here, on
+        the caller's thread, and the new model (its state dict) and pool come back the same way.
+        Synchronous, the caller blocks until they are back; in the background a thread waits for
+        them and ``poll()`` swaps them in as above. An actor that dies (killed, its node lost) is
+        a failed retrain like a diverging fit: counted in ``failed_retrains``, the previous pool
+        kept, and a fresh actor is started by the next retrain.
+
         Args:
             rows: [N, layout.dim] float32 rows of every real transition.
-            background: run in a thread (default ``config.async_retrain``).
+            background: run in the background (default ``config.async_retrain``).
 
         Returns:
             True on success (at once, for a background retrain); False when the fit failed.
@@ -191,15 +233,28 @@ class SyntheticPool:
         # Everything the work needs is captured here, on the caller's thread: the worker reads no
         # counter the agent's thread moves on, and the recorded retrain step is the submission step.
         index, step, layout = self.retrain_count, self.env_steps, self.layout
-        if not background:
-            return self._install(self._build(rows, index, step, layout))
-        job = {"rows": np.array(rows, copy=True), "result": None, "error": None}
+        if self.remote is not None:   # rows into the object store now; a thread only waits for the result
+            call = self.remote.submit(self.config, rows, index, step, layout, self.action_low, self.action_high,
+                                      device=self.device)
+            if not background:
+                return self._install(call.result())
+            job = {"result": None, "error": None}
 
-        def work():
-            try:
-                job["result"] = self._build(job.pop("rows"), index, step, layout)
-            except BaseException as e:  # re-raised in the caller by poll()
-                job["error"] = e
+            def work():
+                try:
+                    job["result"] = call.result()
+                except BaseException as e:  # re-raised in the caller by poll()
+                    job["error"] = e
+        else:
+            if not background:
+                return self._install(self._build(rows, index, step, layout))
+            job = {"rows": np.array(rows, copy=True), "result": None, "error": None}
+
+            def work():
+                try:
+                    job["result"] = self._build(job.pop("rows"), index, step, layout)
+                except BaseException as e:  # re-raised in the caller by poll()
+                    job["error"] = e
 
         self._job = job
         self._worker = threading.Thread(target=work, name="synther-retrain", daemon=True)
@@ -232,22 +287,8 @@ class SyntheticPool:
         return self._install(job["result"])
 
     def _build(self, rows: np.ndarray, retrain_index: int, env_step: int, lay: RowLayout) -> dict:
-        """Fit + generate + filter, touching no shared state (safe in a worker thread)."""
-        c = self.config
-        model = model_for(lay, c.replace(seed=c.seed + retrain_index))
-        try:
-            fit = model.fit(rows)
-            t0 = time.perf_counter()
-            synth = model.sample(min(c.num_generate, c.synthetic_size))
-            gen_seconds = time.perf_counter() - t0
-        except DiffusionTrainingError as e:
-            return {"error": e, "env_step": env_step}
-        if self.action_low is not None:
-            np.clip(synth[:, lay.action_cols], self.action_low, self.action_high, out=synth[:, lay.action_cols])
-        keep = self._in_range(synth, rows, lay.terminal)
-        return {"error": None, "env_step": env_step, "model": model, "pool": _compact(synth, keep),
-                "filtered": int((~keep).sum()), "fit": fit, "gen_seconds": gen_seconds,
-                "num_real": rows.shape[0]}
+        """Fit + generate + filter, touching no shared state (safe in a worker thread): :func:`build_pool`."""
+        return build_pool(self.config, rows, retrain_index, env_step, lay, self.action_low, self.action_high)
 
     def _install(self, result: dict) -> bool:
         if result["error"] is not None:
@@ -278,25 +319,8 @@ class SyntheticPool:
         return True
 
     def _in_range(self, synth: np.ndarray, real: np.ndarray, terminal: bool, chunk: int = CHUNK_ROWS) -> np.ndarray:
-        """Mask of synthetic rows within ``outlier_std`` real stds of the real mean on every dim.
-
-        Computed in chunks of ``chunk`` rows in float32, so a 1M-row pool needs no pool-sized temporaries.
-        """
-        k = self.config.outlier_std
-        if k is None:
-            return np.ones(len(synth), dtype=bool)
-        mean = real.mean(axis=0, dtype=np.float64)
-        std = real.std(axis=0, dtype=np.float64)
-        judged = std >= 1e-6  # the model never reproduces a constant exactly: don't judge those
-        if terminal:
-            judged[-1] = False
-        lo = (mean - k * std)[judged].astype(np.float32)
-        hi = (mean + k * std)[judged].astype(np.float32)
-        keep = np.empty(len(synth), dtype=bool)
-        for i in range(0, len(synth), chunk):
-            block = synth[i:i + chunk][:, judged]
-            keep[i:i + chunk] = ((block >= lo) & (block <= hi)).all(axis=1)
-        return keep
+        """:func:`in_range` with this pool's ``config.outlier_std``."""
+        return in_range(self.config.outlier_std, synth, real, terminal, chunk)
 
     # ------------------------------------------------------------------ sampling
     def sample(self, k: int) -> torch.Tensor:
@@ -346,7 +370,8 @@ class SyntheticPool:
     def state_dict(self) -> dict:
         """Counters, model weights and pool as CPU tensors / plain python (``weights_only`` safe).
 
-        Waits for an in-flight background retrain first, so no finished work is lost."""
+        Waits for an in-flight background retrain first (a remote one too: ``retrain_backend="ray"``),
+        so the checkpoint holds its pool and a resumed run does not redo it."""
         self.wait()
         state = {k: getattr(self, k) for k in self._COUNTERS}
         state["action_bounds"] = None if self.action_low is None else \
@@ -404,6 +429,76 @@ class SyntheticPool:
             self.model = TransitionDiffusion.from_state_dict(self.model.state_dict(), device=device)
         if self.pool is not None:
             self.pool = self.pool.to(target)
+
+
+def build_pool(config: SynthERConfig, rows: np.ndarray, retrain_index: int, env_step: int, layout: RowLayout,
+               action_low: Optional[np.ndarray] = None, action_high: Optional[np.ndarray] = None) -> dict:
+    """One retrain's work: fit a fresh model on ``rows``, generate, clip and filter the new pool.
+
+    Pure (no shared state, no global RNG), so it runs as well in a background thread as in a Ray
+    actor (``synther_buffer.distributed``) given the same arguments.
+
+    Args:
+        config: the pool's config; the model is seeded with ``config.seed + retrain_index``.
+        rows: [N, layout.dim] real rows (read only).
+        retrain_index: how many retrains were installed before this one (picks the seed).
+        env_step: the env step the retrain was submitted at (recorded with the result).
+        layout: the rows' layout.
+        action_low, action_high: clip the generated actions to these (None: no clipping).
+
+    Returns:
+        ``{"error": None, "env_step", "model", "pool", "filtered", "fit", "gen_seconds", "num_real"}``,
+        or ``{"error": DiffusionTrainingError, "env_step"}`` when the fit diverged or the samples
+        were not finite (the caller keeps its previous pool).
+    """
+    model = model_for(layout, config.replace(seed=config.seed + retrain_index))
+    try:
+        fit = model.fit(rows)
+        t0 = time.perf_counter()
+        synth = model.sample(min(config.num_generate, config.synthetic_size))
+        gen_seconds = time.perf_counter() - t0
+    except DiffusionTrainingError as e:
+        return {"error": e, "env_step": env_step}
+    if action_low is not None:
+        cols = layout.action_cols
+        np.clip(synth[:, cols], action_low, action_high, out=synth[:, cols])
+    keep = in_range(config.outlier_std, synth, rows, layout.terminal)
+    return {"error": None, "env_step": env_step, "model": model, "pool": _compact(synth, keep),
+            "filtered": int((~keep).sum()), "fit": fit, "gen_seconds": gen_seconds, "num_real": rows.shape[0]}
+
+
+def in_range(outlier_std: Optional[float], synth: np.ndarray, real: np.ndarray, terminal: bool,
+             chunk: int = CHUNK_ROWS) -> np.ndarray:
+    """Mask of synthetic rows within ``outlier_std`` real stds of the real mean on every dim.
+
+    Computed in chunks of ``chunk`` rows in float32, so a 1M-row pool needs no pool-sized temporaries.
+    Constant real dimensions and the terminal column are not judged.
+
+    Args:
+        outlier_std: the bound in real standard deviations; None keeps every row.
+        synth: [M, D] generated rows.
+        real: [N, D] real rows.
+        terminal: whether the last column is the terminal flag.
+        chunk: rows judged at a time.
+
+    Returns:
+        A bool mask of length M (NaN rows are never kept).
+    """
+    if outlier_std is None:
+        return np.ones(len(synth), dtype=bool)
+    k = outlier_std
+    mean = real.mean(axis=0, dtype=np.float64)
+    std = real.std(axis=0, dtype=np.float64)
+    judged = std >= 1e-6  # the model never reproduces a constant exactly: don't judge those
+    if terminal:
+        judged[-1] = False
+    lo = (mean - k * std)[judged].astype(np.float32)
+    hi = (mean + k * std)[judged].astype(np.float32)
+    keep = np.empty(len(synth), dtype=bool)
+    for i in range(0, len(synth), chunk):
+        block = synth[i:i + chunk][:, judged]
+        keep[i:i + chunk] = ((block >= lo) & (block <= hi)).all(axis=1)
+    return keep
 
 
 def _compact(rows: np.ndarray, keep: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:

@@ -137,6 +137,28 @@ def test_bench_is_gone(capsys):
     assert e.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
 
 
+def test_bad_worker_flags_exit_2_before_training(dataset, tmp_path, capsys, monkeypatch):
+    from synther_buffer import TransitionDiffusion
+    monkeypatch.setattr(TransitionDiffusion, "fit", lambda *a, **k: pytest.fail("trained before checking"))
+    base = ["upsample", str(dataset / "real.npz"), "--out", str(tmp_path / "o.npz")] + TINY
+    for extra, msg in ((["--workers", "0"], "--workers must be >= 1"), (["--workers", "-2"], "--workers must be >= 1"),
+                       (["--ray", "auto"], "--ray needs --workers"),
+                       (["--workers", "2", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0"),
+                       (["--workers", "2", "--cpus-per-worker", "nan"], "--cpus-per-worker must be > 0"),
+                       (["--workers", "2", "--max-retries", "-1"], "--max-retries must be >= 0")):
+        assert cli.main(base + extra) == 2, extra
+        assert msg in capsys.readouterr().err, extra
+    assert not list(tmp_path.iterdir())
+
+
+def test_workers_without_ray_exits_1_naming_the_extra(dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    rc = cli.main(["upsample", str(dataset / "real.npz"), "--out", str(tmp_path / "o.npz"), "--workers", "2"] + TINY)
+    err = capsys.readouterr().err
+    assert rc == 1 and 'pip install "synther-buffer[distributed]"' in err and "'ray'" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_missing_extra_exits_1_naming_it(dataset, tmp_path, monkeypatch, capsys):
     (tmp_path / "x.hdf5").write_bytes(b"")
     monkeypatch.setitem(sys.modules, "h5py", None)
