@@ -6,6 +6,8 @@ Framework-free (stdlib, numpy, torch). Used by ``GenerativeReplay.save`` and by 
 * :func:`atomic_directory` -- write a directory's files into a temporary sibling, then swap it in, so
   a kill at any moment leaves either the previous complete checkpoint or the new one;
   :func:`resolve_directory` finds it again (also after a kill between the swap's two renames).
+* :func:`write_weights_only` / :func:`read_weights_only` -- a directory of ``torch.save`` files that
+  load with ``torch.load(weights_only=True)`` (no code runs on load), swapped in atomically.
 * :func:`rng_state` / :func:`set_rng_state` -- Python ``random``, numpy's global RNG and torch's CPU
   (and CUDA) generators as plain JSON.
 * :func:`check_resume_settings` -- refuse to continue a checkpoint under other settings.
@@ -66,6 +68,51 @@ def resolve_directory(path: PathLike) -> Optional[Path]:
         return path
     old = path.with_name(path.name + ".old")
     return old if old.is_dir() else None
+
+
+def write_weights_only(path: PathLike, files: Dict[str, Any]) -> None:
+    """Write each of ``files`` (name -> tensors and plain python) with ``torch.save`` into directory
+    ``path``, swapped in whole (:func:`atomic_directory`).
+
+    Args:
+        path: the directory.
+        files: file name -> object; tensors, numbers, strings, lists, dicts only, so that
+            :func:`read_weights_only` can load them with ``torch.load(weights_only=True)``.
+    """
+    with atomic_directory(path) as tmp:
+        for name, obj in files.items():
+            torch.save(obj, tmp / name)
+
+
+def read_weights_only(path: PathLike, names: Tuple[str, ...], what: str) -> Tuple[Path, Dict[str, Any]]:
+    """Load files written by :func:`write_weights_only` through ``torch.load(weights_only=True)``: a file
+    carrying code (a pickled object of any class) is refused, never run.
+
+    Args:
+        path: the directory (``path.old`` after a kill between the swap's renames).
+        names: the files to load.
+        what: names the checkpoint in messages.
+
+    Returns:
+        ``(directory, {name: object})``, tensors on the CPU.
+
+    Raises:
+        FileNotFoundError: no such directory or file.
+        ValueError: a file that is truncated, not a torch file, or carries anything but tensors and
+            plain python (the message names the file).
+    """
+    d = resolve_directory(path)
+    if d is None:
+        raise FileNotFoundError(f"no {what} at {path}")
+    out = {}
+    for name in names:
+        try:
+            out[name] = torch.load(d / name, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # pickle and zip errors, weights_only refusals
+            raise ValueError(f"could not load {what} {d / name}: {type(e).__name__}: {e}") from None
+    return d, out
 
 
 def rng_state() -> Dict[str, Any]:

@@ -53,6 +53,47 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def available_device(device: str, what: str = "checkpoint") -> str:
+    """``device``, or ``"cpu"`` (with a warning) when it names CUDA and CUDA is not available here.
+
+    What a saved model or buffer does with the device its config names: a file written on a GPU
+    machine still loads on a CPU-only one.
+
+    Args:
+        device: a device string from a saved config (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        what: names the thing being loaded, for the warning.
+
+    Returns:
+        The device string to use.
+    """
+    if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("%s was saved for %s; CUDA is not available, loading on CPU", what, device)
+        return "cpu"
+    return device
+
+
+# The messages of a failed CPU allocation: c10's DefaultCPUAllocator on Linux / macOS and on Windows.
+_CPU_ALLOC_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure, on any device.
+
+    ``torch.OutOfMemoryError`` (CUDA and other accelerators), Python's ``MemoryError`` (numpy), or
+    the ``RuntimeError`` torch raises when a CPU allocation fails, recognised by the allocator's own
+    message. Any other ``RuntimeError`` is not.
+
+    Args:
+        error: the exception to classify.
+
+    Returns:
+        True for an allocation failure.
+    """
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _CPU_ALLOC_MESSAGES)
+
+
 def bf16_is_native(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 matmuls natively (CUDA: ``torch.cuda.is_bf16_supported``; CPU:
     oneDNN's check for AVX512-BF16 / AMX). Elsewhere bfloat16 is emulated: correct, but slower than fp32.
@@ -119,7 +160,8 @@ class TransitionDiffusion:
         """Normalise ``x``, train a fresh denoiser on it, and keep it (with its EMA) for sampling.
 
         The training step is chosen once, from ``config.gradients``, ``param_layout`` and ``compile``
-        (``synther_buffer/train_step.py``).
+        (``synther_buffer/train_step.py``). The normaliser records the columns that are constant in
+        ``x``; ``sample`` writes them back exactly.
 
         Args:
             x: real rows [N, D], N >= 2, finite.
@@ -133,14 +175,50 @@ class TransitionDiffusion:
 
         Raises:
             ValueError: ``x`` or ``steps`` is invalid (nothing changes).
-            DiffusionTrainingError: the loss turned non-finite; the previous model is kept.
+            DiffusionTrainingError: the loss turned non-finite, or memory ran out (a CUDA out-of-memory
+                error or a failed CPU allocation: the training batch is a hyperparameter, so a fit is
+                not retried with a smaller one); the previous model is kept either way.
         """
         c = self.config
         x = self._check_rows(x)
         steps = c.train_steps if steps is None else positive_int("steps", steps)
         show = c.progress if progress is None else progress
         t0 = time.perf_counter()
+        bar = tqdm(total=steps, desc="diffusion fit", unit="step", disable=not show, leave=False)
+        failed = None
+        try:
+            model, ema, normalizer, last_loss, bs, train = self._train(x, steps, bar)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            failed = f"{type(e).__name__}: {e}"  # raised below, once this frame's tensors are released
+        finally:
+            bar.close()
+        if failed is not None:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise DiffusionTrainingError(f"out of memory while fitting {x.shape[0]} rows ({failed}); "
+                                         "previous model kept")
 
+        self.model, self.ema, self.normalizer = model.eval(), ema.module.eval(), normalizer
+        self.fitted = True
+        self.fit_count += 1
+        self.last_fit = {"loss": last_loss, "seconds": time.perf_counter() - t0, "steps": steps,
+                         "batch_size": bs, "compiled": train.compiled, "gradients": train.gradients}
+        log.info("diffusion fit: %d steps, batch %d, loss %.4f, %.1fs", steps, bs, last_loss,
+                 self.last_fit["seconds"])
+        return dict(self.last_fit)
+
+    def _train(self, x: np.ndarray, steps: int, bar) -> tuple:
+        """The training run of ``fit``, touching nothing of ``self`` but its config, device and counters.
+
+        Returns:
+            ``(model, ema, normalizer, last_loss, batch_size, train_step)``.
+
+        Raises:
+            DiffusionTrainingError: the loss turned non-finite.
+        """
+        c = self.config
         normalizer = copy.deepcopy(self.normalizer).fit(x)
         data = torch.as_tensor(normalizer.normalize(x.astype(np.float32)), device=self.device)
         n, bs = data.shape[0], c.batch_size_for(x.shape[0])
@@ -154,7 +232,6 @@ class TransitionDiffusion:
         log_every = max(1, min(200, steps // 20))
         loss_sum = torch.zeros((), device=self.device)
         window, last_loss = 0, float("nan")
-        bar = tqdm(total=steps, desc="diffusion fit", unit="step", disable=not show, leave=False)
         model.train()
         for step in range(1, steps + 1):
             idx = torch.randint(n, (bs,), device=self.device, generator=gen)
@@ -173,21 +250,11 @@ class TransitionDiffusion:
                 bar.update(step - bar.n)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
                 if not np.isfinite(last_loss):
-                    bar.close()
                     raise DiffusionTrainingError(
                         f"diffusion loss became {last_loss} by step {step}/{steps}; previous model kept")
-        bar.close()
         train.close()
         ema.copy_buffers(model)  # buffers (RFF frequencies) are not parameters: copy them too
-
-        self.model, self.ema, self.normalizer = model.eval(), ema.module.eval(), normalizer
-        self.fitted = True
-        self.fit_count += 1
-        self.last_fit = {"loss": last_loss, "seconds": time.perf_counter() - t0, "steps": steps,
-                         "batch_size": bs, "compiled": train.compiled, "gradients": train.gradients}
-        log.info("diffusion fit: %d steps, batch %d, loss %.4f, %.1fs", steps, bs, last_loss,
-                 self.last_fit["seconds"])
-        return dict(self.last_fit)
+        return model, ema, normalizer, last_loss, bs, train
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, *, batch_size: Optional[int] = None, seed: Optional[int] = None,
@@ -195,8 +262,13 @@ class TransitionDiffusion:
                sample_steps: Optional[int] = None) -> np.ndarray:
         """Draw ``n`` new rows with the EMA network.
 
-        Sampling runs in batches, so only one batch of intermediate states is alive at a time; out of
-        memory halves the batch size and retries.
+        Sampling runs in batches, so only one batch of intermediate states is alive at a time. When
+        memory runs out (a CUDA out-of-memory error, or a failed CPU allocation) the batch size is
+        halved and sampling starts over from the first row with the same seed, so the rows returned
+        are exactly those a call with the smaller ``batch_size`` gives (batches are equal-sized, so
+        a batch that fits is almost always the first). Each fallback logs a warning.
+
+        Columns that were constant in the data ``fit`` saw come back as exactly that constant.
 
         Args:
             n: rows to draw (0 allowed).
@@ -214,6 +286,7 @@ class TransitionDiffusion:
             RuntimeError: the model was never fitted (or loaded fitted).
             ValueError: an argument is invalid.
             DiffusionTrainingError: the samples are not finite.
+            torch.OutOfMemoryError, MemoryError, RuntimeError: memory runs out even one row at a time.
         """
         if not self.fitted:
             raise RuntimeError("TransitionDiffusion.sample() called before fit() (or load())")
@@ -228,39 +301,47 @@ class TransitionDiffusion:
         if seed is None:
             seed = c.seed + 1_000_003 * (self.sample_calls + 1)
         self.sample_calls += 1
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        out = np.empty((n, self.dim), dtype=np.float32)  # outside the retry: its size does not shrink
+        while True:
+            failed = None
+            try:
+                self._sample_into(out, c, bs, int(seed), show)
+                break
+            except Exception as e:
+                if bs == 1 or not is_out_of_memory(e):
+                    raise
+                failed = f"{type(e).__name__}: {str(e)[:300]}"
+            # here, outside the handler, the failed batch's tensors are released
+            bs = max(1, bs // 2)
+            log.warning("out of memory while sampling (%s); starting over with batch size %d", failed, bs)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        if not np.isfinite(out).all():
+            raise DiffusionTrainingError("diffusion samples contain non-finite values")
+        return out
+
+    def _sample_into(self, out: np.ndarray, c: SynthERConfig, bs: int, seed: int, show: bool) -> None:
+        """Fill ``out`` [n, D] with samples drawn ``bs`` rows at a time from a generator seeded ``seed``."""
+        n = out.shape[0]
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         sigmas = sigma_schedule(c.sample_steps, c.sigma_min, c.sigma_max, c.rho)
         stochastic = c.sampler == "stochastic"
-        out = np.empty((n, self.dim), dtype=np.float32)
-        n_batches = -(-n // bs)
-        bar = tqdm(total=n_batches * c.sample_steps, desc="diffusion sample", unit="step",
+        bar = tqdm(total=-(-n // bs) * c.sample_steps, desc="diffusion sample", unit="step",
                    disable=not show, leave=False)
-        start = 0
-        with torch.inference_mode(), matmul_autocast(self.device, c.precision):
-            net = self._sampling_network(c.precision)
-            while start < n:
-                b = min(bs, n - start)
-                noise = torch.randn(b, self.dim, device=self.device, generator=gen)
-                try:
+        try:
+            with torch.inference_mode(), matmul_autocast(self.device, c.precision):
+                net = self._sampling_network(c.precision)
+                for start in range(0, n, bs):
+                    b = min(bs, n - start)
+                    noise = torch.randn(b, self.dim, device=self.device, generator=gen)
                     x = heun_sample(net, noise, sigmas,
                                     s_churn=c.s_churn if stochastic else 0.0,
                                     s_tmin=c.s_tmin, s_tmax=c.s_tmax, s_noise=c.s_noise,
                                     generator=gen, on_step=lambda _: bar.update(1))
-                except torch.OutOfMemoryError:
-                    if bs == 1:
-                        raise
-                    bs = max(1, bs // 2)  # fall back to smaller batches and retry this one
-                    log.warning("out of memory while sampling; retrying with batch size %d", bs)
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                out[start:start + b] = self.normalizer.unnormalize(x).cpu().numpy()
-                start += b
-                bar.set_postfix(rows=start)
-        bar.close()
-        if not np.isfinite(out).all():
-            raise DiffusionTrainingError("diffusion samples contain non-finite values")
-        return out
+                    out[start:start + b] = self.normalizer.unnormalize(x).cpu().numpy()
+                    bar.set_postfix(rows=start + b)
+        finally:
+            bar.close()
 
     def _sampling_network(self, precision: str) -> nn.Module:
         """The EMA network, or for ``"bf16"`` a copy of it whose Linear weights and biases are cast to
@@ -311,11 +392,7 @@ class TransitionDiffusion:
         if state.get("version") != FORMAT_VERSION:
             raise ValueError(f"unsupported checkpoint version {state.get('version')!r}")
         cfg = SynthERConfig.from_dict(state["config"])
-        if device is not None:
-            cfg = cfg.replace(device=device)
-        elif cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            log.warning("checkpoint was saved for %s; CUDA is not available, loading on CPU", cfg.device)
-            cfg = cfg.replace(device="cpu")
+        cfg = cfg.replace(device=available_device(cfg.device) if device is None else device)
         norm = Normalizer.from_state_dict(state["normalizer"])
         if norm.dim != state["dim"]:
             raise ValueError(f"normalizer dim {norm.dim} != model dim {state['dim']}")

@@ -269,6 +269,26 @@ class MixingCore:
         if model is not None and model.dim != self.model_layout.dim:
             raise ValueError(f"the saved model has width {model.dim}, the layout {self.model_layout.dim}")
 
+    def to_device(self, device: str) -> None:
+        """Move the diffusion model and the synthetic pool to ``device``; later retrains run there.
+
+        For a run resumed on another machine (a checkpoint made on CUDA, resumed with ``--device cpu``).
+
+        Args:
+            device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+
+        Raises:
+            ValueError: ``device`` is not a device, or names CUDA where there is none.
+        """
+        self.pool.to_device(device)
+        self.config = self.pool.config
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle; the config follows the pool's, which moves to the CPU where CUDA is missing."""
+        self.__dict__.update(state)
+        if self.config.device != self.pool.config.device:
+            self.config = self.pool.config
+
 
 def _core_attr(path: str, doc: str) -> property:
     """A read-only property of a ``UsesMixingCore`` that reads ``self.core.<path>`` (dotted)."""

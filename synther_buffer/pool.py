@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import SynthERConfig
-from .diffusion import DiffusionTrainingError, TransitionDiffusion, resolve_device
+from .diffusion import DiffusionTrainingError, TransitionDiffusion, available_device, resolve_device
 from .layout import RowLayout, TransitionLayout  # TransitionLayout: deprecated, still importable from here
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,13 @@ LogFn = Callable[[str, float], None]
 CHUNK_ROWS = 65_536  # rows per block when filtering / compacting a generated pool (no pool-sized temporaries)
 
 
-def check_action_bounds(low, high, action_dim: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Action bounds as two float32 arrays of ``action_dim`` values.
+def check_action_bounds(low, high, action_dim: int, name: str = "action") -> Tuple[np.ndarray, np.ndarray]:
+    """Action (or observation) bounds as two float32 arrays of ``action_dim`` values; +-inf allowed.
 
     Args:
         low, high: scalars or ``action_dim`` values each.
-        action_dim: the action width.
+        action_dim: the width of the bounded field.
+        name: the field, for the messages (``"action"``, ``"observation"``).
 
     Returns:
         ``(low, high)`` broadcast to ``action_dim`` (copies).
@@ -50,9 +51,9 @@ def check_action_bounds(low, high, action_dim: int) -> Tuple[np.ndarray, np.ndar
     try:
         low, high = (np.broadcast_to(np.asarray(b, dtype=np.float32), (action_dim,)).copy() for b in (low, high))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"action bounds must be scalars or {action_dim} values each, got {low!r}, {high!r}") from e
+        raise ValueError(f"{name} bounds must be scalars or {action_dim} values each, got {low!r}, {high!r}") from e
     if not (low <= high).all():
-        raise ValueError(f"action bounds need low <= high (NaN is neither), got {low.tolist()} and {high.tolist()}")
+        raise ValueError(f"{name} bounds need low <= high (NaN is neither), got {low.tolist()} and {high.tolist()}")
     return low, high
 
 
@@ -107,6 +108,9 @@ class SyntheticPool:
         self.min_real = config.min_real   # owners clamp this to their capacity
         self.action_low: Optional[np.ndarray] = None    # synthetic actions are clipped to these
         self.action_high: Optional[np.ndarray] = None
+        self.obs_low: Optional[np.ndarray] = None       # synthetic obs and next_obs are clipped to these
+        self.obs_high: Optional[np.ndarray] = None      # (None: no finite bound)
+        self.num_obs_clipped = 0                        # synthetic rows whose obs or next_obs was clipped
         self._worker: Optional[threading.Thread] = None
         self._job: Optional[dict] = None
         self.remote = None   # synther_buffer.distributed.RemoteRetrainer for retrain_backend="ray"
@@ -135,6 +139,22 @@ class SyntheticPool:
     def set_action_bounds(self, low, high) -> None:
         """Clip the action columns of generated rows to [low, high] (e.g. the env's action space)."""
         self.action_low, self.action_high = check_action_bounds(low, high, self.layout.action_dim)
+
+    def set_obs_bounds(self, low, high) -> None:
+        """Clip the obs and next_obs columns of the pools installed from now on to [low, high].
+
+        Infinite entries bound nothing; bounds with no finite entry turn clipping off. Rows clipped
+        are counted in ``stats()["num_obs_clipped"]``.
+
+        Args:
+            low, high: scalars or ``obs_dim`` values each (e.g. a Box observation space's).
+
+        Raises:
+            ValueError: they do not broadcast, or low <= high fails somewhere.
+        """
+        low, high = check_action_bounds(low, high, self.layout.obs_dim, name="observation")
+        finite = np.isfinite(low).any() or np.isfinite(high).any()
+        self.obs_low, self.obs_high = (low, high) if finite else (None, None)
 
     def set_layout(self, layout: RowLayout) -> None:
         """Use ``layout`` for the next retrain (e.g. with the terminal column after all).
@@ -279,6 +299,8 @@ class SyntheticPool:
             return False
         fit, gen_seconds = result["fit"], result["gen_seconds"]
         self.num_filtered += result["filtered"]
+        if self.obs_low is not None:   # here, not in the build: the owner's bounds, whatever built the pool
+            self.num_obs_clipped += clip_observations(result["pool"], self.layout, self.obs_low, self.obs_high)
         # Atomic swap: readers see either the old pool or the complete new one.
         self.model, self.pool = result["model"], torch.from_numpy(result["pool"]).to(self.device)
         self.retrain_count += 1
@@ -331,7 +353,8 @@ class SyntheticPool:
         return {"env_steps": self.env_steps, "num_synthetic": self.num_synthetic,
                 "retrain_count": self.retrain_count, "last_retrain_env_step": self.last_retrain_env_step,
                 "failed_retrains": self.failed_retrains,
-                "num_filtered": self.num_filtered, "next_retrain": self.next_retrain,
+                "num_filtered": self.num_filtered, "num_obs_clipped": self.num_obs_clipped,
+                "next_retrain": self.next_retrain,
                 "last_train_loss": self.last_train_loss, "last_fit_seconds": self.last_fit_seconds,
                 "last_generate_seconds": self.last_generate_seconds, "real_ratio": self.config.real_ratio,
                 "retraining": self.retraining}
@@ -353,6 +376,8 @@ class SyntheticPool:
         state = {k: getattr(self, k) for k in self._COUNTERS}
         state["action_bounds"] = None if self.action_low is None else \
             [self.action_low.tolist(), self.action_high.tolist()]
+        state["obs_bounds"] = None if self.obs_low is None else [self.obs_low.tolist(), self.obs_high.tolist()]
+        state["num_obs_clipped"] = self.num_obs_clipped
         state["rng"] = json.dumps(self.rng.bit_generator.state)
         state["model"] = None if self.model is None else _to_cpu(self.model.state_dict())
         state["pool"] = None if self.pool is None else self.pool.cpu()
@@ -365,6 +390,9 @@ class SyntheticPool:
         self.rng.bit_generator.state = json.loads(state["rng"])
         if state.get("action_bounds") is not None:
             self.set_action_bounds(*state["action_bounds"])
+        if state.get("obs_bounds") is not None:   # absent in states saved before observation bounds
+            self.set_obs_bounds(*state["obs_bounds"])
+        self.num_obs_clipped = int(state.get("num_obs_clipped", 0))
         self.model = None if state["model"] is None else \
             TransitionDiffusion.from_state_dict(state["model"], device=str(self.device))
         self.pool = None if state["pool"] is None else state["pool"].to(self.device)
@@ -377,9 +405,30 @@ class SyntheticPool:
         layout = d["layout"]
         if isinstance(layout, TransitionLayout):  # pickled by version 0.1.0
             layout = layout.as_row_layout()
-        self.__init__(layout, d["config"])
+        config = d["config"]  # pickled on a CUDA machine, unpickled on one without: the CPU
+        self.__init__(layout, config.replace(device=available_device(config.device, "the SynthER pool")))
         self.min_real = d.get("min_real", self.min_real)   # absent in pickles of version 0.1.0
         self.load_state_dict(d["state"])
+
+    def to_device(self, device: str) -> None:
+        """Move the model and the pool to ``device`` and make it the config's (a run resumed elsewhere).
+
+        Waits for an in-flight background retrain first. Later retrains fit on ``device``.
+
+        Args:
+            device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+
+        Raises:
+            ValueError: ``device`` is not a device, or names CUDA where there is none.
+        """
+        target = resolve_device(device)
+        self.wait()
+        self.config = self.config.replace(device=device)
+        self.device = target
+        if self.model is not None and self.model.device != target:
+            self.model = TransitionDiffusion.from_state_dict(self.model.state_dict(), device=device)
+        if self.pool is not None:
+            self.pool = self.pool.to(target)
 
 
 def build_pool(config: SynthERConfig, rows: np.ndarray, retrain_index: int, env_step: int, layout: RowLayout,
@@ -474,3 +523,29 @@ def _to_cpu(obj):
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
     return obj
+
+
+def clip_observations(rows: np.ndarray, layout: RowLayout, low: np.ndarray, high: np.ndarray,
+                      chunk: int = CHUNK_ROWS) -> int:
+    """Clip the obs and next_obs columns of ``rows`` to [low, high] in place, ``chunk`` rows at a time.
+
+    Args:
+        rows: [M, layout.dim] generated rows.
+        layout: their layout.
+        low, high: ``obs_dim`` bounds each (+-inf: no bound there).
+        chunk: rows clipped at a time (no pool-sized temporaries).
+
+    Returns:
+        How many rows had a value outside the bounds.
+    """
+    o, a = layout.obs_dim, layout.action_dim
+    clipped = 0
+    for i in range(0, len(rows), chunk):
+        block = rows[i:i + chunk]
+        outside = np.zeros(len(block), dtype=bool)
+        for cols in (slice(0, o), slice(o + a + 1, 2 * o + a + 1)):
+            part = block[:, cols]
+            outside |= ((part < low) | (part > high)).any(axis=1)
+            np.clip(part, low, high, out=part)
+        clipped += int(outside.sum())
+    return clipped

@@ -169,9 +169,14 @@ class GenerativeReplayBuffer(UsesMixingCore, ReplayBuffer):
     def retrain(self) -> bool:
         """Retrain the diffusion model on all real data now and regenerate the pool. True on success.
 
+        The new pool's observations and next observations are clipped to the observation space's
+        finite bounds (``stats()["num_obs_clipped"]`` counts the rows clipped).
+
         Raises:
             RuntimeError: fewer than 2 real transitions, or a background retrain is running.
         """
+        # read from the space at each retrain, so a buffer unpickled from an older file gets them too
+        self.core.pool.set_obs_bounds(self.observation_space.low, self.observation_space.high)
         return self.core.retrain(self.real_rows())
 
     # ------------------------------------------------------------------ sampling
@@ -211,7 +216,7 @@ class GenerativeReplayBuffer(UsesMixingCore, ReplayBuffer):
     # ------------------------------------------------------------------ reporting
     def stats(self) -> Dict[str, float]:
         """env_steps, num_real, num_synthetic, retrain_count, last_train_loss, last_fit_seconds,
-        last_generate_seconds, real_ratio (and failed_retrains, num_filtered, next_retrain)."""
+        last_generate_seconds, real_ratio (and failed_retrains, num_filtered, num_obs_clipped, next_retrain)."""
         return self.core.stats(num_real=self.size() * self.n_envs)
 
     # ------------------------------------------------------------------ pickling
@@ -228,6 +233,92 @@ class GenerativeReplayBuffer(UsesMixingCore, ReplayBuffer):
             pool.min_real, core.pool = core.min_real, pool
             state["core"] = core
         self.__dict__.update(state)
+
+    # ------------------------------------------------------------------ weights-only files
+    SYNTHER_FILES_VERSION = 1   # of the files save_synther writes
+
+    def _real_arrays(self) -> Dict[str, np.ndarray]:
+        """SB3's arrays of the real transitions (``next_observations`` unless ``optimize_memory_usage``)."""
+        names = ["observations", "actions", "rewards", "dones", "timeouts"]
+        if not self.optimize_memory_usage:
+            names.insert(1, "next_observations")
+        return {name: getattr(self, name) for name in names}
+
+    def save_synther(self, path: Union[str, "os.PathLike"]) -> None:
+        """Write the buffer to directory ``path`` as files that load with ``torch.load(weights_only=True)``.
+
+        The SynthER state (config, diffusion model, normaliser, synthetic pool, schedule counters,
+        bounds: what ``GenerativeReplay.save`` holds) goes to ``state.pt``, SB3's arrays of the real
+        transitions with ``pos`` / ``full`` to ``real.pt``, swapped in whole
+        (``synther_buffer.checkpoint.write_weights_only``). Unlike SB3's ``save_replay_buffer``, a
+        pickle that runs code on load, :meth:`load_synther` runs none. Waits for an in-flight
+        background retrain first.
+
+        Args:
+            path: the directory (created; a previous one is replaced atomically).
+        """
+        from .checkpoint import write_weights_only
+
+        state = {"version": self.SYNTHER_FILES_VERSION, "kind": "GenerativeReplayBuffer", "obs_dim": self.obs_size,
+                 "action_dim": self.action_dim, "buffer_size": self.buffer_size, "n_envs": self.n_envs,
+                 "optimize_memory_usage": self.optimize_memory_usage, "model_terminals": self.model_terminals,
+                 "config": self.config.to_dict(), **self.core.state_dict()}
+        real = {"pos": int(self.pos), "full": bool(self.full),
+                **{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self._real_arrays().items()}}
+        write_weights_only(path, {"state.pt": state, "real.pt": real})
+
+    def load_synther(self, path: Union[str, "os.PathLike"], device: Optional[str] = None) -> None:
+        """Restore what :meth:`save_synther` wrote into this buffer, through ``torch.load(weights_only=True)``.
+
+        The buffer must have the saved spaces' widths, ``buffer_size``, ``n_envs`` and
+        ``optimize_memory_usage`` (build the agent as before, then load). Its SynthER half (config,
+        model, pool, schedule) becomes the saved one; nothing changes if loading fails.
+
+        Args:
+            path: the directory (``path.old`` after a kill between the save's renames).
+            device: put the diffusion model and pool there instead of the saved config's device (a
+                CUDA checkpoint loads on the CPU, with a warning, where CUDA is missing).
+
+        Raises:
+            FileNotFoundError: no checkpoint at ``path``.
+            ValueError: a file that is not weights-only (code-carrying), truncated or foreign, or a
+                checkpoint of another buffer shape (named).
+        """
+        from .checkpoint import read_weights_only
+        from .diffusion import available_device
+
+        what = "GenerativeReplayBuffer SynthER checkpoint"
+        d, files = read_weights_only(path, ("state.pt", "real.pt"), what)
+        state, real = files["state.pt"], files["real.pt"]
+        if not isinstance(state, dict) or state.get("kind") != "GenerativeReplayBuffer" \
+                or state.get("version") != self.SYNTHER_FILES_VERSION or not isinstance(real, dict):
+            raise ValueError(f"{d} is not a {what} of version {self.SYNTHER_FILES_VERSION}")
+        try:
+            saved = {k: state[k] for k in ("obs_dim", "action_dim", "buffer_size", "n_envs", "optimize_memory_usage")}
+            ours = {"obs_dim": self.obs_size, "action_dim": self.action_dim, "buffer_size": self.buffer_size,
+                    "n_envs": self.n_envs, "optimize_memory_usage": self.optimize_memory_usage}
+            if saved != ours:
+                diff = ", ".join(f"{k} {saved[k]!r} (this buffer: {ours[k]!r})" for k in ours if saved[k] != ours[k])
+                raise ValueError(f"saved from another buffer: {diff}")
+            cfg = SynthERConfig.from_dict(state["config"])
+            cfg = cfg.replace(device=available_device(cfg.device, what) if device is None else device)
+            core = MixingCore(self.obs_size, self.action_dim, cfg, state["model_terminals"],
+                              capacity=self.buffer_size * self.n_envs, log_fn=self.core.pool.log_fn)
+            core.load_state_dict(state["pool"], state.get("terminal_column"))
+            arrays = {}
+            for name, ours_arr in self._real_arrays().items():
+                arr = real[name].numpy()
+                if arr.shape != ours_arr.shape:
+                    raise ValueError(f"{name} has shape {arr.shape}, this buffer {ours_arr.shape}")
+                arrays[name] = arr
+            pos, full = int(real["pos"]), bool(real["full"])
+            if not 0 <= pos < self.buffer_size:
+                raise ValueError(f"pos {pos} outside [0, {self.buffer_size})")
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, ValueError) as e:
+            raise ValueError(f"cannot load {what} {d}: {type(e).__name__}: {e}") from None
+        for name, arr in arrays.items():
+            getattr(self, name)[...] = arr
+        self.pos, self.full, self.core = pos, full, core
 
 
 def _reject_her(observation_space: spaces.Space, unexpected: Dict[str, Any]) -> None:

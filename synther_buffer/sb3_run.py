@@ -144,6 +144,8 @@ class SB3Run:
             raise ValueError(f"--resume from {self.checkpoint.path}: {e}") from None
         model = agent_class.load(directory / "agent.zip", env=self.env, device=self.args.device)
         model.load_replay_buffer(directory / "replay_buffer.pkl")
+        if isinstance(model.replay_buffer, GenerativeReplayBuffer):   # --device may differ from the saved run's
+            model.replay_buffer.core.to_device(self.args.device)
         capacity = model.replay_buffer.buffer_size * model.replay_buffer.n_envs
         if capacity < buffer_size:
             raise ValueError(f"--resume: the checkpoint's replay buffer holds {capacity:,} transitions; "

@@ -34,6 +34,16 @@ def torch_one_thread():
 
 
 @pytest.fixture
+def restore_matmul_flags():
+    """Restores torch's global matmul flags (TF32, float32 matmul precision) after the test
+    (``helpers.matmul_flags_restored``)."""
+    from helpers import matmul_flags_restored
+
+    with matmul_flags_restored():
+        yield
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     """A fresh, seeded numpy generator per test."""
     return np.random.default_rng(0)

@@ -86,3 +86,21 @@ def test_check_resume_settings_names_each_difference():
     check_resume_settings(saved, {**saved, "new_flag": 1})          # flags the checkpoint predates are allowed
     with pytest.raises(ValueError, match=r"--env 'cheetah-run' \(now 'walker-walk'\), --seed 0 \(now 1\)"):
         check_resume_settings(saved, {**saved, "env": "walker-walk", "seed": 1})
+
+
+# ---------------------------------------------------------------------------- weights-only directories
+def test_weights_only_directory_round_trip_and_refusals(tmp_path):
+    import argparse
+
+    from synther_buffer.checkpoint import read_weights_only, write_weights_only
+
+    write_weights_only(tmp_path / "d", {"a.pt": {"x": torch.arange(3), "n": 2}, "b.pt": [1.5, "s"]})
+    d, files = read_weights_only(tmp_path / "d", ("a.pt", "b.pt"), "test checkpoint")
+    assert d == tmp_path / "d" and torch.equal(files["a.pt"]["x"], torch.arange(3)) and files["b.pt"] == [1.5, "s"]
+    torch.save(argparse.Namespace(a=1), tmp_path / "d" / "b.pt")   # an object the safe loader does not allow
+    with pytest.raises(ValueError, match=r"test checkpoint .*b\.pt"):
+        read_weights_only(tmp_path / "d", ("a.pt", "b.pt"), "test checkpoint")
+    with pytest.raises(FileNotFoundError):
+        read_weights_only(tmp_path / "d", ("c.pt",), "test checkpoint")
+    with pytest.raises(FileNotFoundError):
+        read_weights_only(tmp_path / "none", ("a.pt",), "test checkpoint")

@@ -5,12 +5,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from synther_buffer import SynthERConfig, TransitionDiffusion
+from synther_buffer.edm import sigma_schedule
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"   # the project's shared folder, beside the repo
+DESIGN = SHARED / "DESIGN.md"
+SEED = SHARED / "seed" / "synther-supplementary.txt"
+DESIGN_STATS = ("env_steps", "num_real", "num_synthetic", "retrain_count", "last_train_loss", "last_fit_seconds",
+                "last_generate_seconds", "real_ratio")
 
 # Exactly the seed's values (Table 8, Table 9, D.2, reference code's 50/50 mixing).
 PAPER_VALUES = dict(
@@ -32,9 +41,34 @@ FUZZ = settings(max_examples=40, deadline=None, database=None)
 
 
 # ---------------------------------------------------------------------------- presets
+def _backticked_names(paragraph: str) -> list:
+    """Identifiers in backticks (``width``), not quoted values (``"auto"``) or class names."""
+    return re.findall(r"`([a-z_][a-z0-9_]*)`", paragraph)
+
+
+def _design_paragraph(start: str) -> str:
+    """The paragraph of ../shared/DESIGN.md (beside the repository) that begins with ``start``."""
+    text = DESIGN.read_text()
+    i = text.index(start)
+    return text[i:text.find("\n\n", i)]
+
+
 def test_design_field_names_exist():
+    """Every SynthERConfig field name DESIGN.md fixes is a field (read from DESIGN.md where it is beside
+    the repository, else the list as it was copied here), and so is every stats() key it names."""
+    if DESIGN.is_file():
+        fields = _backticked_names(_design_paragraph("`SynthERConfig` field names are fixed"))
+        assert set(FIXED_FIELDS) <= set(fields), "the copy here lags DESIGN.md"
+        stats = _backticked_names(_design_paragraph("`stats()` returns at least"))
+    else:
+        fields, stats = list(FIXED_FIELDS), list(DESIGN_STATS)
+    assert len(fields) >= 22 and len(stats) >= 8
     names = {f.name for f in dataclasses.fields(SynthERConfig)}
-    assert set(FIXED_FIELDS) <= names
+    assert sorted(set(fields) - names) == []
+    from synther_buffer import GenerativeReplay
+
+    got = GenerativeReplay(2, 1, capacity=10, config=SynthERConfig.preset("tiny").replace(device="cpu")).stats()
+    assert sorted(set(stats) - set(got)) == []
 
 
 @pytest.mark.parametrize("field,value", sorted(PAPER_VALUES.items()))
@@ -53,13 +87,90 @@ def test_paper_batch_size_rule():
     assert cfg.replace(batch_size=64).batch_size_for(1_000_000) == 64
 
 
+def _seed_number(text: str) -> float:
+    """``3×10^{-4}`` -> 3e-4, ``100K`` -> 100000, ``1.003`` -> 1.003."""
+    text = text.strip()
+    m = re.fullmatch(r"([\d.]+)\s*×\s*10\^\{(-?\d+)\}", text)
+    if m:
+        return float(m.group(1)) * 10.0 ** int(m.group(2))
+    scale = {"K": 1e3, "M": 1e6}.get(text[-1], 1.0)
+    return float(text[:-1] if scale != 1.0 else text) * scale
+
+
+def _seed_table(number: int) -> dict:
+    """Rows ``parameter<TAB>value`` of the seed's Table ``number``."""
+    text = SEED.read_text()
+    start = text.index(f"Table {number}:")
+    rows = {}
+    for line in text[start:].splitlines()[1:]:
+        if "\t" not in line:
+            if rows:
+                break
+            continue
+        name, value = line.split("\t", 1)
+        if name != "Parameter":
+            rows[name.strip()] = value.strip()
+    return rows
+
+
+def test_paper_preset_equals_the_seed_tables():
+    """The paper preset against Tables 8 and 9 and D.2 as the seed states them (parsed from
+    ../shared/seed/synther-supplementary.txt beside the repository, else the values copied here)."""
+    paper = SynthERConfig.preset("paper")
+    if SEED.is_file():
+        t8, t9 = _seed_table(8), _seed_table(9)
+        seed = {"depth": _seed_number(t8["no. layers"]), "width": _seed_number(t8["width"]),
+                "rff_dim": _seed_number(t8["RFF dimension"]), "lr": _seed_number(t8["learning rate"]),
+                "train_steps": _seed_number(t8["model training steps"]),
+                "sample_steps": _seed_number(t9["no. diffusion steps"]),
+                "sigma_min": _seed_number(t9["σ_{\\min}"]), "sigma_max": _seed_number(t9["σ_{\\max}"]),
+                "s_churn": _seed_number(t9["S_{churn}"]), "s_tmin": _seed_number(t9["$S_{t\\min}$"]),
+                "s_tmax": _seed_number(t9["$S_{t\\max}$"]), "s_noise": _seed_number(t9["S_{noise}"])}
+        batch = re.fullmatch(r"\{\s*(\d+) for online.*?,\s*(\d+) otherwise\s*\}", t8["batch size"])
+        small_batch, large_batch = int(batch.group(1)), int(batch.group(2))
+        online = re.search(r"every ([\d.]+[KM]) online steps, and generates ([\d.]+[KM]) transitions",
+                           SEED.read_text())
+        seed["retrain_every"], seed["num_generate"] = (_seed_number(g) for g in online.groups())
+        assert t8["activation"] == "relu" and t8["optimizer"] == "Adam"
+    else:
+        seed = {k: PAPER_VALUES[k] for k in ("depth", "width", "rff_dim", "lr", "train_steps", "sample_steps",
+                                             "sigma_min", "sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise",
+                                             "retrain_every")}
+        seed["num_generate"], small_batch, large_batch = 1_000_000, 256, 1024
+    assert {k: getattr(paper, k) for k in seed} == pytest.approx(seed, rel=1e-12)
+    assert (paper.batch_size_for(999_999), paper.batch_size_for(1_000_000)) == (small_batch, large_batch)
+    assert paper.sampler == "stochastic"              # B.3: the stochastic SDE sampler
+
+
+def _expected_params(d: int, c: SynthERConfig) -> int:
+    """The residual MLP's trainable parameters by hand: proj, time MLP, linear_in, blocks, norm_out, linear_out."""
+    t, w = c.time_dim, c.width
+    return (d * t + t) + ((c.rff_dim + 1) * t + t + t * t + t) + (t * w + w) + c.depth * (2 * w + w * w + w) \
+        + 2 * w + (w * d + d)
+
+
 @pytest.mark.parametrize("name", ["paper", "fast", "tiny"])
-def test_presets_build_and_validate(name):
-    cfg = SynthERConfig.preset(name)
-    assert isinstance(cfg, SynthERConfig)
-    cfg.validate()
-    assert cfg.sampler in ("stochastic", "deterministic")
-    assert 0.0 <= cfg.real_ratio <= 1.0
+def test_each_preset_builds_the_network_and_sampler_it_names(name):
+    """A preset's fields reach the model: the denoiser's widths, depth and RFF size, and the sampler's
+    noise levels, step count and churn."""
+    cfg = SynthERConfig.preset(name).replace(device="cpu", progress=False)
+    model = TransitionDiffusion(41, cfg)
+    net = model.ema.net
+    assert len(net.blocks) == cfg.depth and net.linear_in.out_features == cfg.width
+    assert net.proj.out_features == cfg.time_dim and net.time_mlp[0].weights.numel() == cfg.rff_dim // 2
+    assert model.num_params == _expected_params(41, cfg)
+    sigmas = []
+    model.ema.register_forward_pre_hook(lambda mod, args: sigmas.append(float(args[1].reshape(-1)[0])))
+    model.fitted = True                                        # an untrained network samples as well
+    model.sample(2, seed=0)
+    assert len(sigmas) == 2 * cfg.sample_steps - 1            # Heun: no correction at the last step
+    schedule = [float(s) for s in sigma_schedule(cfg.sample_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)]
+    assert (schedule[0], schedule[-2], schedule[-1]) == pytest.approx((cfg.sigma_max, cfg.sigma_min, 0.0))
+    gamma = min(cfg.s_churn / cfg.sample_steps, math.sqrt(2) - 1) if cfg.sampler == "stochastic" else 0.0
+    churned = [t * (1 + (gamma if cfg.s_tmin <= t <= cfg.s_tmax else 0.0)) for t in schedule[:-1]]
+    assert sigmas[0::2] == pytest.approx(churned, rel=1e-6)        # each step's Euler evaluation, at t_hat
+    assert sigmas[1::2] == pytest.approx(schedule[1:-1], rel=1e-6)  # its correction, at t_next > 0
+    assert (gamma > 0) == (cfg.sampler == "stochastic" and any(cfg.s_tmin <= t <= cfg.s_tmax for t in schedule))
 
 
 def test_fast_and_tiny_are_smaller_than_paper():

@@ -263,6 +263,7 @@ def test_fit_with_manual_gradients_matches_autograd_fit(rng):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("restore_matmul_flags")
 def test_loss_and_gradients_equal_autograd_on_cuda():
     model = _denoiser(dim=41, width=256, depth=4, device="cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -271,6 +272,7 @@ def test_loss_and_gradients_equal_autograd_on_cuda():
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
                     reason="needs CUDA with bfloat16")
+@pytest.mark.usefixtures("restore_matmul_flags")
 def test_bf16_gradients_as_accurate_as_autocast_on_cuda():
     model = _denoiser(dim=41, width=256, depth=4, device="cuda")
     x, rn, un = _draws(256, 41, device="cuda")
@@ -281,3 +283,18 @@ def test_bf16_gradients_as_accurate_as_autocast_on_cuda():
     edm_loss_and_grads(model, x, rn, un, matmul_dtype=torch.bfloat16)
     err = _rel_err({n: p.grad.clone() for n, p in model.named_parameters()}, ref)
     assert 0 < err <= 1.75 * _rel_err(ac, ref) + 0.005 and err < 0.05
+
+
+def test_matmul_flags_are_restored_after_a_test_changes_them():
+    """What ``restore_matmul_flags`` (used by the CUDA tests above) does, checked on any machine."""
+    from helpers import matmul_flags_restored
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              torch.get_float32_matmul_precision())
+    with matmul_flags_restored():
+        torch.backends.cuda.matmul.allow_tf32 = not before[0]
+        torch.backends.cudnn.allow_tf32 = not before[1]
+        torch.set_float32_matmul_precision("medium")
+        assert torch.get_float32_matmul_precision() != before[2] or before[2] == "medium"
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision()) == before

@@ -86,17 +86,42 @@ def test_sample_before_any_pool_raises(tiny_cfg):
         pool.sample(4)
 
 
-@settings(max_examples=200, deadline=None)
-@given(batch=st.integers(1, 4096),
+@pytest.fixture
+def marked_diffusion(fake_diffusion, monkeypatch):
+    """``fake_diffusion`` whose samples are marked: obs_0 of synthetic row k is 1000 + k (real |obs| < 10)."""
+    def sample(self, n, **kw):
+        rows = np.zeros((n, self.dim), np.float32)
+        rows[:, 0] = 1000.0 + np.arange(n)
+        return rows
+
+    monkeypatch.setattr(TransitionDiffusion, "sample", sample)
+    return fake_diffusion
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(1, 700),
        ratio=st.one_of(st.sampled_from([0.0, 0.3, 0.5, 1.0]), st.floats(0.0, 1.0)))
-def test_split_batch_rule(batch, ratio):
-    cfg = SynthERConfig.preset("tiny").replace(device="cpu", real_ratio=ratio)
-    pool = SyntheticPool(RowLayout(OBS, ACT, False), cfg)
-    assert pool.split_batch(batch) == (batch, 0)       # no pool yet: all real
-    pool.pool = torch.zeros(5, pool.layout.dim)
-    n_real, n_syn = pool.split_batch(batch)
-    assert n_real == int(np.floor(ratio * batch + 0.5))
-    assert n_real + n_syn == batch and n_syn >= 0
+def test_batches_hold_the_documented_number_of_real_rows(tiny_cfg, marked_diffusion, batch, ratio):
+    """Counted in the batches a buffer serves, its pool made by a retrain: all real before the first
+    retrain, then floor(real_ratio * B + 0.5) real rows first (the nearest count to real_ratio * B)
+    and synthetic ones after."""
+    buf = GenerativeReplay(OBS, ACT, capacity=1000, config=small(tiny_cfg, real_ratio=ratio, outlier_std=None),
+                           model_terminals=False)
+    buf.add(*transitions(60, seed=1)[:5])
+    assert buf.stats()["num_synthetic"] == 0
+    assert (buf.sample(batch).obs[:, 0].abs() < 10).all()
+    buf.add(*transitions(60, seed=2)[:5])                          # env step 120: the retrain at 100 ran
+    assert buf.stats()["num_synthetic"] == 500
+    real_rows = {r.tobytes() for r in buf.real_rows()[:, :OBS]}
+    for _ in range(3):
+        b = buf.sample(batch)
+        is_real = (b.obs[:, 0].abs() < 10).numpy()
+        n_real = int(is_real.sum())
+        assert n_real == int(np.floor(ratio * batch + 0.5))
+        assert abs(n_real - ratio * batch) <= 0.5                  # the nearest whole count
+        assert is_real[:n_real].all() and not is_real[n_real:].any()   # real rows first
+        assert all(r.tobytes() in real_rows for r in b.obs[:n_real].numpy())
+        assert (b.obs[n_real:, 0] >= 1000).all() and len(b.obs) == batch
 
 
 def test_pool_sample_draws_pool_rows(tiny_cfg):
