@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import atomic_directory, resolve_directory
 from .config import SynthERConfig
+from .diffusion import available_device
 
 CHECKPOINT_VERSION = 1
 PathLike = Union[str, os.PathLike]
@@ -81,9 +82,10 @@ def read(path: PathLike, kind: str, arrays: Tuple[str, ...] = ()) -> Tuple[Path,
 
 
 def saved_config(state: dict, device: Optional[str]) -> SynthERConfig:
-    """The saved config, with the model's device replaced by ``device`` when given."""
+    """The saved config, with the model's device replaced by ``device`` when given (else the saved one, or
+    the CPU with a warning when that names CUDA and there is none here)."""
     cfg = SynthERConfig.from_dict(state["config"])
-    return cfg if device is None else cfg.replace(device=device)
+    return cfg.replace(device=device if device is not None else available_device(cfg.device, "buffer checkpoint"))
 
 
 @contextmanager

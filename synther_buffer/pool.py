@@ -489,7 +489,7 @@ def in_range(outlier_std: Optional[float], synth: np.ndarray, real: np.ndarray, 
     k = outlier_std
     mean = real.mean(axis=0, dtype=np.float64)
     std = real.std(axis=0, dtype=np.float64)
-    judged = std >= 1e-6  # the model never reproduces a constant exactly: don't judge those
+    judged = std >= 1e-6  # near-constant columns: a zero-width range would drop every row; not judged
     if terminal:
         judged[-1] = False
     lo = (mean - k * std)[judged].astype(np.float32)

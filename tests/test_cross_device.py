@@ -72,6 +72,8 @@ def test_generative_replay_checkpoint_saved_for_cuda_resumes_on_the_cpu(tmp_path
     state["pool"]["model"]["config"] = _as_cuda(state["pool"]["model"]["config"])
     torch.save(state, tmp_path / "ck" / "state.pt")
 
+    auto = GenerativeReplay.load(tmp_path / "ck")            # no device given: the CPU, with a warning
+    assert auto.config.device == "cpu" and auto.model.device.type == "cpu"
     back = GenerativeReplay.load(tmp_path / "ck", device="cpu")
     assert back.config.device == "cpu" and back.device.type == "cpu" and back.model.device.type == "cpu"
     assert back.pool.pool.device.type == "cpu"
