@@ -372,14 +372,16 @@ class ShardedGeneration:
                 raise RuntimeError(f"shard {i} drew {self.results[i]['rows']} rows, the merge used {self.offset[i]}")
         self._remove_parts()
 
-    def abort(self) -> None:
-        """On failure: cancel the tasks still running and remove the part files."""
-        for i, ref in enumerate(self.refs):
-            if self.results[i] is None:
-                try:
-                    self.ray.cancel(ref, force=True)
-                except Exception:  # already finished or failed
-                    pass
+    def abort(self, settle_s: float = 600.0) -> None:
+        """On failure: let the shards still running settle (up to ``settle_s``), then remove the part files.
+
+        No ``ray.cancel(force=True)``: force-cancelling a task that is just completing trips an internal
+        check in Ray 2.60 that aborts the driver process. Waiting also means no shard writes into the
+        parts directory after it is removed.
+        """
+        pending = [ref for i, ref in enumerate(self.refs) if self.results[i] is None]
+        if pending:
+            self.ray.wait(pending, num_returns=len(pending), timeout=settle_s)  # failures are not raised here
         self._remove_parts()
 
     def _remove_parts(self) -> None:
