@@ -1,0 +1,72 @@
+"""Fidelity vs data size (benchmarks/fidelity/sizes.py): variant parsing, resumable cells, the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` lives beside the package, not inside it
+    sys.path.insert(0, str(ROOT))
+
+import benchmarks.fidelity.sizes as S  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def test_parse_variant():
+    v = S.parse_variant("steps45k@50000,100000:train_steps=45000,width=512")
+    assert v.name == "steps45k" and v.overrides == {"train_steps": 45000, "width": 512}
+    assert v.applies_to(50000) and v.applies_to(100000) and not v.applies_to(10000)
+    assert S.parse_variant("b:batch_size=None").overrides == {"batch_size": None}
+    assert S.parse_variant("all:lr=0.001").applies_to(7)
+
+
+@pytest.mark.parametrize("spec", ["nocolon", "x:", ":train_steps=5", "x:nosuchfield=1", "x:train_steps",
+                                  "x:train_steps=-3"])
+def test_parse_variant_rejects(spec):
+    with pytest.raises(ValueError):
+        S.parse_variant(spec)
+
+
+def test_epochs_seen():
+    assert S.epochs_seen(15_000, 256, 10_000) == pytest.approx(384.0)
+    assert S.epochs_seen(15_000, 256, 50_000) == pytest.approx(76.8)
+
+
+def test_cells_resume_and_report(tmp_path, monkeypatch):
+    pytest.importorskip("mujoco")
+    out = tmp_path / "sizes"
+    argv = ["--sizes", "200", "400", "--preset", "tiny", "--variant", "short@400:train_steps=50",
+            "--num-synthetic", "100", "--policy-mix", "1,1,0", "--out", str(out)]
+    assert S.main(argv) == 0
+    cells = sorted(p.relative_to(out / "cells").as_posix() for p in (out / "cells").glob("*/*/*.json"))
+    assert cells == ["HalfCheetah-v5/additive/200.json", "HalfCheetah-v5/additive/400.json",
+                     "HalfCheetah-v5/preset/200.json", "HalfCheetah-v5/preset/400.json",
+                     "HalfCheetah-v5/real/200.json", "HalfCheetah-v5/real/400.json",
+                     "HalfCheetah-v5/short/400.json"]
+    short = json.loads((out / "cells/HalfCheetah-v5/short/400.json").read_text())
+    assert short["train_steps"] == 50 and short["epochs"] == pytest.approx(50 * 256 / 400)
+    preset = json.loads((out / "cells/HalfCheetah-v5/preset/200.json").read_text())
+    assert preset["dynamics_mse"] > 0 and preset["n_scored"] == 100
+    real = json.loads((out / "cells/HalfCheetah-v5/real/200.json").read_text())
+    assert real["dynamics_mse"] < 1e-6      # held-out real rows replay exactly
+
+    # a second run fits nothing: every cell is found with the same settings
+    def no_fit(*a, **k):
+        raise AssertionError("a stored cell was re-measured")
+    monkeypatch.setattr("synther_buffer.offline.make_model", no_fit)
+    assert S.main(argv) == 0
+    # ... but a changed setting is a new cell
+    with pytest.raises(AssertionError, match="re-measured"):
+        S.main([a.replace("train_steps=50", "train_steps=60") for a in argv])
+
+    rows = json.loads((out / "sizes.json").read_text())["rows"]
+    by = {(r["size"], r["variant"]): r for r in rows}
+    assert by[(200, "additive")]["dyn_x_additive"] == pytest.approx(1.0)
+    assert by[(400, "short")]["dyn_x_additive"] == pytest.approx(
+        short["dynamics_mse"] / by[(400, "additive")]["dynamics_mse"])
+    assert (out / "sizes.csv").read_text().splitlines()[0].startswith("env,size,variant")
