@@ -41,9 +41,18 @@ class SynthERConfig:
         depth: number of residual blocks ``x + linear(relu(norm(x)))``.
         rff_dim: random Fourier feature dimension of the noise-level embedding.
         time_dim: width of the noise embedding / input projection (reference code: 128).
-        train_steps: gradient steps per fit (each retrain trains from scratch).
+        train_steps: gradient steps per fit (each retrain trains from scratch); with
+            ``train_steps_rows`` set, the steps of a fit on up to that many rows.
+        train_steps_rows: the data-size budget rule: ``None`` (the paper's) trains ``train_steps``
+            whatever the data size; a row count ``n0`` makes a fit on ``n > n0`` rows train
+            ``train_steps * (n / n0) ** train_steps_power`` steps (``train_steps_for``), so a growing
+            online buffer is not seen fewer times per row as it grows (benchmarks/FIDELITY.md,
+            "Fidelity as the data grows").
+        train_steps_power: exponent of that growth: 1 keeps the epochs per fit constant, 0 is the
+            fixed budget.
+        max_train_steps: cap of the rule's steps (``None``: no cap).
         batch_size: training batch; ``None`` picks 256 below 1M rows, else 1024 (Table 8).
-        lr: Adam learning rate, cosine-annealed to 0 over ``train_steps``.
+        lr: Adam learning rate, cosine-annealed to 0 over the fit's steps.
         ema_decay: largest decay of the EMA of the weights that sampling uses (``ema.EMA``: it copies
             the weights for a warm-up, then its decay grows towards this value).
         ema_every: the EMA is updated every ``ema_every`` training steps.
@@ -107,6 +116,9 @@ class SynthERConfig:
     time_dim: int = 128
     # training
     train_steps: int = 100_000
+    train_steps_rows: Optional[int] = None
+    train_steps_power: float = 1.0
+    max_train_steps: Optional[int] = None
     batch_size: Optional[int] = None
     lr: float = 3e-4
     ema_decay: float = 0.995
@@ -165,7 +177,7 @@ class SynthERConfig:
         for name in ("width", "depth", "rff_dim", "time_dim", "train_steps", "ema_every", "sample_steps",
                      "retrain_every", "synthetic_size", "num_generate", "min_real"):
             out[name] = positive_int(f"SynthERConfig.{name}", getattr(self, name))
-        for name in ("batch_size", "sample_batch_size"):
+        for name in ("batch_size", "sample_batch_size", "train_steps_rows", "max_train_steps"):
             out[name] = positive_int(f"SynthERConfig.{name}", getattr(self, name), optional=True)
         out["seed"] = check_int("SynthERConfig.seed", self.seed)
         if self.rff_dim % 2:
@@ -175,6 +187,11 @@ class SynthERConfig:
         for name in ("p_mean", "s_tmin", "s_tmax"):
             out[name] = finite_float(f"SynthERConfig.{name}", getattr(self, name))
         out["s_churn"] = finite_float("SynthERConfig.s_churn", self.s_churn, low=0.0)
+        out["train_steps_power"] = finite_float("SynthERConfig.train_steps_power", self.train_steps_power,
+                                                low=0.0, high=2.0)
+        if out["max_train_steps"] is not None and out["max_train_steps"] < out["train_steps"]:
+            raise ValueError(f"SynthERConfig.max_train_steps ({self.max_train_steps}) must be >= train_steps "
+                             f"({self.train_steps})")
         if not out["sigma_min"] < out["sigma_max"]:
             raise ValueError(f"SynthERConfig.sigma_min ({self.sigma_min}) must be < sigma_max ({self.sigma_max})")
         out["ema_decay"] = finite_float("SynthERConfig.ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
@@ -222,6 +239,15 @@ class SynthERConfig:
         if self.batch_size is not None:
             return self.batch_size
         return 256 if num_rows < 1_000_000 else 1024
+
+    def train_steps_for(self, num_rows: int) -> int:
+        """Gradient steps of a fit on ``num_rows`` rows: ``train_steps``, grown by the data-size rule
+        (``train_steps_rows``, ``train_steps_power``, ``max_train_steps``) when it is set."""
+        n0 = self.train_steps_rows
+        if n0 is None or num_rows <= n0:
+            return self.train_steps
+        steps = int(round(self.train_steps * (num_rows / n0) ** self.train_steps_power))
+        return steps if self.max_train_steps is None else min(steps, self.max_train_steps)
 
     @classmethod
     def for_device(cls, device: str = "auto") -> "SynthERConfig":

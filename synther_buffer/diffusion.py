@@ -165,7 +165,8 @@ class TransitionDiffusion:
 
         Args:
             x: real rows [N, D], N >= 2, finite.
-            steps: gradient steps (default ``config.train_steps``).
+            steps: gradient steps (default ``config.train_steps_for(len(x))``: ``train_steps``, grown
+                with the data when the config has a data-size rule).
             progress: show a progress bar (default ``config.progress``).
 
         Returns:
@@ -181,7 +182,7 @@ class TransitionDiffusion:
         """
         c = self.config
         x = self._check_rows(x)
-        steps = c.train_steps if steps is None else positive_int("steps", steps)
+        steps = c.train_steps_for(x.shape[0]) if steps is None else positive_int("steps", steps)
         show = c.progress if progress is None else progress
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc="diffusion fit", unit="step", disable=not show, leave=False)

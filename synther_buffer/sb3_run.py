@@ -67,6 +67,14 @@ def synther_config(base: SynthERConfig, args: argparse.Namespace) -> SynthERConf
     return base.replace(**changes)
 
 
+def budget_rule_text(c: SynthERConfig) -> str:
+    """`` (x (rows / 10,000)^0.5 above 10,000 rows, at most 60,000)`` when ``c`` has a data-size rule."""
+    if c.train_steps_rows is None:
+        return ""
+    cap = f", at most {c.max_train_steps:,}" if c.max_train_steps is not None else ""
+    return f" (x (rows / {c.train_steps_rows:,})^{c.train_steps_power:g} above {c.train_steps_rows:,} rows{cap})"
+
+
 class MonitorCallback(BaseCallback):
     """Hands every env step to the ``TrainingMonitor`` and writes the checkpoint when due.
 
@@ -195,7 +203,7 @@ class SB3Run:
         if self.synther is not None:
             c = self.synther
             print(f"SynthER: retrain every {c.retrain_every:,} env steps (from {c.min_real:,} real transitions), "
-                  f"{c.train_steps:,} diffusion steps, {c.num_generate:,} rows per retrain, real ratio "
+                  f"{c.train_steps:,} diffusion steps{budget_rule_text(c)}, {c.num_generate:,} rows per retrain, real ratio "
                   f"{c.real_ratio}, device {resolve_device(c.device)}", flush=True)
         rc = 0
         try:

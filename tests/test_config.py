@@ -334,3 +334,50 @@ def test_for_device_picks_paper_on_cuda_and_fast_on_cpu_and_says_so_once(caplog,
     assert SynthERConfig.for_device("auto") == SynthERConfig.preset("fast")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert SynthERConfig.for_device("auto") == SynthERConfig.preset("paper")
+
+
+# ============================================================================ data-size budget rule
+def test_paper_budget_is_fixed():
+    """The paper trains 100K steps whatever the data size (Table 8): the rule is off in that preset."""
+    paper = SynthERConfig.preset("paper")
+    assert paper.train_steps_rows is None
+    assert {paper.train_steps_for(n) for n in (2, 10_000, 1_000_000, 10 ** 9)} == {100_000}
+
+
+def test_budget_rule_arithmetic():
+    cfg = SynthERConfig(train_steps=15_000, train_steps_rows=10_000, train_steps_power=0.5)
+    assert cfg.train_steps_for(5_000) == 15_000           # at or below n0: train_steps
+    assert cfg.train_steps_for(10_000) == 15_000
+    assert cfg.train_steps_for(40_000) == 30_000          # 15K * sqrt(4)
+    assert cfg.train_steps_for(90_000) == 45_000
+    linear = cfg.replace(train_steps_power=1.0)
+    assert linear.train_steps_for(50_000) == 75_000       # constant epochs per fit
+    assert cfg.replace(train_steps_power=0.0).train_steps_for(10 ** 7) == 15_000
+    capped = cfg.replace(max_train_steps=40_000)
+    assert capped.train_steps_for(90_000) == 40_000 and capped.train_steps_for(40_000) == 30_000
+    assert cfg.train_steps_for(12_345) == round(15_000 * (12_345 / 10_000) ** 0.5)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(train_steps_rows=0), "train_steps_rows"), (dict(train_steps_rows=-5), "train_steps_rows"),
+    (dict(train_steps_power=-0.1), "train_steps_power"), (dict(train_steps_power=float("nan")), "train_steps_power"),
+    (dict(train_steps_power=3.0), "train_steps_power"), (dict(max_train_steps=0), "max_train_steps"),
+    (dict(train_steps=20_000, max_train_steps=10_000), "max_train_steps"),
+])
+def test_budget_rule_validation(changes, field):
+    with pytest.raises(ValueError, match=field):
+        SynthERConfig.preset("fast").replace(**changes)
+
+
+def test_fit_uses_the_budget_rule():
+    """``fit`` without ``steps`` trains ``train_steps_for(len(x))`` steps; an explicit ``steps`` wins."""
+    import numpy as np
+    from synther_buffer import TransitionDiffusion
+
+    cfg = SynthERConfig.preset("tiny").replace(width=16, depth=1, train_steps=4, train_steps_rows=100,
+                                                train_steps_power=1.0, batch_size=32)
+    x = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    model = TransitionDiffusion(3, cfg)
+    assert model.fit(x[:100])["steps"] == 4
+    assert model.fit(x)["steps"] == 12
+    assert model.fit(x, steps=5)["steps"] == 5
