@@ -327,8 +327,8 @@ class UsesMixingCore:
         Args:
             fn: ``fn(batch) -> scores``, ``batch`` a ``ReplaySamples`` of CPU float32 tensors (``obs``,
                 ``action``, ``reward`` [N], ``next_obs``, ``terminated`` [N]) holding every real
-                transition; one finite score per row back (numpy, tensor or list), e.g. the TD error
-                under your critic::
+                transition (``terminated`` is all zeros where terminals are not modelled); one finite
+                score per row back (numpy, tensor or list), e.g. the TD error under your critic::
 
                     def td_error(b):
                         with torch.no_grad():

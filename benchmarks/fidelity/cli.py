@@ -348,6 +348,7 @@ def _relevance_rows(args: argparse.Namespace, cfg, layout, train_rows: np.ndarra
     Appends the two rows to ``table`` (and ``relevance_mean`` to the plain SynthER row, the last one
     there); returns the details for ``fidelity.json``.
     """
+    from synther_buffer.diffusion import resolve_device
     from synther_buffer.pool import model_for
     from synther_buffer.relevance import make_relevance
 
@@ -355,7 +356,7 @@ def _relevance_rows(args: argparse.Namespace, cfg, layout, train_rows: np.ndarra
     rcfg = cfg.replace(relevance=args.relevance, guidance_scale=args.guidance_scale,
                        relevance_train_steps=args.relevance_steps)
     t = time.perf_counter()
-    rel = make_relevance(rcfg, layout, str(cfg.device) if cfg.device != "auto" else "cpu")
+    rel = make_relevance(rcfg, layout, str(resolve_device(cfg.device)))
     rel = rel.prepare(train_rows, layout, seed=args.seed)
     scores = rel.score(train_rows, layout)
     rel_s = time.perf_counter() - t
