@@ -91,6 +91,9 @@ ARMS: Dict[str, Arm] = {a.name: a for a in (
     # Issue 6's wall-clock comparison: the SynthER arm with retrains in a background thread (opt-in).
     Arm("synther_utd20_async", "SAC (SynthER, UTD=20, async retrain)", "integrations/sb3_sac.py", high_utd=True,
         synther=True, extra=("--async-retrain",)),
+    # Issue 19: Prioritized Generative Replay (curiosity-guided SynthER, PGR's best relevance) (opt-in).
+    Arm("pgr_utd20", "SAC (PGR curiosity, UTD=20)", "integrations/sb3_sac.py", high_utd=True,
+        synther=True, extra=("--relevance", "curiosity")),
 )}
 
 PAPER_ARMS = ("sac_utd1", "sac_utd20", "synther_utd20", "redq_utd20")   # the paper's four (Section 4.2)
@@ -219,7 +222,20 @@ def settings_match(recorded: Optional[dict], current: dict) -> bool:
     was recorded matches on script and flags alone)."""
     if not isinstance(recorded, dict):
         return False
-    return all(recorded.get(k) == v for k, v in current.items() if k in recorded or k in ("script", "args"))
+    return all((_configs_match(recorded[k], v) if k == "synther_config" else recorded.get(k) == v)
+               for k, v in current.items() if k in recorded or k in ("script", "args"))
+
+
+def _configs_match(recorded: Any, current: Dict[str, Any]) -> bool:
+    """Recorded and current SynthER configs are the same run: equal, except that a field added to
+    ``SynthERConfig`` since the unit ran (absent from ``recorded``) matches while it has its default."""
+    if not isinstance(recorded, dict):
+        return False
+    from synther_buffer.config import SynthERConfig
+
+    defaults = SynthERConfig().to_dict()
+    return all(recorded[k] == v if k in recorded else (k in defaults and defaults[k] == v)
+               for k, v in current.items()) and set(recorded) <= set(current)
 
 
 def plan(preset: Preset, envs: Sequence[str], arms: Sequence[str], seeds: Optional[int] = None) -> List[Unit]:

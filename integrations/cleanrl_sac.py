@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256, help="width of the hidden layers")
     p.add_argument("--synther-preset", choices=("paper", "fast", "tiny"), default=None,
                    help="SynthERConfig preset (default: paper on CUDA, fast on CPU)")
+    p.add_argument("--relevance", choices=("curiosity", "reward"), default=None,
+                   help="relevance-guided generation (Prioritized Generative Replay; SynthERConfig.relevance)")
     p.add_argument("--log-every", type=int, default=1_000, help="env steps between log lines")
     args = p.parse_args(argv)
     if args.utd < 1:
@@ -180,6 +182,8 @@ def main(argv=None) -> dict:
     # The SynthER swap (see the module docstring): SB3's ReplayBuffer -> GenerativeReplayBuffer, plus the
     # config and the env-scale action bounds, since CleanRL stores actions as the env takes them.
     cfg = SynthERConfig.preset(args.synther_preset) if args.synther_preset else None  # None: by device
+    if args.relevance:  # Prioritized Generative Replay: generate at high relevance
+        cfg = (cfg or SynthERConfig.for_device(str(device))).replace(relevance=args.relevance)
     rb = GenerativeReplayBuffer(args.buffer_size, env.observation_space, env.action_space, device,
                                 handle_timeout_termination=False, config=cfg,
                                 action_bounds=(env.action_space.low, env.action_space.high))

@@ -82,6 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-generate", type=int, default=None, help="synthetic rows per retrain (default: preset's)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="diffusion matmul precision (default: preset's, fp32; bf16 pays on GPUs and AVX512-BF16 CPUs)")
+    p.add_argument("--relevance", choices=("curiosity", "reward", "td"), default=None,
+                   help="relevance-guided generation (Prioritized Generative Replay): condition the diffusion model "
+                        "on this score of each real transition and generate at high scores; 'td' is the TD error "
+                        "under this loop's critics (buf.set_relevance_fn). Default: plain SynthER")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance weight with --relevance (default: SynthERConfig's, 2.0)")
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/custom_sac", help="output directory")
@@ -181,7 +187,9 @@ def main(argv=None) -> int:
     preset = args.preset or ("paper" if device.type == "cuda" else "fast")
     cfg = SynthERConfig.preset(preset).replace(device=str(device), seed=args.seed, progress=not args.quiet)
     overrides = dict(retrain_every=args.retrain_every, real_ratio=args.real_ratio,
-                     train_steps=args.train_steps, num_generate=args.num_generate, precision=args.precision)
+                     train_steps=args.train_steps, num_generate=args.num_generate, precision=args.precision,
+                     relevance=args.relevance if args.relevance in ("curiosity", "reward") else None,
+                     guidance_scale=args.guidance_scale)
     cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
     if args.no_synther:  # never retrain, all-real batches: the same buffer without SynthER
         cfg = cfg.replace(retrain_every=args.total_steps + 1, real_ratio=1.0)
@@ -205,6 +213,20 @@ def main(argv=None) -> int:
         with torch.no_grad():
             _, _, action = actor.get_action(torch.as_tensor(obs, device=device).unsqueeze(0))
         return action[0].cpu().numpy()
+
+    def td_error(batch) -> torch.Tensor:
+        """|Q(s, a) - TD target| of each real transition (``--relevance td``), in chunks on the agent's device."""
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(batch.reward), 65_536):
+                obs, act, rew, nxt, term = (v[i:i + 65_536].to(device) for v in batch)
+                next_action, next_log_prob, _ = actor.get_action(nxt)
+                v_next = qf_target(nxt, next_action).min(0).values - log_alpha.exp() * next_log_prob
+                out.append((qf(obs, act).mean(0) - (rew + (1.0 - term) * args.gamma * v_next)).abs().cpu())
+        return torch.cat(out)
+
+    if args.relevance == "td":
+        buf.set_relevance_fn(td_error)
 
     def update_critics(alpha: float) -> None:
         data = buf.sample(args.batch_size)  # real_ratio real rows, the rest synthetic
@@ -261,6 +283,8 @@ def main(argv=None) -> int:
             log_alpha.copy_(state["log_alpha"])
         alpha = log_alpha.exp().item()
         buf = GenerativeReplay.load(ckpt_dir / "buffer", device=str(device))
+        if args.relevance == "td":   # a score function is not saved with the buffer
+            buf.set_relevance_fn(td_error)
         start_step = run["env_steps"]
         set_rng_state(run["rng"])
         env.action_space.seed(args.seed + start_step)

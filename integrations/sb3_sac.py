@@ -38,6 +38,7 @@ from synther_buffer.config import PRECISIONS
 from synther_buffer.envs import can_terminate
 from synther_buffer.sb3 import GenerativeReplayBuffer
 from synther_buffer.sb3_run import SB3Run, synther_config
+from synther_buffer.train import add_relevance_arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="diffusion matmul precision (default: preset's, fp32; bf16 pays on GPUs and AVX512-BF16 CPUs)")
     p.add_argument("--async-retrain", action="store_true",
                    help="retrain in a background thread; SAC keeps training on the previous pool meanwhile")
+    add_relevance_arguments(p)   # --relevance, --guidance-scale (Prioritized Generative Replay)
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/sb3_sac", help="output directory")

@@ -27,6 +27,7 @@ PRECISIONS = ("fp32", "bf16")
 GRADIENTS = ("auto", "manual", "autograd")
 PARAM_LAYOUTS = ("auto", "flat", "per_tensor")
 RETRAIN_BACKENDS = ("thread", "ray")
+RELEVANCES = (None, "curiosity", "reward")   # Prioritized Generative Replay (synther_buffer/relevance.py)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,22 @@ class SynthERConfig:
             this process (in a background thread when ``async_retrain``). ``"ray"``: in a Ray actor
             placed by resources (another GPU or node; ``synther_buffer.distributed``; the
             ``distributed`` extra); ``async_retrain`` still decides whether the agent waits for it.
+        relevance: Prioritized Generative Replay (PGR; Wang et al., ICLR 2025): condition the diffusion
+            model on a relevance score of each real row and generate at high relevance with
+            classifier-free guidance (``synther_buffer/relevance.py``, ``synther_buffer/guidance.py``).
+            ``None`` (default): plain SynthER. ``"curiosity"``: the prediction error of an ICM-style
+            forward model in a learned feature space, the model trained on the real rows at each
+            retrain (continuing from the previous retrain's weights); ``"reward"``: the reward. A
+            buffer's ``set_relevance_fn(fn)`` supplies any other score (a TD error, say).
+        guidance_scale: classifier-free guidance weight w in D = D_uncond + w (D_cond - D_uncond)
+            (PGR: 2.0); 0 samples the unconditional model, 1 the conditional one.
+        cond_dropout: probability that a training row's condition is dropped (replaced by the null
+            condition), which trains the unconditional branch guidance needs (PGR: 0.25).
+        relevance_top_frac: conditioning values at sampling time are drawn uniformly from the scores
+            of this top fraction of the real rows (PGR's DMC config: 0.25).
+        relevance_train_steps: Adam steps of the curiosity model per retrain; ``None`` (default) =
+            ``retrain_every``: PGR's rate of one step per env step.
+        relevance_hidden: hidden width (and feature width) of the curiosity networks (PGR: 256).
         device: ``"auto"`` (CUDA when available, else CPU), or any torch device string.
         seed: seeds weight init, training batches and sampling noise.
         progress: show tqdm progress bars for fit and sample.
@@ -153,6 +170,13 @@ class SynthERConfig:
     outlier_std: Optional[float] = 10.0
     async_retrain: bool = False
     retrain_backend: str = "thread"
+    # relevance-guided generation (PGR)
+    relevance: Optional[str] = None
+    guidance_scale: float = 2.0
+    cond_dropout: float = 0.25
+    relevance_top_frac: float = 0.25
+    relevance_train_steps: Optional[int] = None
+    relevance_hidden: int = 256
     # misc
     device: str = "auto"
     seed: int = 0
@@ -204,8 +228,29 @@ class SynthERConfig:
         check_choice("SynthERConfig.gradients", self.gradients, GRADIENTS)
         check_choice("SynthERConfig.param_layout", self.param_layout, PARAM_LAYOUTS)
         check_choice("SynthERConfig.retrain_backend", self.retrain_backend, RETRAIN_BACKENDS)
+        out.update(self._checked_relevance())
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(f"SynthERConfig.device must be 'auto' or a torch device string, got {self.device!r}")
+        return out
+
+    def _checked_relevance(self) -> dict:
+        """Validate the relevance-guided generation fields; return the numeric ones as plain numbers."""
+        out = {}
+        if callable(self.relevance):
+            raise ValueError("SynthERConfig.relevance takes None, 'curiosity' or 'reward'; pass a custom score "
+                             "function to the buffer instead: buffer.set_relevance_fn(fn)")
+        check_choice("SynthERConfig.relevance", self.relevance, RELEVANCES)
+        out["guidance_scale"] = finite_float("SynthERConfig.guidance_scale", self.guidance_scale, low=0.0)
+        out["cond_dropout"] = finite_float("SynthERConfig.cond_dropout", self.cond_dropout, low=0.0, high=1.0,
+                                           high_open=True)
+        out["relevance_top_frac"] = finite_float("SynthERConfig.relevance_top_frac", self.relevance_top_frac,
+                                                 low=0.0, high=1.0, low_open=True)
+        out["relevance_train_steps"] = positive_int("SynthERConfig.relevance_train_steps",
+                                                    self.relevance_train_steps, optional=True)
+        out["relevance_hidden"] = positive_int("SynthERConfig.relevance_hidden", self.relevance_hidden)
+        if self.relevance is not None and self.retrain_backend == "ray":
+            raise ValueError("SynthERConfig.relevance is not supported with retrain_backend='ray' yet "
+                             "(the relevance model trains in this process): use retrain_backend='thread'")
         return out
 
     # ------------------------------------------------------------------ helpers

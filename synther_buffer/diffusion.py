@@ -21,8 +21,11 @@ from .config import SynthERConfig
 from .denoiser import build_denoiser, count_parameters
 from .edm import EDMPrecond, edm_loss_from_noise, heun_sample, sigma_schedule
 from .ema import EMA, EMA_WARMUP, ema_decay_at  # noqa: F401  (ema_decay_at, EMA_WARMUP: their old home)
+from .guidance import (ConditionalEDMPrecond, GuidedDenoiser, build_conditional_denoiser, cond_edm_loss_from_noise,
+                       dropout_keep)
 from .manual_grad import edm_loss_and_grads_unchecked
 from .normalizer import Normalizer
+from .relevance import ScoreStats, check_scores, draw_conditions, top_fraction
 from .train_step import choose_train_step, compiled, matmul_autocast  # noqa: F401  (compiled: old home)
 from .validation import positive_int, non_negative_int
 
@@ -120,6 +123,11 @@ class TransitionDiffusion:
             preset where CUDA is available, ``"fast"`` on CPU (the choice is logged once per process).
         terminal_dims: columns holding 0/1 terminals (left raw, rounded at 0.5 on output).
         skip_dims: columns left un-normalised (e.g. the reward, as in the reference DMC setup).
+        conditional: condition the model on a scalar relevance score per row (Prioritized Generative
+            Replay, ``synther_buffer/guidance.py``): ``fit(x, cond=scores)`` trains with condition
+            dropout ``config.cond_dropout``; ``sample(n)`` generates with classifier-free guidance
+            ``config.guidance_scale`` at conditions drawn from the top ``config.relevance_top_frac``
+            of the scores it was fitted on. ``False`` (default): plain SynthER.
 
     Raises:
         ValueError: ``dim`` is not a positive int, ``config`` is not a ``SynthERConfig``, its device
@@ -127,8 +135,11 @@ class TransitionDiffusion:
     """
 
     def __init__(self, dim: int, config: Optional[SynthERConfig] = None, *,
-                 terminal_dims: Sequence[int] = (), skip_dims: Sequence[int] = ()):
+                 terminal_dims: Sequence[int] = (), skip_dims: Sequence[int] = (), conditional: bool = False):
         self.dim = positive_int("dim", dim)
+        self.conditional = bool(conditional)
+        self.score_stats: Optional[ScoreStats] = None   # conditional: normalisation of the fitted scores
+        self.top_scores: Optional[np.ndarray] = None    # conditional: the top fraction of the fitted scores
         self.config = config if config is not None else SynthERConfig.for_device("auto")
         if not isinstance(self.config, SynthERConfig):
             raise ValueError(f"config must be a SynthERConfig, got {type(self.config).__name__}")
@@ -147,6 +158,9 @@ class TransitionDiffusion:
     # ------------------------------------------------------------------ construction
     def _build_network(self, seed: int) -> EDMPrecond:
         c = self.config  # no global RNG: safe beside an agent drawing random numbers on another thread
+        if self.conditional:
+            net = build_conditional_denoiser(self.dim, c.width, c.depth, c.rff_dim, c.time_dim, seed=seed)
+            return ConditionalEDMPrecond(net, c.sigma_data).to(self.device)
         net = build_denoiser(self.dim, c.width, c.depth, c.rff_dim, c.time_dim, seed=seed)
         return EDMPrecond(net, c.sigma_data).to(self.device)
 
@@ -156,7 +170,8 @@ class TransitionDiffusion:
         return count_parameters(self.model)
 
     # ------------------------------------------------------------------ training
-    def fit(self, x: np.ndarray, *, steps: Optional[int] = None, progress: Optional[bool] = None) -> dict:
+    def fit(self, x: np.ndarray, *, steps: Optional[int] = None, progress: Optional[bool] = None,
+            cond=None) -> dict:
         """Normalise ``x``, train a fresh denoiser on it, and keep it (with its EMA) for sampling.
 
         The training step is chosen once, from ``config.gradients``, ``param_layout`` and ``compile``
@@ -168,6 +183,9 @@ class TransitionDiffusion:
             steps: gradient steps (default ``config.train_steps_for(len(x))``: ``train_steps``, grown
                 with the data when the config has a data-size rule).
             progress: show a progress bar (default ``config.progress``).
+            cond: a conditional model's relevance scores, one per row (required there, refused
+                otherwise); normalised here, and their top ``config.relevance_top_frac`` kept for
+                ``sample``.
 
         Returns:
             ``{"loss", "seconds", "steps", "batch_size", "compiled", "gradients"}``: loss is the mean
@@ -182,13 +200,14 @@ class TransitionDiffusion:
         """
         c = self.config
         x = self._check_rows(x)
+        stats, cond_col = self._check_cond(cond, x.shape[0])
         steps = c.train_steps_for(x.shape[0]) if steps is None else positive_int("steps", steps)
         show = c.progress if progress is None else progress
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc="diffusion fit", unit="step", disable=not show, leave=False)
         failed = None
         try:
-            model, ema, normalizer, last_loss, bs, train = self._train(x, steps, bar)
+            model, ema, normalizer, last_loss, bs, train = self._train(x, steps, bar, cond_col)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -202,6 +221,8 @@ class TransitionDiffusion:
                                          "previous model kept")
 
         self.model, self.ema, self.normalizer = model.eval(), ema.module.eval(), normalizer
+        if stats is not None:
+            self.score_stats, self.top_scores = stats
         self.fitted = True
         self.fit_count += 1
         self.last_fit = {"loss": last_loss, "seconds": time.perf_counter() - t0, "steps": steps,
@@ -210,7 +231,7 @@ class TransitionDiffusion:
                  self.last_fit["seconds"])
         return dict(self.last_fit)
 
-    def _train(self, x: np.ndarray, steps: int, bar) -> tuple:
+    def _train(self, x: np.ndarray, steps: int, bar, cond: Optional[np.ndarray] = None) -> tuple:
         """The training run of ``fit``, touching nothing of ``self`` but its config, device and counters.
 
         Returns:
@@ -222,11 +243,14 @@ class TransitionDiffusion:
         c = self.config
         normalizer = copy.deepcopy(self.normalizer).fit(x)
         data = torch.as_tensor(normalizer.normalize(x.astype(np.float32)), device=self.device)
+        if cond is not None:   # a conditional model: the normalised score rides along as one more column
+            data = torch.cat([data, torch.as_tensor(cond, device=self.device)], dim=1)
         n, bs = data.shape[0], c.batch_size_for(x.shape[0])
         seed = c.seed + 7919 * self.fit_count
         model = self._build_network(seed)
-        train = choose_train_step(model, c, self.device, steps,
-                                  losses=(edm_loss_and_grads_unchecked, edm_loss_from_noise))
+        train = choose_train_step(model, self._step_config(c), self.device, steps,
+                                  losses=(edm_loss_and_grads_unchecked,
+                                          cond_edm_loss_from_noise if self.conditional else edm_loss_from_noise))
         ema = EMA(model, c.ema_decay, every=c.ema_every, flat=train.flat)
         gen = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -241,6 +265,8 @@ class TransitionDiffusion:
             batch = data.index_select(0, idx)
             rnd_normal = torch.randn(bs, 1, device=self.device, generator=gen)   # edm_loss's draws,
             unit_noise = torch.randn(bs, self.dim, device=self.device, generator=gen)  # same order
+            if cond is not None:   # condition dropout: the null condition with probability cond_dropout
+                batch = torch.cat([batch, dropout_keep(bs, c.cond_dropout, gen, self.device)], dim=1)
             loss_sum += train(batch, rnd_normal, unit_noise)
             window += 1
             ema.update(step, train.params)
@@ -257,10 +283,47 @@ class TransitionDiffusion:
         ema.copy_buffers(model)  # buffers (RFF frequencies) are not parameters: copy them too
         return model, ema, normalizer, last_loss, bs, train
 
+    def _check_cond(self, cond, n: int):
+        """``((ScoreStats, top scores), normalised scores [n, 1])`` for a conditional fit, ``(None, None)``
+        for an unconditional one.
+
+        Raises:
+            ValueError: scores missing for a conditional model, given to an unconditional one, or
+                unusable (``relevance.RelevanceError``: NaN / inf, the wrong count).
+        """
+        if not self.conditional:
+            if cond is not None:
+                raise ValueError("cond given to an unconditional TransitionDiffusion (build it with conditional=True)")
+            return None, None
+        if cond is None:
+            raise ValueError("a conditional TransitionDiffusion needs cond: one relevance score per row of x")
+        scores = check_scores(cond, n, "relevance scores (cond)")
+        stats = ScoreStats.fit(scores)
+        return (stats, top_fraction(scores, self.config.relevance_top_frac)), stats.normalize(scores)[:, None]
+
+    def _step_config(self, c: SynthERConfig) -> SynthERConfig:
+        """The config the training step is chosen from: a conditional model trains by autograd (the
+        hand-written gradients do not cover the condition MLP; ``gradients="manual"`` still warns)."""
+        if self.conditional and c.gradients == "auto":
+            return c.replace(gradients="autograd")
+        return c
+
+    def sample_conditions(self, n: int, seed: int) -> np.ndarray:
+        """``n`` conditioning values (raw scores) drawn uniformly from the top ``config.relevance_top_frac``
+        of the scores the model was fitted on, as PGR draws them.
+
+        Raises:
+            RuntimeError: the model is not a fitted conditional one.
+        """
+        if not self.conditional or self.top_scores is None:
+            raise RuntimeError("sample_conditions needs a conditional TransitionDiffusion fitted with scores")
+        return draw_conditions(self.top_scores, n, seed)
+
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, *, batch_size: Optional[int] = None, seed: Optional[int] = None,
                progress: Optional[bool] = None, sampler: Optional[str] = None,
-               sample_steps: Optional[int] = None) -> np.ndarray:
+               sample_steps: Optional[int] = None, cond=None,
+               guidance_scale: Optional[float] = None) -> np.ndarray:
         """Draw ``n`` new rows with the EMA network.
 
         Sampling runs in batches, so only one batch of intermediate states is alive at a time. When
@@ -279,6 +342,11 @@ class TransitionDiffusion:
             progress: show a progress bar (default ``config.progress``).
             sampler: overrides ``config.sampler`` for this call (e.g. to trade fidelity for speed).
             sample_steps: overrides ``config.sample_steps`` for this call.
+            cond: a conditional model's conditions: a score, or one per row (raw scale, as passed to
+                ``fit``). Default: drawn from the top ``config.relevance_top_frac`` of the fitted
+                scores (``sample_conditions``). Refused by an unconditional model.
+            guidance_scale: a conditional model's guidance weight w (default ``config.guidance_scale``):
+                D = D_uncond + w (D_cond - D_uncond); 0 is the unconditional model.
 
         Returns:
             float32 numpy [n, D], un-normalised, terminal columns in {0, 1}.
@@ -301,12 +369,13 @@ class TransitionDiffusion:
         show = c.progress if progress is None else progress
         if seed is None:
             seed = c.seed + 1_000_003 * (self.sample_calls + 1)
+        guided = self._guidance(n, cond, guidance_scale, int(seed))
         self.sample_calls += 1
         out = np.empty((n, self.dim), dtype=np.float32)  # outside the retry: its size does not shrink
         while True:
             failed = None
             try:
-                self._sample_into(out, c, bs, int(seed), show)
+                self._sample_into(out, c, bs, int(seed), show, *guided)
                 break
             except Exception as e:
                 if bs == 1 or not is_out_of_memory(e):
@@ -321,8 +390,33 @@ class TransitionDiffusion:
             raise DiffusionTrainingError("diffusion samples contain non-finite values")
         return out
 
-    def _sample_into(self, out: np.ndarray, c: SynthERConfig, bs: int, seed: int, show: bool) -> None:
-        """Fill ``out`` [n, D] with samples drawn ``bs`` rows at a time from a generator seeded ``seed``."""
+    def _guidance(self, n: int, cond, guidance_scale, seed: int) -> tuple:
+        """``(normalised conditions [n, 1] or None, w)`` for ``sample``; ``(None, 0.0)`` when unguided.
+
+        Raises:
+            ValueError: ``cond`` / ``guidance_scale`` given to an unconditional model, or invalid.
+        """
+        if not self.conditional:
+            if cond is not None or guidance_scale is not None:
+                raise ValueError("cond and guidance_scale need a conditional TransitionDiffusion")
+            return None, 0.0
+        w = self.config.guidance_scale if guidance_scale is None else \
+            self.config.replace(guidance_scale=guidance_scale).guidance_scale
+        if w == 0.0:
+            return None, 0.0
+        if self.score_stats is None:
+            raise RuntimeError("this conditional TransitionDiffusion has no fitted scores to guide with")
+        if cond is None:   # PGR: uniform over the top fraction of the real scores; not the torch stream
+            raw = self.sample_conditions(n, seed + 17)
+        else:
+            raw = np.asarray(cond, dtype=np.float64)
+            raw = check_scores(np.broadcast_to(raw, (n,)) if raw.ndim == 0 else raw, n, "cond")
+        return self.score_stats.normalize(raw)[:, None], w
+
+    def _sample_into(self, out: np.ndarray, c: SynthERConfig, bs: int, seed: int, show: bool,
+                     cond: Optional[np.ndarray] = None, w: float = 0.0) -> None:
+        """Fill ``out`` [n, D] with samples drawn ``bs`` rows at a time from a generator seeded ``seed``
+        (guided by normalised conditions ``cond`` [n, 1] with weight ``w`` when given)."""
         n = out.shape[0]
         gen = torch.Generator(device=self.device).manual_seed(seed)
         sigmas = sigma_schedule(c.sample_steps, c.sigma_min, c.sigma_max, c.rho)
@@ -335,7 +429,9 @@ class TransitionDiffusion:
                 for start in range(0, n, bs):
                     b = min(bs, n - start)
                     noise = torch.randn(b, self.dim, device=self.device, generator=gen)
-                    x = heun_sample(net, noise, sigmas,
+                    denoise = net if cond is None else \
+                        GuidedDenoiser(net, torch.as_tensor(cond[start:start + b], device=self.device), w)
+                    x = heun_sample(denoise, noise, sigmas,
                                     s_churn=c.s_churn if stochastic else 0.0,
                                     s_tmin=c.s_tmin, s_tmax=c.s_tmax, s_noise=c.s_noise,
                                     generator=gen, on_step=lambda _: bar.update(1))
@@ -364,7 +460,15 @@ class TransitionDiffusion:
                 "config": self.config.to_dict(), "normalizer": self.normalizer.state_dict(),
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "fitted": self.fitted, "fit_count": self.fit_count, "sample_calls": self.sample_calls,
-                "last_fit": dict(self.last_fit)}
+                "last_fit": dict(self.last_fit), **self._conditional_state()}
+
+    def _conditional_state(self) -> dict:
+        """A conditional model's extra state (none for an unconditional one: its files are as before)."""
+        if not self.conditional:
+            return {}
+        return {"conditional": True,
+                "score_stats": None if self.score_stats is None else self.score_stats.state_dict(),
+                "top_scores": None if self.top_scores is None else torch.from_numpy(self.top_scores.copy())}
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write ``state_dict()`` to ``path`` atomically (temp file + rename): a kill mid-save keeps the
@@ -397,8 +501,14 @@ class TransitionDiffusion:
         norm = Normalizer.from_state_dict(state["normalizer"])
         if norm.dim != state["dim"]:
             raise ValueError(f"normalizer dim {norm.dim} != model dim {state['dim']}")
-        obj = cls(state["dim"], cfg, terminal_dims=norm.terminal_dims, skip_dims=norm.skip_dims)
+        obj = cls(state["dim"], cfg, terminal_dims=norm.terminal_dims, skip_dims=norm.skip_dims,
+                  conditional=bool(state.get("conditional", False)))
         obj.normalizer = norm
+        if obj.conditional:
+            stats = state.get("score_stats")
+            obj.score_stats = None if stats is None else ScoreStats(stats["mean"], stats["std"])
+            top = state.get("top_scores")
+            obj.top_scores = None if top is None else top.numpy().astype(np.float32)
         obj.model.load_state_dict(state["model"])
         obj.ema.load_state_dict(state["ema"])
         obj.model.eval()
@@ -449,7 +559,8 @@ class TransitionDiffusion:
     def __repr__(self) -> str:
         c = self.config
         return (f"TransitionDiffusion(dim={self.dim}, width={c.width}, depth={c.depth}, "
-                f"params={self.num_params:,}, device={self.device}, fitted={self.fitted})")
+                f"params={self.num_params:,}, device={self.device}, fitted={self.fitted}"
+                f"{', conditional=True' if self.conditional else ''})")
 
 
 # ---------------------------------------------------------------------------- removed module switches

@@ -315,6 +315,36 @@ class UsesMixingCore:
         """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
         return self.core.pool.wait()
 
+    def set_relevance_fn(self, fn) -> None:
+        """Relevance-guided generation (Prioritized Generative Replay) by a score function of yours.
+
+        From the next retrain on, the diffusion model is conditioned on ``fn``'s score of each real
+        transition and generates at high scores (classifier-free guidance, ``config.guidance_scale``;
+        conditions drawn from the top ``config.relevance_top_frac`` of the real scores). Works with
+        any ``config.relevance``, which it overrides; ``None`` goes back to it. Not saved with the
+        buffer: call it again after a load.
+
+        Args:
+            fn: ``fn(batch) -> scores``, ``batch`` a ``ReplaySamples`` of CPU float32 tensors (``obs``,
+                ``action``, ``reward`` [N], ``next_obs``, ``terminated`` [N]) holding every real
+                transition (``terminated`` is all zeros where terminals are not modelled); one finite
+                score per row back (numpy, tensor or list), e.g. the TD error under your critic::
+
+                    def td_error(b):
+                        with torch.no_grad():
+                            o, a, o2 = b.obs.to(dev), b.action.to(dev), b.next_obs.to(dev)
+                            target = b.reward.to(dev) + gamma * (1 - b.terminated.to(dev)) * v(o2)
+                            return (q(o, a) - target).abs().cpu()
+
+                It runs on the thread that adds transitions, when a retrain starts. An exception in it,
+                or NaN/inf / a wrong number of scores, raises ``synther_buffer.relevance.RelevanceError``
+                (a ``ValueError``) from that retrain and keeps the previous model and pool.
+
+        Raises:
+            ValueError: ``fn`` is not callable, or ``config.retrain_backend`` is ``"ray"``.
+        """
+        self.core.pool.set_relevance_fn(fn)
+
 
 def _fmt(values: np.ndarray) -> str:
     """A short list of numbers for a message: ``[-2, 2.5]``."""

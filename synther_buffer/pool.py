@@ -27,6 +27,8 @@ import torch
 from .config import SynthERConfig
 from .diffusion import DiffusionTrainingError, TransitionDiffusion, available_device, resolve_device
 from .layout import RowLayout, TransitionLayout  # TransitionLayout: deprecated, still importable from here
+from .relevance import (SYNTHETIC_SCORE_ROWS, CallableRelevance, CuriosityRelevance, Relevance, RelevanceError,
+                        make_relevance, relevance_from_state)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ def check_action_bounds(low, high, action_dim: int, name: str = "action") -> Tup
     return low, high
 
 
-def model_for(layout: RowLayout, config: SynthERConfig) -> TransitionDiffusion:
+def model_for(layout: RowLayout, config: SynthERConfig, conditional: bool = False) -> TransitionDiffusion:
     """A fresh ``TransitionDiffusion`` for rows of ``layout``.
 
     The terminal column (if any) is left raw, and the reward column is not normalised unless
@@ -66,12 +68,14 @@ def model_for(layout: RowLayout, config: SynthERConfig) -> TransitionDiffusion:
     Args:
         layout: the rows' layout.
         config: the diffusion hyperparameters (and ``normalize_reward``).
+        conditional: a relevance-conditioned model (Prioritized Generative Replay).
 
     Returns:
         An untrained model of width ``layout.dim``.
     """
     skip = () if config.normalize_reward else (layout.reward_col,)
-    return TransitionDiffusion(layout.dim, config, terminal_dims=layout.terminal_dims, skip_dims=skip)
+    return TransitionDiffusion(layout.dim, config, terminal_dims=layout.terminal_dims, skip_dims=skip,
+                               conditional=conditional)
 
 
 class SyntheticPool:
@@ -111,6 +115,11 @@ class SyntheticPool:
         self.obs_low: Optional[np.ndarray] = None       # synthetic obs and next_obs are clipped to these
         self.obs_high: Optional[np.ndarray] = None      # (None: no finite bound)
         self.num_obs_clipped = 0                        # synthetic rows whose obs or next_obs was clipped
+        # relevance-guided generation (PGR): the score function, and the mean scores of the last pool
+        self.relevance: Optional[Relevance] = make_relevance(config, layout, str(self.device))
+        self.relevance_mean_real = float("nan")
+        self.relevance_mean_synthetic = float("nan")
+        self._guide: dict = {}   # the relevance work of the retrain being built (captured at submission)
         self._worker: Optional[threading.Thread] = None
         self._job: Optional[dict] = None
         self.remote = None   # synther_buffer.distributed.RemoteRetrainer for retrain_backend="ray"
@@ -155,6 +164,27 @@ class SyntheticPool:
         low, high = check_action_bounds(low, high, self.layout.obs_dim, name="observation")
         finite = np.isfinite(low).any() or np.isfinite(high).any()
         self.obs_low, self.obs_high = (low, high) if finite else (None, None)
+
+    def set_relevance_fn(self, fn) -> None:
+        """Guide generation by ``fn``'s scores of the real transitions from the next retrain on (PGR).
+
+        Args:
+            fn: ``fn(batch) -> scores``: ``batch`` a ``ReplaySamples`` of CPU float32 tensors holding
+                every real transition (``obs``, ``action``, ``reward`` [N], ``next_obs``,
+                ``terminated`` [N]); one finite score per row back (numpy, tensor or list), e.g. the
+                TD error under the agent's critic. It runs on the thread that adds transitions, when a
+                retrain is submitted (and on up to 10K synthetic rows for ``relevance_mean_synthetic``).
+                ``None`` goes back to ``config.relevance``.
+
+        Raises:
+            ValueError: ``fn`` is not callable, or ``config.retrain_backend`` is ``"ray"``.
+        """
+        if fn is None:
+            self.relevance = make_relevance(self.config, self.layout, str(self.device))
+            return
+        if self.config.retrain_backend == "ray":
+            raise ValueError("set_relevance_fn is not supported with retrain_backend='ray' yet")
+        self.relevance = CallableRelevance(fn)
 
     def set_layout(self, layout: RowLayout) -> None:
         """Use ``layout`` for the next retrain (e.g. with the terminal column after all).
@@ -233,6 +263,7 @@ class SyntheticPool:
         # Everything the work needs is captured here, on the caller's thread: the worker reads no
         # counter the agent's thread moves on, and the recorded retrain step is the submission step.
         index, step, layout = self.retrain_count, self.env_steps, self.layout
+        self._guide = self._relevance_job(rows, layout)   # a user's score function runs here, on this thread
         if self.remote is not None:   # rows into the object store now; a thread only waits for the result
             call = self.remote.submit(self.config, rows, index, step, layout, self.action_low, self.action_high,
                                       device=self.device)
@@ -288,7 +319,21 @@ class SyntheticPool:
 
     def _build(self, rows: np.ndarray, retrain_index: int, env_step: int, lay: RowLayout) -> dict:
         """Fit + generate + filter, touching no shared state (safe in a worker thread): :func:`build_pool`."""
-        return build_pool(self.config, rows, retrain_index, env_step, lay, self.action_low, self.action_high)
+        return build_pool(self.config, rows, retrain_index, env_step, lay, self.action_low, self.action_high,
+                          **self._guide)
+
+    def _relevance_job(self, rows: np.ndarray, layout: RowLayout) -> dict:
+        """What a retrain's build needs of the relevance function: ``{}`` for plain SynthER, else the
+        function and, for a user's function (``on_caller``), the real rows' scores computed now.
+
+        Raises:
+            RelevanceError: the user's function raised or returned unusable scores (nothing changes
+                but the schedule, which has moved on).
+        """
+        if self.relevance is None:
+            return {}
+        scores = self.relevance.score(rows, layout) if self.relevance.on_caller else None
+        return {"relevance": self.relevance, "scores": scores}
 
     def _install(self, result: dict) -> bool:
         if result["error"] is not None:
@@ -308,6 +353,7 @@ class SyntheticPool:
         self.last_train_loss = fit["loss"]
         self.last_fit_seconds = fit["seconds"]
         self.last_generate_seconds = gen_seconds
+        self._install_relevance(result)
         for k, v in (("diffusion_loss", fit["loss"]), ("fit_seconds", fit["seconds"]),
                      ("generate_seconds", gen_seconds), ("num_synthetic", self.num_synthetic),
                      ("num_real", result["num_real"]), ("retrain_count", self.retrain_count),
@@ -317,6 +363,25 @@ class SyntheticPool:
                  self.retrain_count, result["env_step"], fit["loss"], fit["seconds"], gen_seconds,
                  self.num_synthetic)
         return True
+
+    def _install_relevance(self, result: dict) -> None:
+        """Keep a retrain's trained relevance model; score the new pool (up to ``SYNTHETIC_SCORE_ROWS``
+        rows, with the same function) and log the mean scores of the real and the synthetic rows."""
+        rel = result.get("relevance")
+        if rel is None:
+            self.relevance_mean_real = self.relevance_mean_synthetic = float("nan")
+            return
+        if isinstance(rel, CuriosityRelevance) and isinstance(self.relevance, CuriosityRelevance):
+            self.relevance = rel   # the trained copy (a user's set_relevance_fn meanwhile wins)
+        self.relevance_mean_real = result["relevance_mean_real"]
+        pool = result["pool"][:SYNTHETIC_SCORE_ROWS]
+        try:
+            self.relevance_mean_synthetic = float(rel.score(pool, self.layout).mean()) if len(pool) else float("nan")
+        except RelevanceError as e:
+            log.warning("scoring the synthetic pool failed (%s)", e)
+            self.relevance_mean_synthetic = float("nan")
+        self._log("synther/relevance_mean_real", self.relevance_mean_real)
+        self._log("synther/relevance_mean_synthetic", self.relevance_mean_synthetic)
 
     def _in_range(self, synth: np.ndarray, real: np.ndarray, terminal: bool, chunk: int = CHUNK_ROWS) -> np.ndarray:
         """:func:`in_range` with this pool's ``config.outlier_std``."""
@@ -357,7 +422,16 @@ class SyntheticPool:
                 "next_retrain": self.next_retrain,
                 "last_train_loss": self.last_train_loss, "last_fit_seconds": self.last_fit_seconds,
                 "last_generate_seconds": self.last_generate_seconds, "real_ratio": self.config.real_ratio,
-                "retraining": self.retraining}
+                "retraining": self.retraining, **self._relevance_stats()}
+
+    def _relevance_stats(self) -> dict:
+        """``relevance`` (the kind) and the mean scores of the last pool's real and synthetic rows, when
+        generation is relevance-guided (none of it for plain SynthER)."""
+        if self.relevance is None and not (self.model is not None and self.model.conditional):
+            return {}
+        return {"relevance": None if self.relevance is None else self.relevance.kind,
+                "relevance_mean_real": self.relevance_mean_real,
+                "relevance_mean_synthetic": self.relevance_mean_synthetic}
 
     def _log(self, key: str, value: float) -> None:
         if self.log_fn is not None:
@@ -381,6 +455,9 @@ class SyntheticPool:
         state["rng"] = json.dumps(self.rng.bit_generator.state)
         state["model"] = None if self.model is None else _to_cpu(self.model.state_dict())
         state["pool"] = None if self.pool is None else self.pool.cpu()
+        if self.relevance is not None or (self.model is not None and self.model.conditional):
+            state["relevance"] = None if self.relevance is None else self.relevance.state_dict()
+            state["relevance_means"] = [self.relevance_mean_real, self.relevance_mean_synthetic]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -396,6 +473,18 @@ class SyntheticPool:
         self.model = None if state["model"] is None else \
             TransitionDiffusion.from_state_dict(state["model"], device=str(self.device))
         self.pool = None if state["pool"] is None else state["pool"].to(self.device)
+        self._load_relevance(state)
+
+    def _load_relevance(self, state: dict) -> None:
+        """Restore the relevance model and mean scores (a user's function is not saved: warn)."""
+        saved = state.get("relevance")
+        if saved is not None and saved.get("kind") == "custom":
+            log.warning("this SynthER pool was guided by a custom relevance function, which is not saved: call "
+                        "set_relevance_fn(fn) again, or later retrains follow config.relevance (%r)",
+                        self.config.relevance)
+        self.relevance = relevance_from_state(self.config, self.layout, saved, str(self.device))
+        self.relevance_mean_real, self.relevance_mean_synthetic = (
+            float(v) for v in state.get("relevance_means", [float("nan")] * 2))
 
     def __getstate__(self) -> dict:
         """Pickle-safe (SB3's save_replay_buffer): weights and pool on CPU, no callbacks."""
@@ -427,12 +516,15 @@ class SyntheticPool:
         self.device = target
         if self.model is not None and self.model.device != target:
             self.model = TransitionDiffusion.from_state_dict(self.model.state_dict(), device=device)
+        if isinstance(self.relevance, CuriosityRelevance):
+            self.relevance = relevance_from_state(self.config, self.layout, self.relevance.state_dict(), device)
         if self.pool is not None:
             self.pool = self.pool.to(target)
 
 
 def build_pool(config: SynthERConfig, rows: np.ndarray, retrain_index: int, env_step: int, layout: RowLayout,
-               action_low: Optional[np.ndarray] = None, action_high: Optional[np.ndarray] = None) -> dict:
+               action_low: Optional[np.ndarray] = None, action_high: Optional[np.ndarray] = None,
+               relevance: Optional[Relevance] = None, scores: Optional[np.ndarray] = None) -> dict:
     """One retrain's work: fit a fresh model on ``rows``, generate, clip and filter the new pool.
 
     Pure (no shared state, no global RNG), so it runs as well in a background thread as in a Ray
@@ -445,26 +537,39 @@ def build_pool(config: SynthERConfig, rows: np.ndarray, retrain_index: int, env_
         env_step: the env step the retrain was submitted at (recorded with the result).
         layout: the rows' layout.
         action_low, action_high: clip the generated actions to these (None: no clipping).
+        relevance: relevance-guided generation (PGR): the score function. A learning one (curiosity)
+            is trained on a copy here (``Relevance.prepare``), returned as ``"relevance"``. None:
+            plain SynthER.
+        scores: the real rows' scores when already computed (a user's function), else computed here.
 
     Returns:
-        ``{"error": None, "env_step", "model", "pool", "filtered", "fit", "gen_seconds", "num_real"}``,
-        or ``{"error": DiffusionTrainingError, "env_step"}`` when the fit diverged or the samples
-        were not finite (the caller keeps its previous pool).
+        ``{"error": None, "env_step", "model", "pool", "filtered", "fit", "gen_seconds", "num_real"}``
+        (plus ``"relevance"`` and ``"relevance_mean_real"`` when guided), or ``{"error": ..., "env_step"}``
+        when the fit diverged, the samples were not finite or the relevance model failed (the caller
+        keeps its previous pool).
     """
-    model = model_for(layout, config.replace(seed=config.seed + retrain_index))
+    cfg = config.replace(seed=config.seed + retrain_index)
+    model = model_for(layout, cfg, conditional=relevance is not None)
     try:
-        fit = model.fit(rows)
+        guided = {}
+        if relevance is not None:   # PGR: train the relevance model, score the real rows, fit conditioned
+            if scores is None:
+                relevance = relevance.prepare(rows, layout, cfg.seed)
+                scores = relevance.score(rows, layout)
+            guided = {"relevance": relevance, "relevance_mean_real": float(np.mean(scores))}
+        fit = model.fit(rows) if relevance is None else model.fit(rows, cond=scores)
         t0 = time.perf_counter()
         synth = model.sample(min(config.num_generate, config.synthetic_size))
         gen_seconds = time.perf_counter() - t0
-    except DiffusionTrainingError as e:
+    except (DiffusionTrainingError, RelevanceError) as e:
         return {"error": e, "env_step": env_step}
     if action_low is not None:
         cols = layout.action_cols
         np.clip(synth[:, cols], action_low, action_high, out=synth[:, cols])
     keep = in_range(config.outlier_std, synth, rows, layout.terminal)
     return {"error": None, "env_step": env_step, "model": model, "pool": _compact(synth, keep),
-            "filtered": int((~keep).sum()), "fit": fit, "gen_seconds": gen_seconds, "num_real": rows.shape[0]}
+            "filtered": int((~keep).sum()), "fit": fit, "gen_seconds": gen_seconds, "num_real": rows.shape[0],
+            **guided}
 
 
 def in_range(outlier_std: Optional[float], synth: np.ndarray, real: np.ndarray, terminal: bool,

@@ -373,6 +373,9 @@ class SynthERLogCallback(BaseCallback):
         self.logger.record("synther/num_real", s["num_real"])
         self.logger.record("synther/num_synthetic", s["num_synthetic"])
         self.logger.record("synther/retrain_count", s["retrain_count"])
+        for key in ("relevance_mean_real", "relevance_mean_synthetic"):   # relevance-guided pools only
+            if key in s:
+                self.logger.record(f"synther/{key}", s[key])
         if self.verbose >= 1 and s["retrain_count"] > self._retrains_seen:
             print(f"SynthER retrain {s['retrain_count']} (data up to env step {s['last_retrain_env_step']:,}): "
                   f"loss {s['last_train_loss']:.4f}, fit {s['last_fit_seconds']:.1f}s, "

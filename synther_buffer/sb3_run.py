@@ -64,6 +64,9 @@ def synther_config(base: SynthERConfig, args: argparse.Namespace) -> SynthERConf
     for field in ("compile", "async_retrain"):
         if getattr(args, field, False):
             changes[field] = True
+    for field in ("relevance", "guidance_scale"):   # relevance-guided generation (PGR), when given
+        if getattr(args, field, None) is not None:
+            changes[field] = getattr(args, field)
     return base.replace(**changes)
 
 

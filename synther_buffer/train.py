@@ -88,9 +88,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--async-retrain", action="store_true",
                    help="retrain in a background thread while SAC keeps training on the previous pool "
                         "(default: the paper's synchronous schedule)")
+    add_relevance_arguments(g)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=250, help="env steps between evaluations (0: only at the end)")
     g.add_argument("--eval-episodes", type=int, default=3, help="episodes per evaluation (deterministic policy)")
+
+
+def add_relevance_arguments(g) -> None:
+    """``--relevance`` and ``--guidance-scale`` (Prioritized Generative Replay) on parser / group ``g``."""
+    g.add_argument("--relevance", choices=("curiosity", "reward"), default=None,
+                   help="relevance-guided generation (Prioritized Generative Replay): condition the diffusion "
+                        "model on this score of each real transition and generate at high scores "
+                        "(SynthERConfig.relevance; default: plain SynthER)")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance weight with --relevance (SynthERConfig.guidance_scale, default 2.0)")
 
 
 def synther_config(args: argparse.Namespace):

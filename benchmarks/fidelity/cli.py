@@ -94,6 +94,8 @@ TABLE_COLUMNS = (
     ("ks_complement", "KSComp"), ("corr_similarity", "CorrSim"), ("fit_s", "fit s"),
     ("samples_per_s", "samples/s"), ("status", "status"),
 )
+# with --relevance: each generator's mean relevance score (the same relevance model scores every set)
+RELEVANCE_COLUMN = ("relevance_mean", "mean relevance")
 SWEEP_COLUMNS = (
     ("setting", "sampler"), ("nfe", "NFE"), ("dynamics_mse", "dyn MSE"), ("dynamics_mse_se", "+- se"),
     ("dynamics_mse_median", "dyn MSE (median)"),
@@ -288,6 +290,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                                                  "ks_complement", "corr_similarity")}})
                 if args.save_model:
                     model.save(out_dir / "synther_model.pt")
+                if args.relevance:   # Prioritized Generative Replay: guided vs unguided at the same preset
+                    details["relevance"] = _relevance_rows(args, cfg, layout, train_rows, hold_rows[:n], rows,
+                                                           evaluate, table)
     finally:
         oracle.close()
 
@@ -320,6 +325,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                                 "reward_mse_median",
                                                 "wasserstein_max", "tv_complement", "sample_s", "n_scored",
                                                 "n_nonfinite", "action_clip_fraction"]
+    if args.relevance:
+        csv_keys.append("relevance_mean")
     _write_csv(out_dir / "fidelity.csv", table, csv_keys)
     if sweep:
         _write_csv(out_dir / "fidelity_sweep.csv", sweep, [k for k, _ in SWEEP_COLUMNS] +
@@ -331,11 +338,56 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return result
 
 
+def _relevance_rows(args: argparse.Namespace, cfg, layout, train_rows: np.ndarray, hold_rows: np.ndarray,
+                    plain_rows: np.ndarray, evaluate, table: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """``--relevance``: PGR's conditional SynthER at the plain row's preset, sampled guided (w =
+    ``--guidance-scale``) and unguided (w = 0, the same model), each scored by the oracle like every
+    generator; and the mechanism number: the mean relevance, by one relevance model trained on the
+    real training rows, of the real rows, the plain SynthER rows, the unguided and the guided rows.
+
+    Appends the two rows to ``table`` (and ``relevance_mean`` to the plain SynthER row, the last one
+    there); returns the details for ``fidelity.json``.
+    """
+    from synther_buffer.diffusion import resolve_device
+    from synther_buffer.pool import model_for
+    from synther_buffer.relevance import make_relevance
+
+    n = args.num_synthetic
+    rcfg = cfg.replace(relevance=args.relevance, guidance_scale=args.guidance_scale,
+                       relevance_train_steps=args.relevance_steps)
+    t = time.perf_counter()
+    rel = make_relevance(rcfg, layout, str(resolve_device(cfg.device)))
+    rel = rel.prepare(train_rows, layout, seed=args.seed)
+    scores = rel.score(train_rows, layout)
+    rel_s = time.perf_counter() - t
+    _log(f"relevance {args.relevance}: trained/scored in {rel_s:.1f}s; real mean {scores.mean():.4g}")
+    table[-1]["relevance_mean"] = float(rel.score(plain_rows, layout).mean())
+    model = model_for(layout, rcfg, conditional=True)
+    fit = model.fit(train_rows, cond=scores)
+    _log(f"PGR conditional fit: {fit['seconds']:.1f}s, loss {fit['loss']:.4f}")
+    means = {"real (train)": float(scores.mean()), "real (held out)": float(rel.score(hold_rows, layout).mean()),
+             "SynthER": table[-1]["relevance_mean"]}
+    for w in (0.0, rcfg.guidance_scale):
+        t = time.perf_counter()
+        rows = model.sample(n, seed=args.seed + 1, guidance_scale=w)
+        dt = time.perf_counter() - t
+        label = f"SynthER PGR {args.relevance} w={w:g}" + (" (unguided)" if w == 0 else " (guided)")
+        means[label] = float(rel.score(rows, layout).mean())
+        table.append(evaluate(label, rows, {"fit_s": fit["seconds"], "sample_s": dt,
+                                            "samples_per_s": n / max(dt, 1e-9), "loss": fit["loss"],
+                                            "relevance_mean": means[label]}))
+    _log("mean relevance: " + ", ".join(f"{k} {v:.4g}" for k, v in means.items()))
+    return {"relevance": args.relevance, "guidance_scale": rcfg.guidance_scale, "cond_dropout": rcfg.cond_dropout,
+            "relevance_top_frac": rcfg.relevance_top_frac, "relevance_train_seconds": rel_s,
+            "relevance_train_steps": getattr(rel, "steps", None), "mean_relevance": means, "fit": fit}
+
+
 def format_result(result: Mapping[str, Any]) -> str:
     """Markdown rendering of a :func:`run` result (main table, then the sampler sweep if any)."""
     lines = [f"### Fidelity: {result['env']}, preset {result['preset']}, {result['num_real']:,} real / "
              f"{result['num_synthetic']:,} synthetic rows (eval {result['num_eval']:,})", "",
-             markdown_table(result["table"])]
+             markdown_table(result["table"], TABLE_COLUMNS + ((RELEVANCE_COLUMN,) if "relevance" in
+                                                              result.get("details", {}) else ()))]
     if result.get("sampler_sweep"):
         lines += ["", "Sampler sweep (one trained SynthER model):", "", markdown_table(result["sampler_sweep"], SWEEP_COLUMNS)]
     lines += ["", f"load average start {result['loadavg_start']}, end {result['loadavg_end']}; "
@@ -373,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch / BLAS threads (1 on shared 2-core machines)")
     p.add_argument("--device", default="auto", help="torch device for SynthER")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--relevance", choices=("curiosity", "reward"), default=None,
+                   help="also fit PGR's relevance-conditioned SynthER (same preset) and score it guided and "
+                        "unguided, with the mean relevance of every SynthER set and of the real rows")
+    p.add_argument("--guidance-scale", type=float, default=2.0, help="guidance weight of the guided row (PGR: 2.0)")
+    p.add_argument("--relevance-steps", type=int, default=None,
+                   help="curiosity model training steps (default: the preset's retrain_every, PGR's online rate)")
     p.add_argument("--save-model", action="store_true", help="also save the SynthER model to OUT/synther_model.pt")
     p.add_argument("--save-rows", action="store_true", help="save every generator's rows to OUT/rows.npz")
     p.add_argument("--progress", action="store_true", help="show tqdm bars for the diffusion fit/sample")
