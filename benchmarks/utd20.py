@@ -91,6 +91,9 @@ ARMS: Dict[str, Arm] = {a.name: a for a in (
     # Issue 6's wall-clock comparison: the SynthER arm with retrains in a background thread (opt-in).
     Arm("synther_utd20_async", "SAC (SynthER, UTD=20, async retrain)", "integrations/sb3_sac.py", high_utd=True,
         synther=True, extra=("--async-retrain",)),
+    # Issue 18: the SynthER arm with warm-started retrains (the preset's train_steps // 5 after the first; opt-in).
+    Arm("synther_utd20_warm", "SAC (SynthER, UTD=20, warm retrain)", "integrations/sb3_sac.py", high_utd=True,
+        synther=True, extra=("--warm-start",)),
 )}
 
 PAPER_ARMS = ("sac_utd1", "sac_utd20", "synther_utd20", "redq_utd20")   # the paper's four (Section 4.2)

@@ -82,6 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-generate", type=int, default=None, help="synthetic rows per retrain (default: preset's)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="diffusion matmul precision (default: preset's, fp32; bf16 pays on GPUs and AVX512-BF16 CPUs)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="later retrains continue from the previous diffusion model (the first is a full fit)")
+    p.add_argument("--warm-start-steps", type=int, default=None,
+                   help="diffusion steps of a warm retrain (default: the preset's train_steps // 5)")
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/custom_sac", help="output directory")
@@ -181,7 +185,8 @@ def main(argv=None) -> int:
     preset = args.preset or ("paper" if device.type == "cuda" else "fast")
     cfg = SynthERConfig.preset(preset).replace(device=str(device), seed=args.seed, progress=not args.quiet)
     overrides = dict(retrain_every=args.retrain_every, real_ratio=args.real_ratio,
-                     train_steps=args.train_steps, num_generate=args.num_generate, precision=args.precision)
+                     train_steps=args.train_steps, num_generate=args.num_generate, precision=args.precision,
+                     warm_start=args.warm_start or None, warm_start_steps=args.warm_start_steps)
     cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
     if args.no_synther:  # never retrain, all-real batches: the same buffer without SynthER
         cfg = cfg.replace(retrain_every=args.total_steps + 1, real_ratio=1.0)

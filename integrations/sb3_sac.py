@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="diffusion matmul precision (default: preset's, fp32; bf16 pays on GPUs and AVX512-BF16 CPUs)")
     p.add_argument("--async-retrain", action="store_true",
                    help="retrain in a background thread; SAC keeps training on the previous pool meanwhile")
+    p.add_argument("--warm-start", action="store_true",
+                   help="later retrains continue from the previous diffusion model (the first is a full fit)")
+    p.add_argument("--warm-start-steps", type=int, default=None,
+                   help="diffusion steps of a warm retrain (default: the preset's train_steps // 5)")
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/sb3_sac", help="output directory")

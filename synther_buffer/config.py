@@ -27,6 +27,7 @@ PRECISIONS = ("fp32", "bf16")
 GRADIENTS = ("auto", "manual", "autograd")
 PARAM_LAYOUTS = ("auto", "flat", "per_tensor")
 RETRAIN_BACKENDS = ("thread", "ray")
+WARM_STEPS_FRACTION = 5   # warm_start_steps=None: train_steps // 5 (benchmarks/WARM_START.md)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,15 @@ class SynthERConfig:
             (default): flat with hand-written gradients, on CUDA, and for networks up to
             ``train_step.FLAT_MAX_PARAMS_CPU`` parameters on CPU, per tensor otherwise. The same
             model either way (float sums aside).
+        warm_start: retrain by continuing from the previous model instead of from scratch. ``False``
+            (default) is the paper's schedule (seed D.2: every retrain trains a fresh network). ``True``:
+            a retrain whose pool already holds a successfully trained model of the same layout starts
+            from its weights and EMA, with a fresh Adam state and a new cosine schedule over
+            ``warm_start_steps``, keeping the normaliser of the last full fit (the first retrain, any
+            retrain without such a model, and one whose data has moved far from that normaliser is a
+            full fit; ``TransitionDiffusion.fit``). Measured: benchmarks/WARM_START.md.
+        warm_start_steps: gradient steps of a warm retrain; ``None`` (default) = ``train_steps // 5``
+            (at least 1). See ``warm_steps``.
         sigma_min: smallest noise level of the sampler (EDM, Karras et al. 2022, eq. 5).
         sigma_max: largest noise level of the sampler.
         sigma_data: the data's standard deviation in the preconditioning (1: rows are standardised).
@@ -116,6 +126,8 @@ class SynthERConfig:
     precision: str = "fp32"
     gradients: str = "auto"
     param_layout: str = "auto"
+    warm_start: bool = False
+    warm_start_steps: Optional[int] = None
     # EDM
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -165,7 +177,7 @@ class SynthERConfig:
         for name in ("width", "depth", "rff_dim", "time_dim", "train_steps", "ema_every", "sample_steps",
                      "retrain_every", "synthetic_size", "num_generate", "min_real"):
             out[name] = positive_int(f"SynthERConfig.{name}", getattr(self, name))
-        for name in ("batch_size", "sample_batch_size"):
+        for name in ("batch_size", "sample_batch_size", "warm_start_steps"):
             out[name] = positive_int(f"SynthERConfig.{name}", getattr(self, name), optional=True)
         out["seed"] = check_int("SynthERConfig.seed", self.seed)
         if self.rff_dim % 2:
@@ -180,7 +192,7 @@ class SynthERConfig:
         out["ema_decay"] = finite_float("SynthERConfig.ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         out["real_ratio"] = finite_float("SynthERConfig.real_ratio", self.real_ratio, low=0.0, high=1.0)
         out["outlier_std"] = positive_float("SynthERConfig.outlier_std", self.outlier_std, optional=True)
-        for name in ("async_retrain", "compile", "normalize_reward"):
+        for name in ("async_retrain", "compile", "normalize_reward", "warm_start"):
             check_bool(f"SynthERConfig.{name}", getattr(self, name))
         check_choice("SynthERConfig.precision", self.precision, PRECISIONS)
         check_choice("SynthERConfig.sampler", self.sampler, SAMPLERS)
@@ -222,6 +234,12 @@ class SynthERConfig:
         if self.batch_size is not None:
             return self.batch_size
         return 256 if num_rows < 1_000_000 else 1024
+
+    def warm_steps(self) -> int:
+        """Gradient steps of a warm retrain: ``warm_start_steps``, or ``train_steps // 5`` (at least 1)."""
+        if self.warm_start_steps is not None:
+            return self.warm_start_steps
+        return max(1, self.train_steps // WARM_STEPS_FRACTION)
 
     @classmethod
     def for_device(cls, device: str = "auto") -> "SynthERConfig":
@@ -289,5 +307,11 @@ COMPILE_HELP = ("torch.compile the diffusion training step (SynthERConfig.compil
 # the ``--precision`` help of ``synther upsample`` and ``synther train``
 PRECISION_HELP = ("matmul precision of the diffusion model (SynthERConfig.precision): fp32 (default, the paper's) "
                   "or bf16 (autocast-style bfloat16 matmuls: faster on GPUs and CPUs with AVX512-BF16 / AMX)")
+
+# the ``--warm-start`` / ``--warm-start-steps`` help of the online CLIs
+WARM_START_HELP = ("retrain the diffusion model by continuing from the previous one (SynthERConfig.warm_start): "
+                   "the first retrain is a full fit, later ones take --warm-start-steps; default: from scratch "
+                   "every retrain (the paper's schedule)")
+WARM_START_STEPS_HELP = "gradient steps of a warm retrain (default: the preset's train_steps // 5)"
 
 PRESETS = {"paper": _paper, "fast": _fast, "tiny": _tiny}

@@ -127,6 +127,8 @@ def test_unit_args_per_arm():
     assert "--no-synther" in a["redq_utd20"] and flag(a["redq_utd20"], "--utd") == "20"
     assert a["synther_utd20_async"] == a["synther_utd20"] + ["--async-retrain"]
     assert "synther_utd20_async" not in utd20.PRESETS["paper"].arms and "--async-retrain" not in a["synther_utd20"]
+    assert a["synther_utd20_warm"] == a["synther_utd20"] + ["--warm-start"]          # issue 18, opt-in
+    assert "synther_utd20_warm" not in utd20.PRESETS["paper"].arms and "--warm-start" not in a["synther_utd20"]
     assert all(flag(v, "--seed") == "1" and flag(v, "--total-steps") == "10000" for v in a.values())
     assert utd20.unit_settings(p, utd20.Unit("x", "redq_utd20", 0))["script"] == "integrations/custom_sac.py"
 
