@@ -42,7 +42,7 @@ class SynthERConfig:
         depth: number of residual blocks ``x + linear(relu(norm(x)))``.
         rff_dim: random Fourier feature dimension of the noise-level embedding.
         time_dim: width of the noise embedding / input projection (reference code: 128).
-        train_steps: gradient steps per fit (each retrain trains from scratch).
+        train_steps: gradient steps per fit (each retrain trains from scratch, unless ``warm_start``).
         batch_size: training batch; ``None`` picks 256 below 1M rows, else 1024 (Table 8).
         lr: Adam learning rate, cosine-annealed to 0 over ``train_steps``.
         ema_decay: largest decay of the EMA of the weights that sampling uses (``ema.EMA``: it copies

@@ -105,7 +105,7 @@ def test_warm_fit_leaves_the_previous_model_untouched(fitted):
     before = (params(model.model), params(model.ema), model.normalizer.mean.copy())
     warm = TransitionDiffusion(2, model.config)
     warm.warm_start_from(model)
-    warm.fit(x_old * 1.5 + 1.0)
+    assert warm.fit(x_old * 1.2 + 0.3)["warm"]
     after = (params(model.model), params(model.ema), model.normalizer.mean)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     np.testing.assert_array_equal(before[2], after[2])
@@ -332,6 +332,27 @@ def test_checkpoint_resume_continues_warm_and_matches_the_uninterrupted_run(tiny
     cold.pool.config = cold.pool.config.replace(warm_start=False)
     feed(cold, 2, 100)
     assert not cold.stats()["last_fit_warm"] and not torch.equal(cold.pool.pool, straight.pool.pool)
+
+
+def test_sb3_buffer_pickled_mid_run_continues_warm(tiny_cfg):
+    """SB3's save_replay_buffer / load_replay_buffer pickle the buffer: the unpickled one continues warm
+    from the pickled model, as if the run had never stopped."""
+    import pickle
+
+    straight = _run("GenerativeReplayBuffer", warm_cfg(tiny_cfg), n=300)
+    first = _run("GenerativeReplayBuffer", warm_cfg(tiny_cfg), n=200)
+    resumed = pickle.loads(pickle.dumps(first))
+    assert resumed.stats()["warm_retrains"] == 1
+    r = np.random.default_rng(0)
+    for _ in range(200):                                   # _run's stream, replayed to step 200
+        r.standard_normal((1, 3)), r.uniform(-1, 1, (1, 1))
+    for _ in range(100):
+        obs = r.standard_normal((1, 3)).astype(np.float32)
+        act = r.uniform(-1, 1, (1, 1)).astype(np.float32)
+        resumed.add(obs, 0.9 * obs, act, obs[:, :1].ravel(), np.zeros(1, np.float32), [{}])
+    s = resumed.stats()
+    assert s["retrain_count"] == 3 and s["warm_retrains"] == 2 and s["last_fit_warm"]
+    assert torch.equal(resumed.pool.pool, straight.pool.pool)
 
 
 def test_stats_survive_a_state_saved_before_warm_start(tiny_cfg):
