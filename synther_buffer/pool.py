@@ -203,8 +203,9 @@ class SyntheticPool:
 
         With ``config.warm_start`` the fit continues from the installed model (its weights, EMA and
         normaliser, captured at submission; see ``TransitionDiffusion.fit``) for
-        ``config.warm_steps()`` steps; the first retrain, or one after a layout change, is a full
-        fit. The installed model is never modified: a failed warm retrain keeps it and its pool.
+        ``config.warm_steps()`` steps; the first retrain, one after a layout change, and one whose
+        data has moved far from the model's normaliser are full fits. The installed model is never
+        modified: a failed warm retrain keeps it and its pool.
 
         Synchronous (the paper's schedule): a diverging fit or non-finite samples keeps the previous
         model and pool and logs a warning: the agent keeps training on the old pool. In the

@@ -44,7 +44,8 @@ def test_tiny_online_sequence_scores_cold_and_warm_chains(tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == 7
     out = capsys.readouterr().out
     assert "| retrain (real rows) | cold | warm 20 | warm 40 |" in out and "| 2 (600) |" in out
-    assert "(= cold: first retrain)" in out and "min speedup" in out
+    assert "(= cold: first retrain)" in out and "min (median) speedup" in out
+    assert all(s["min_speedup"] <= s["median_speedup"] for s in result["summary"])
 
 
 def test_bad_sizes_are_refused(tmp_path):
