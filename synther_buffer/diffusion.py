@@ -125,6 +125,13 @@ def warm_normalizer(previous: Normalizer, x: np.ndarray) -> Normalizer:
 
     Refitting the mean and std instead measured worse: the EMA, continued from the previous one, then
     averages weights that worked in two different coordinate systems (benchmarks/WARM_START.md).
+
+    Args:
+        previous: the fitted model's normaliser (not modified).
+        x: the warm fit's rows [N, D].
+
+    Returns:
+        A new ``Normalizer``.
     """
     out = copy.deepcopy(previous)
     fresh = copy.deepcopy(previous).fit(x)
@@ -138,6 +145,13 @@ def normalizer_drift(normalizer: Normalizer, x: np.ndarray) -> Optional[str]:
     Judged per modelled column (terminal and skip columns, and columns constant in ``x``, are not): the
     mean of ``x`` in the normaliser's units within ``WARM_MAX_MEAN``, its std within a factor
     ``WARM_MAX_STD_RATIO`` of 1.
+
+    Args:
+        normalizer: the fitted model's normaliser.
+        x: the rows of the next fit [N, D].
+
+    Returns:
+        None when a warm fit may keep ``normalizer``, else the first column that moved too far, in words.
     """
     # x's mean and std in the normaliser's units, without a normalised copy of x
     mean = (x.mean(axis=0, dtype=np.float64) - normalizer.mean) / normalizer.std
@@ -158,6 +172,12 @@ def warm_network(previous: nn.Module) -> nn.Module:
 
     The copy owns its tensors (``previous`` stays untouched, even if the fit fails) and is in
     training mode with gradients on.
+
+    Args:
+        previous: the network to copy.
+
+    Returns:
+        The copy.
     """
     model = copy.deepcopy(previous)   # parameters are cloned (views of a flat buffer become compact tensors)
     return model.requires_grad_(True).train()

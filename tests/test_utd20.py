@@ -138,7 +138,7 @@ def test_precision_flag_reaches_the_synther_arms_only_and_is_part_of_their_setti
     assert utd20.main(["--preset", "smoke", "--out", str(tmp_path), "--dry-run", "--precision", "bf16"]) == 0
     lines = {line.split()[1].rstrip(":"): line for line in capsys.readouterr().out.splitlines()}
     assert all(("--precision bf16" in line) == ("synther" in key) for key, line in lines.items())
-    assert sum("synther" in key for key in lines) == 2
+    assert sum("synther" in key for key in lines) == 3   # the smoke preset runs every arm: sync, async, warm
     # a unit finished in fp32 is stale under --precision bf16 (and done again without the flag)
     syn = _fake_unit(tmp_path, p, "Pendulum-v1", "synther_utd20", 0, -1000.0)
     bf16 = utd20.dataclasses.replace(p, synther_overrides={**p.synther_overrides, "precision": "bf16"})
