@@ -88,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "under this loop's critics (buf.set_relevance_fn). Default: plain SynthER")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance weight with --relevance (default: SynthERConfig's, 2.0)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="later retrains continue from the previous diffusion model (the first is a full fit)")
+    p.add_argument("--warm-start-steps", type=int, default=None,
+                   help="diffusion steps of a warm retrain (default: the preset's train_steps // 5)")
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/custom_sac", help="output directory")
@@ -189,7 +193,8 @@ def main(argv=None) -> int:
     overrides = dict(retrain_every=args.retrain_every, real_ratio=args.real_ratio,
                      train_steps=args.train_steps, num_generate=args.num_generate, precision=args.precision,
                      relevance=args.relevance if args.relevance in ("curiosity", "reward") else None,
-                     guidance_scale=args.guidance_scale)
+                     guidance_scale=args.guidance_scale,
+                     warm_start=args.warm_start or None, warm_start_steps=args.warm_start_steps)
     cfg = cfg.replace(**{k: v for k, v in overrides.items() if v is not None})
     if args.no_synther:  # never retrain, all-real batches: the same buffer without SynthER
         cfg = cfg.replace(retrain_every=args.total_steps + 1, real_ratio=1.0)

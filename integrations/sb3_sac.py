@@ -63,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--async-retrain", action="store_true",
                    help="retrain in a background thread; SAC keeps training on the previous pool meanwhile")
     add_relevance_arguments(p)   # --relevance, --guidance-scale (Prioritized Generative Replay)
+    p.add_argument("--warm-start", action="store_true",
+                   help="later retrains continue from the previous diffusion model (the first is a full fit)")
+    p.add_argument("--warm-start-steps", type=int, default=None,
+                   help="diffusion steps of a warm retrain (default: the preset's train_steps // 5)")
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/sb3_sac", help="output directory")

@@ -42,8 +42,8 @@ class SynthERConfig:
         depth: number of residual blocks ``x + linear(relu(norm(x)))``.
         rff_dim: random Fourier feature dimension of the noise-level embedding.
         time_dim: width of the noise embedding / input projection (reference code: 128).
-        train_steps: gradient steps per fit (each retrain trains from scratch); with
-            ``train_steps_rows`` set, the steps of a fit on up to that many rows.
+        train_steps: gradient steps per fit (each retrain trains from scratch, unless ``warm_start``);
+            with ``train_steps_rows`` set, the steps of a fit on up to that many rows.
         train_steps_rows: the data-size budget rule: ``None`` (the paper's) trains ``train_steps``
             whatever the data size; a row count ``n0`` makes a fit on ``n > n0`` rows train
             ``train_steps * (n / n0) ** train_steps_power`` steps (``train_steps_for``), so a growing
@@ -77,6 +77,15 @@ class SynthERConfig:
             (default): flat with hand-written gradients, on CUDA, and for networks up to
             ``train_step.FLAT_MAX_PARAMS_CPU`` parameters on CPU, per tensor otherwise. The same
             model either way (float sums aside).
+        warm_start: retrain by continuing from the previous model instead of from scratch. ``False``
+            (default) is the paper's schedule (seed D.2: every retrain trains a fresh network). ``True``:
+            a retrain whose pool already holds a successfully trained model of the same layout starts
+            from its weights and EMA, with a fresh Adam state and a new cosine schedule over
+            ``warm_start_steps``, keeping the normaliser of the last full fit (the first retrain, any
+            retrain without such a model, and one whose data has moved far from that normaliser is a
+            full fit; ``TransitionDiffusion.fit``). Measured: benchmarks/WARM_START.md.
+        warm_start_steps: gradient steps of a warm retrain; ``None`` (default) = ``train_steps // 5``
+            (at least 1). See ``warm_steps``.
         sigma_min: smallest noise level of the sampler (EDM, Karras et al. 2022, eq. 5).
         sigma_max: largest noise level of the sampler.
         sigma_data: the data's standard deviation in the preconditioning (1: rows are standardised).
@@ -145,6 +154,8 @@ class SynthERConfig:
     precision: str = "fp32"
     gradients: str = "auto"
     param_layout: str = "auto"
+    warm_start: bool = False
+    warm_start_steps: Optional[int] = None
     # EDM
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -223,6 +234,8 @@ class SynthERConfig:
         out["outlier_std"] = positive_float("SynthERConfig.outlier_std", self.outlier_std, optional=True)
         for name in ("async_retrain", "compile", "normalize_reward"):
             check_bool(f"SynthERConfig.{name}", getattr(self, name))
+        check_bool("SynthERConfig.warm_start", self.warm_start)
+        out["warm_start_steps"] = positive_int("SynthERConfig.warm_start_steps", self.warm_start_steps, optional=True)
         check_choice("SynthERConfig.precision", self.precision, PRECISIONS)
         check_choice("SynthERConfig.sampler", self.sampler, SAMPLERS)
         check_choice("SynthERConfig.gradients", self.gradients, GRADIENTS)
@@ -294,6 +307,12 @@ class SynthERConfig:
         steps = int(round(self.train_steps * (num_rows / n0) ** self.train_steps_power))
         return steps if self.max_train_steps is None else min(steps, self.max_train_steps)
 
+    def warm_steps(self) -> int:
+        """Gradient steps of a warm retrain: ``warm_start_steps``, or ``train_steps // 5`` (at least 1)."""
+        if self.warm_start_steps is not None:
+            return self.warm_start_steps
+        return max(1, self.train_steps // 5)   # 1/5 and 1/10 both met the targets: benchmarks/WARM_START.md
+
     @classmethod
     def for_device(cls, device: str = "auto") -> "SynthERConfig":
         """The preset that suits ``device``: ``"paper"`` where it resolves to CUDA, else ``"fast"``.
@@ -360,5 +379,11 @@ COMPILE_HELP = ("torch.compile the diffusion training step (SynthERConfig.compil
 # the ``--precision`` help of ``synther upsample`` and ``synther train``
 PRECISION_HELP = ("matmul precision of the diffusion model (SynthERConfig.precision): fp32 (default, the paper's) "
                   "or bf16 (autocast-style bfloat16 matmuls: faster on GPUs and CPUs with AVX512-BF16 / AMX)")
+
+# the ``--warm-start`` / ``--warm-start-steps`` help of the online CLIs
+WARM_START_HELP = ("retrain the diffusion model by continuing from the previous one (SynthERConfig.warm_start): "
+                   "the first retrain is a full fit, later ones take --warm-start-steps; default: from scratch "
+                   "every retrain (the paper's schedule)")
+WARM_START_STEPS_HELP = "gradient steps of a warm retrain (default: the preset's train_steps // 5)"
 
 PRESETS = {"paper": _paper, "fast": _fast, "tiny": _tiny}

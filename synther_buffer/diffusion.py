@@ -111,11 +111,87 @@ def bf16_is_native(device: torch.device) -> bool:
     return False
 
 
+# A warm fit keeps the previous normaliser only while the data still fits it: every modelled column's
+# mean within WARM_MAX_MEAN of the old standardised units and its std within a factor WARM_MAX_STD_RATIO.
+# Past that the fit is a full one (normaliser refitted). The limits are the range measured to work,
+# rounded up, not a measured failure point: on policy-sorted HalfCheetah data (a drift like an improving
+# agent's: normalised means up to 1.4, stds up to 5.1x) warm fits on the kept normaliser beat from-scratch
+# fits at every retrain (benchmarks/WARM_START.md); beyond it, the known-safe full fit.
+WARM_MAX_MEAN = 2.0
+WARM_MAX_STD_RATIO = 6.0
+
+
+def warm_normalizer(previous: Normalizer, x: np.ndarray) -> Normalizer:
+    """The normaliser of a warm fit on ``x``: ``previous``'s mean and std, kept (so the network's inputs
+    and outputs mean what they meant: the previous model's function, on any data, is where the fit
+    starts), with the constant columns found again in ``x`` (``sample`` writes those back exactly).
+
+    Refitting the mean and std instead measured worse: the EMA, continued from the previous one, then
+    averages weights that worked in two different coordinate systems (benchmarks/WARM_START.md).
+
+    Args:
+        previous: the fitted model's normaliser (not modified).
+        x: the warm fit's rows [N, D].
+
+    Returns:
+        A new ``Normalizer``.
+    """
+    out = copy.deepcopy(previous)
+    fresh = copy.deepcopy(previous).fit(x)
+    out.constant, out.constant_value = fresh.constant, fresh.constant_value
+    return out
+
+
+def normalizer_drift(normalizer: Normalizer, x: np.ndarray) -> Optional[str]:
+    """Why ``normalizer`` (fitted on older data) no longer fits rows ``x``, or None when it does.
+
+    Judged per modelled column (terminal and skip columns, and columns constant in ``x``, are not): the
+    mean of ``x`` in the normaliser's units within ``WARM_MAX_MEAN``, its std within a factor
+    ``WARM_MAX_STD_RATIO`` of 1.
+
+    Args:
+        normalizer: the fitted model's normaliser.
+        x: the rows of the next fit [N, D].
+
+    Returns:
+        None when a warm fit may keep ``normalizer``, else the first column that moved too far, in words.
+    """
+    # x's mean and std in the normaliser's units, without a normalised copy of x
+    mean = (x.mean(axis=0, dtype=np.float64) - normalizer.mean) / normalizer.std
+    std = x.std(axis=0, dtype=np.float64) / normalizer.std
+    judged = np.ones(normalizer.dim, dtype=bool)
+    judged[list(normalizer.terminal_dims) + list(normalizer.skip_dims)] = False
+    judged &= x.max(axis=0) > x.min(axis=0)
+    for j in np.flatnonzero(judged):
+        if abs(mean[j]) > WARM_MAX_MEAN:
+            return f"column {j}'s mean moved {mean[j]:+.2f} stds (limit {WARM_MAX_MEAN:g})"
+        if not 1 / WARM_MAX_STD_RATIO <= std[j] <= WARM_MAX_STD_RATIO:
+            return f"column {j}'s std changed {std[j]:.2f}x (limit {WARM_MAX_STD_RATIO:g}x)"
+    return None
+
+
+def warm_network(previous: nn.Module) -> nn.Module:
+    """A trainable copy of ``previous`` (a fitted ``EDMPrecond``): where a warm fit starts.
+
+    The copy owns its tensors (``previous`` stays untouched, even if the fit fails) and is in
+    training mode with gradients on.
+
+    Args:
+        previous: the network to copy.
+
+    Returns:
+        The copy.
+    """
+    model = copy.deepcopy(previous)   # parameters are cloned (views of a flat buffer become compact tensors)
+    return model.requires_grad_(True).train()
+
+
 class TransitionDiffusion:
     """A diffusion model over transition vectors: ``fit(x)`` on real rows, ``sample(n)`` new ones.
 
     Every ``fit`` trains a fresh network from scratch (seed D.2), keeping an EMA of the weights that
-    ``sample`` uses. The previous network stays in place until the new fit succeeds.
+    ``sample`` uses; with ``config.warm_start`` a fit after the first continues from the current
+    weights instead (see ``fit``). The previous network stays in place until the new fit succeeds.
 
     Args:
         dim: row width D, e.g. obs + action + reward + next_obs (+ terminal).
@@ -171,26 +247,39 @@ class TransitionDiffusion:
 
     # ------------------------------------------------------------------ training
     def fit(self, x: np.ndarray, *, steps: Optional[int] = None, progress: Optional[bool] = None,
-            cond=None) -> dict:
+            cond=None, warm_start: Optional[bool] = None) -> dict:
         """Normalise ``x``, train a fresh denoiser on it, and keep it (with its EMA) for sampling.
 
         The training step is chosen once, from ``config.gradients``, ``param_layout`` and ``compile``
         (``synther_buffer/train_step.py``). The normaliser records the columns that are constant in
         ``x``; ``sample`` writes them back exactly.
 
+        A warm fit (``warm_start``, default ``config.warm_start``, on a model that is already fitted or
+        took a fitted model's weights with ``warm_start_from``) continues instead: training starts
+        from the current weights, the EMA continues from the current EMA (its decay schedule where
+        the last fit left it), the normaliser keeps its mean and std (``warm_normalizer``: the
+        previous model's function is where training starts, on any data), and Adam starts fresh
+        with a new cosine schedule over ``steps`` (default ``config.warm_steps()``). An unfitted
+        model, or data that has moved too far from the normaliser (``normalizer_drift``), takes a
+        full fit.
+
         Args:
             x: real rows [N, D], N >= 2, finite.
             steps: gradient steps (default ``config.train_steps_for(len(x))``: ``train_steps``, grown
-                with the data when the config has a data-size rule).
+                with the data when the config has a data-size rule; ``config.warm_steps()`` when warm).
             progress: show a progress bar (default ``config.progress``).
             cond: a conditional model's relevance scores, one per row (required there, refused
                 otherwise); normalised here, and their top ``config.relevance_top_frac`` kept for
                 ``sample``.
+            warm_start: continue from the fitted model (``None``: ``config.warm_start``); ``False``
+                trains from scratch whatever the config says.
 
         Returns:
-            ``{"loss", "seconds", "steps", "batch_size", "compiled", "gradients"}``: loss is the mean
-            over the last logging window; compiled whether ``config.compile`` took effect; gradients
-            ``"manual"`` (``synther_buffer/manual_grad.py``) or ``"autograd"``.
+            ``{"loss", "seconds", "steps", "batch_size", "compiled", "gradients", "warm",
+            "first_loss"}``: loss is the mean over the last logging window, first_loss the first
+            step's; compiled whether ``config.compile`` took effect; gradients ``"manual"``
+            (``synther_buffer/manual_grad.py``) or ``"autograd"``; warm whether this fit continued
+            from the previous model.
 
         Raises:
             ValueError: ``x`` or ``steps`` is invalid (nothing changes).
@@ -201,13 +290,22 @@ class TransitionDiffusion:
         c = self.config
         x = self._check_rows(x)
         stats, cond_col = self._check_cond(cond, x.shape[0])
-        steps = c.train_steps_for(x.shape[0]) if steps is None else positive_int("steps", steps)
+        warm = self.fitted and bool(c.warm_start if warm_start is None else warm_start)
+        drift = normalizer_drift(self.normalizer, x) if warm else None
+        if drift is not None:
+            log.info("warm start skipped: the data has moved away from the normaliser (%s); a full fit", drift)
+            warm = False
+        if steps is None:
+            steps = c.warm_steps() if warm else c.train_steps_for(x.shape[0])
+        else:
+            steps = positive_int("steps", steps)
         show = c.progress if progress is None else progress
         t0 = time.perf_counter()
-        bar = tqdm(total=steps, desc="diffusion fit", unit="step", disable=not show, leave=False)
+        bar = tqdm(total=steps, desc="diffusion fit" + (" (warm)" if warm else ""), unit="step",
+                   disable=not show, leave=False)
         failed = None
         try:
-            model, ema, normalizer, last_loss, bs, train = self._train(x, steps, bar, cond_col)
+            model, ema, normalizer, last_loss, bs, train = self._train(x, steps, bar, cond_col, warm=warm)
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -226,32 +324,40 @@ class TransitionDiffusion:
         self.fitted = True
         self.fit_count += 1
         self.last_fit = {"loss": last_loss, "seconds": time.perf_counter() - t0, "steps": steps,
-                         "batch_size": bs, "compiled": train.compiled, "gradients": train.gradients}
-        log.info("diffusion fit: %d steps, batch %d, loss %.4f, %.1fs", steps, bs, last_loss,
-                 self.last_fit["seconds"])
+                         "batch_size": bs, "compiled": train.compiled, "gradients": train.gradients,
+                         "warm": warm, "first_loss": train.first_loss,
+                         "ema_steps": (self._ema_steps() if warm else 0) + steps}
+        log.info("diffusion fit%s: %d steps, batch %d, loss %.4f, %.1fs", " (warm)" if warm else "", steps, bs,
+                 last_loss, self.last_fit["seconds"])
         return dict(self.last_fit)
 
-    def _train(self, x: np.ndarray, steps: int, bar, cond: Optional[np.ndarray] = None) -> tuple:
-        """The training run of ``fit``, touching nothing of ``self`` but its config, device and counters.
+    def _train(self, x: np.ndarray, steps: int, bar, cond: Optional[np.ndarray] = None, warm: bool = False) -> tuple:
+        """The training run of ``fit``, touching nothing of ``self`` but its config, device and counters
+        (a warm run copies the current weights, EMA and normaliser; it changes none of them).
 
         Returns:
-            ``(model, ema, normalizer, last_loss, batch_size, train_step)``.
+            ``(model, ema, normalizer, last_loss, batch_size, train_step)``; ``train_step.first_loss``
+            is the first step's loss.
 
         Raises:
             DiffusionTrainingError: the loss turned non-finite.
         """
         c = self.config
-        normalizer = copy.deepcopy(self.normalizer).fit(x)
+        normalizer = warm_normalizer(self.normalizer, x) if warm else copy.deepcopy(self.normalizer).fit(x)
         data = torch.as_tensor(normalizer.normalize(x.astype(np.float32)), device=self.device)
         if cond is not None:   # a conditional model: the normalised score rides along as one more column
             data = torch.cat([data, torch.as_tensor(cond, device=self.device)], dim=1)
         n, bs = data.shape[0], c.batch_size_for(x.shape[0])
         seed = c.seed + 7919 * self.fit_count
-        model = self._build_network(seed)
+        model = warm_network(self.model) if warm else self._build_network(seed)
         train = choose_train_step(model, self._step_config(c), self.device, steps,
                                   losses=(edm_loss_and_grads_unchecked,
                                           cond_edm_loss_from_noise if self.conditional else edm_loss_from_noise))
-        ema = EMA(model, c.ema_decay, every=c.ema_every, flat=train.flat)
+        if warm:   # the average continues from the current one, its decay from where the last fit left it
+            ema = EMA(self.ema, c.ema_decay, every=c.ema_every, flat=train.flat,
+                      start_step=self._ema_steps())
+        else:
+            ema = EMA(model, c.ema_decay, every=c.ema_every, flat=train.flat)
         gen = torch.Generator(device=self.device).manual_seed(seed)
 
         log_every = max(1, min(200, steps // 20))
@@ -267,7 +373,10 @@ class TransitionDiffusion:
             unit_noise = torch.randn(bs, self.dim, device=self.device, generator=gen)  # same order
             if cond is not None:   # condition dropout: the null condition with probability cond_dropout
                 batch = torch.cat([batch, dropout_keep(bs, c.cond_dropout, gen, self.device)], dim=1)
-            loss_sum += train(batch, rnd_normal, unit_noise)
+            loss = train(batch, rnd_normal, unit_noise)
+            if step == 1:
+                train.first_loss = float(loss)   # one host sync per fit: where training started from
+            loss_sum += loss
             window += 1
             ema.update(step, train.params)
             if step % log_every == 0 or step == steps:
@@ -318,6 +427,58 @@ class TransitionDiffusion:
         if not self.conditional or self.top_scores is None:
             raise RuntimeError("sample_conditions needs a conditional TransitionDiffusion fitted with scores")
         return draw_conditions(self.top_scores, n, seed)
+
+    def _ema_steps(self) -> int:
+        """Steps the current EMA has averaged over (its schedule's position); old files: the last fit's."""
+        return int(self.last_fit.get("ema_steps", self.last_fit.get("steps", 0)))
+
+    def warm_start_from(self, previous: Union["TransitionDiffusion", dict]) -> bool:
+        """Take a fitted model's weights, EMA and normaliser, so that the next warm ``fit`` continues
+        from them (``config.warm_start``; the benchmark and the online pool use this).
+
+        Nothing changes unless ``previous`` is fitted and of this model's layout: same width ``dim``,
+        terminal and skip columns, and parameter shapes (width, depth, RFF and time dims).
+
+        Args:
+            previous: a ``TransitionDiffusion`` or its ``state_dict()`` (e.g. from a checkpoint or a
+                Ray object store), on any device.
+
+        Returns:
+            True when taken; False (logged at INFO, with the reason) when the next fit must be a full one.
+        """
+        state = previous.state_dict() if isinstance(previous, TransitionDiffusion) else previous
+        reason = self._warm_mismatch(state)
+        if reason is not None:
+            log.info("warm start not possible (%s): the next fit trains from scratch", reason)
+            return False
+        model = self._build_network(self.config.seed)
+        model.load_state_dict(state["model"])
+        ema = copy.deepcopy(model).requires_grad_(False)
+        ema.load_state_dict(state["ema"])
+        self.model, self.ema = model.eval(), ema.eval()
+        self.normalizer = Normalizer.from_state_dict(state["normalizer"])
+        self.fitted = True
+        self.fit_count = int(state["fit_count"])
+        self.last_fit = dict(state["last_fit"])
+        return True
+
+    def _warm_mismatch(self, state: dict) -> Optional[str]:
+        """Why ``state`` (a ``state_dict()``) cannot seed a warm fit of this model; None when it can."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            return "not a TransitionDiffusion state"
+        if not state.get("fitted"):
+            return "the previous model was never fitted"
+        if state["dim"] != self.dim:
+            return f"row width {state['dim']} != {self.dim}"
+        norm = state["normalizer"]
+        if (tuple(norm["terminal_dims"]), tuple(norm["skip_dims"])) != (self.normalizer.terminal_dims,
+                                                                        self.normalizer.skip_dims):
+            return "terminal or skip columns differ"
+        mine = self.model.state_dict()
+        theirs = state["model"]
+        if set(mine) != set(theirs) or any(tuple(mine[k].shape) != tuple(theirs[k].shape) for k in mine):
+            return "the network's shape differs (width, depth, rff_dim or time_dim)"
+        return None
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, *, batch_size: Optional[int] = None, seed: Optional[int] = None,

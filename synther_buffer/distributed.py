@@ -409,8 +409,12 @@ class RetrainActor:
     """The Ray actor of ``retrain_backend="ray"``: runs ``pool.build_pool`` where Ray placed it."""
 
     def build(self, config, rows: np.ndarray, retrain_index: int, env_step: int, layout: RowLayout,
-              action_low: Optional[np.ndarray], action_high: Optional[np.ndarray]) -> dict:
+              action_low: Optional[np.ndarray], action_high: Optional[np.ndarray],
+              previous: Optional[dict] = None) -> dict:
         """One retrain: ``pool.build_pool`` with the model returned as a CPU state dict.
+
+        ``previous`` (the installed model's CPU state dict, for ``config.warm_start``) is what a warm
+        fit continues from.
 
         Returns:
             ``build_pool``'s dict with ``"model"`` replaced by ``"model_state"``, plus ``"host"``,
@@ -419,7 +423,7 @@ class RetrainActor:
         from .pool import _to_cpu, build_pool
 
         threads = use_assigned_cpus()
-        out = build_pool(config, rows, retrain_index, env_step, layout, action_low, action_high)
+        out = build_pool(config, rows, retrain_index, env_step, layout, action_low, action_high, previous=previous)
         out.update(host=socket.gethostname(), pid=os.getpid(), threads=threads)
         if out["error"] is None:
             model = out.pop("model")
@@ -494,7 +498,7 @@ class RemoteRetrainer:
 
     def submit(self, config, rows: np.ndarray, retrain_index: int, env_step: int, layout: RowLayout,
                action_low: Optional[np.ndarray], action_high: Optional[np.ndarray],
-               device: torch.device) -> "RemoteCall":
+               device: torch.device, previous: Optional[dict] = None) -> "RemoteCall":
         """Put ``rows`` in the object store and start the retrain on the actor (returns at once).
 
         Args:
@@ -502,6 +506,8 @@ class RemoteRetrainer:
             rows: the real rows (copied into the object store here).
             retrain_index, env_step, layout, action_low, action_high: as ``pool.build_pool``.
             device: where the caller wants the returned model and pool.
+            previous: the installed model's CPU state dict, which a warm retrain
+                (``config.warm_start``) continues from; it goes to the object store here too.
 
         Returns:
             A :class:`RemoteCall`; its ``result()`` blocks for the retrain's outcome.
@@ -509,7 +515,9 @@ class RemoteRetrainer:
         ray = self.ray
         actor = self._get_actor(config)
         rows_ref = ray.put(np.ascontiguousarray(rows))
-        ref = actor.build.remote(config, rows_ref, retrain_index, env_step, layout, action_low, action_high)
+        prev_ref = None if previous is None else ray.put(previous)
+        ref = actor.build.remote(config, rows_ref, retrain_index, env_step, layout, action_low, action_high,
+                                 previous=prev_ref)
         return RemoteCall(self, actor, ref, env_step, device)
 
 

@@ -49,6 +49,9 @@ class EMA:
         warmup: steps during which the update copies the weights.
         flat: keep the copy's parameters in one flat buffer (``flat.flatten_parameters``), so that an
             update is one op against a flat ``source`` of the same layout.
+        start_step: the schedule's step before the first update: an average that continues a previous
+            one (a warm-started fit, ``model`` being the previous average) passes the steps it has
+            already seen, so its decay continues from there instead of copying the weights again.
 
     Attributes:
         module: the averaged network (``requires_grad`` off).
@@ -56,17 +59,18 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, max_decay: float, *, every: int = 1, warmup: int = EMA_WARMUP,
-                 flat: bool = False):
+                 flat: bool = False, start_step: int = 0):
         self.max_decay = finite_float("max_decay", max_decay, low=0.0, high=1.0, high_open=True)
         self.every = positive_int("every", every)
         self.warmup = non_negative_int("warmup", warmup)
+        self.start_step = non_negative_int("start_step", start_step)
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.params: List[torch.Tensor] = ([flatten_parameters(self.module, with_grads=False)] if flat
                                            else list(self.module.parameters()))
 
     def decay_at(self, step: int) -> float:
-        """``ema_decay_at(step, max_decay, warmup)``."""
-        return ema_decay_at(step, self.max_decay, self.warmup)
+        """``ema_decay_at(start_step + step, max_decay, warmup)``."""
+        return ema_decay_at(self.start_step + step, self.max_decay, self.warmup)
 
     def update(self, step: int, source: Sequence[torch.Tensor]) -> None:
         """After training step ``step``: average ``source`` in (a no-op unless ``every`` divides ``step``).

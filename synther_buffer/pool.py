@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -120,6 +120,8 @@ class SyntheticPool:
         self.relevance_mean_real = float("nan")
         self.relevance_mean_synthetic = float("nan")
         self._guide: dict = {}   # the relevance work of the retrain being built (captured at submission)
+        self.last_fit_warm = False   # whether the installed model continued the previous one (warm_start)
+        self.warm_retrains = 0       # installed retrains that were warm
         self._worker: Optional[threading.Thread] = None
         self._job: Optional[dict] = None
         self.remote = None   # synther_buffer.distributed.RemoteRetrainer for retrain_backend="ray"
@@ -229,6 +231,12 @@ class SyntheticPool:
     def retrain(self, rows: np.ndarray, background: Optional[bool] = None) -> bool:
         """Fit a fresh model on ``rows`` (all real data), then regenerate the pool (replacing it).
 
+        With ``config.warm_start`` the fit continues from the installed model (its weights, EMA and
+        normaliser, captured at submission; see ``TransitionDiffusion.fit``) for
+        ``config.warm_steps()`` steps; the first retrain, one after a layout change, and one whose
+        data has moved far from the model's normaliser are full fits. The installed model is never
+        modified: a failed warm retrain keeps it and its pool.
+
         Synchronous (the paper's schedule): a diverging fit or non-finite samples keeps the previous
         model and pool and logs a warning: the agent keeps training on the old pool. In the
         background the work runs in a thread on a copy of ``rows``; the new pool is swapped in by
@@ -264,9 +272,11 @@ class SyntheticPool:
         # counter the agent's thread moves on, and the recorded retrain step is the submission step.
         index, step, layout = self.retrain_count, self.env_steps, self.layout
         self._guide = self._relevance_job(rows, layout)   # a user's score function runs here, on this thread
+        previous = self.model if self.config.warm_start else None   # a warm retrain starts from it
         if self.remote is not None:   # rows into the object store now; a thread only waits for the result
             call = self.remote.submit(self.config, rows, index, step, layout, self.action_low, self.action_high,
-                                      device=self.device)
+                                      device=self.device,
+                                      previous=None if previous is None else _to_cpu(previous.state_dict()))
             if not background:
                 return self._install(call.result())
             job = {"result": None, "error": None}
@@ -278,12 +288,12 @@ class SyntheticPool:
                     job["error"] = e
         else:
             if not background:
-                return self._install(self._build(rows, index, step, layout))
+                return self._install(self._build(rows, index, step, layout, previous))
             job = {"rows": np.array(rows, copy=True), "result": None, "error": None}
 
             def work():
                 try:
-                    job["result"] = self._build(job.pop("rows"), index, step, layout)
+                    job["result"] = self._build(job.pop("rows"), index, step, layout, previous)
                 except BaseException as e:  # re-raised in the caller by poll()
                     job["error"] = e
 
@@ -317,10 +327,11 @@ class SyntheticPool:
             raise RuntimeError("SynthER background retrain crashed") from job["error"]
         return self._install(job["result"])
 
-    def _build(self, rows: np.ndarray, retrain_index: int, env_step: int, lay: RowLayout) -> dict:
+    def _build(self, rows: np.ndarray, retrain_index: int, env_step: int, lay: RowLayout,
+               previous: Optional[TransitionDiffusion] = None) -> dict:
         """Fit + generate + filter, touching no shared state (safe in a worker thread): :func:`build_pool`."""
         return build_pool(self.config, rows, retrain_index, env_step, lay, self.action_low, self.action_high,
-                          **self._guide)
+                          **self._guide, previous=previous)
 
     def _relevance_job(self, rows: np.ndarray, layout: RowLayout) -> dict:
         """What a retrain's build needs of the relevance function: ``{}`` for plain SynthER, else the
@@ -354,14 +365,17 @@ class SyntheticPool:
         self.last_fit_seconds = fit["seconds"]
         self.last_generate_seconds = gen_seconds
         self._install_relevance(result)
+        self.last_fit_warm = bool(fit.get("warm", False))
+        self.warm_retrains += int(self.last_fit_warm)
+        self._log("synther/fit_warm", float(self.last_fit_warm))
         for k, v in (("diffusion_loss", fit["loss"]), ("fit_seconds", fit["seconds"]),
                      ("generate_seconds", gen_seconds), ("num_synthetic", self.num_synthetic),
                      ("num_real", result["num_real"]), ("retrain_count", self.retrain_count),
                      ("num_filtered", self.num_filtered)):
             self._log(f"synther/{k}", v)
-        log.info("SynthER retrain %d (data up to env step %d): loss %.4f, fit %.1fs, generate %.1fs, pool %d",
-                 self.retrain_count, result["env_step"], fit["loss"], fit["seconds"], gen_seconds,
-                 self.num_synthetic)
+        log.info("SynthER retrain %d (data up to env step %d): loss %.4f, %sfit %.1fs, generate %.1fs, pool %d",
+                 self.retrain_count, result["env_step"], fit["loss"], "warm " if self.last_fit_warm else "",
+                 fit["seconds"], gen_seconds, self.num_synthetic)
         return True
 
     def _install_relevance(self, result: dict) -> None:
@@ -422,7 +436,8 @@ class SyntheticPool:
                 "next_retrain": self.next_retrain,
                 "last_train_loss": self.last_train_loss, "last_fit_seconds": self.last_fit_seconds,
                 "last_generate_seconds": self.last_generate_seconds, "real_ratio": self.config.real_ratio,
-                "retraining": self.retraining, **self._relevance_stats()}
+                "retraining": self.retraining, "last_fit_warm": self.last_fit_warm,
+                "warm_retrains": self.warm_retrains, **self._relevance_stats()}
 
     def _relevance_stats(self) -> dict:
         """``relevance`` (the kind) and the mean scores of the last pool's real and synthetic rows, when
@@ -452,6 +467,7 @@ class SyntheticPool:
             [self.action_low.tolist(), self.action_high.tolist()]
         state["obs_bounds"] = None if self.obs_low is None else [self.obs_low.tolist(), self.obs_high.tolist()]
         state["num_obs_clipped"] = self.num_obs_clipped
+        state["last_fit_warm"], state["warm_retrains"] = self.last_fit_warm, self.warm_retrains
         state["rng"] = json.dumps(self.rng.bit_generator.state)
         state["model"] = None if self.model is None else _to_cpu(self.model.state_dict())
         state["pool"] = None if self.pool is None else self.pool.cpu()
@@ -470,6 +486,8 @@ class SyntheticPool:
         if state.get("obs_bounds") is not None:   # absent in states saved before observation bounds
             self.set_obs_bounds(*state["obs_bounds"])
         self.num_obs_clipped = int(state.get("num_obs_clipped", 0))
+        self.last_fit_warm = bool(state.get("last_fit_warm", False))   # absent in states saved before warm_start
+        self.warm_retrains = int(state.get("warm_retrains", 0))
         self.model = None if state["model"] is None else \
             TransitionDiffusion.from_state_dict(state["model"], device=str(self.device))
         self.pool = None if state["pool"] is None else state["pool"].to(self.device)
@@ -524,8 +542,12 @@ class SyntheticPool:
 
 def build_pool(config: SynthERConfig, rows: np.ndarray, retrain_index: int, env_step: int, layout: RowLayout,
                action_low: Optional[np.ndarray] = None, action_high: Optional[np.ndarray] = None,
-               relevance: Optional[Relevance] = None, scores: Optional[np.ndarray] = None) -> dict:
+               relevance: Optional[Relevance] = None, scores: Optional[np.ndarray] = None, *,
+               previous: Union[TransitionDiffusion, dict, None] = None) -> dict:
     """One retrain's work: fit a fresh model on ``rows``, generate, clip and filter the new pool.
+
+    With ``config.warm_start`` and a ``previous`` model of the same layout, the fit continues from a
+    copy of it (``TransitionDiffusion.warm_start_from``; ``previous`` itself is not modified).
 
     Pure (no shared state, no global RNG), so it runs as well in a background thread as in a Ray
     actor (``synther_buffer.distributed``) given the same arguments.
@@ -541,6 +563,8 @@ def build_pool(config: SynthERConfig, rows: np.ndarray, retrain_index: int, env_
             is trained on a copy here (``Relevance.prepare``), returned as ``"relevance"``. None:
             plain SynthER.
         scores: the real rows' scores when already computed (a user's function), else computed here.
+        previous: the installed model, or its ``state_dict()`` (what a Ray actor receives); None or
+            ``config.warm_start`` off: a full fit.
 
     Returns:
         ``{"error": None, "env_step", "model", "pool", "filtered", "fit", "gen_seconds", "num_real"}``
@@ -550,6 +574,8 @@ def build_pool(config: SynthERConfig, rows: np.ndarray, retrain_index: int, env_
     """
     cfg = config.replace(seed=config.seed + retrain_index)
     model = model_for(layout, cfg, conditional=relevance is not None)
+    if previous is not None and config.warm_start:
+        model.warm_start_from(previous)   # False (a layout change): the fit below is a full one
     try:
         guided = {}
         if relevance is not None:   # PGR: train the relevance model, score the real rows, fit conditioned

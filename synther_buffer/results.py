@@ -156,7 +156,7 @@ class RetrainTracker:
 
     Works with ``GenerativeReplay``, ``WrappedReplay`` and the SB3 ``GenerativeReplayBuffer``: it reads
     ``retrain_count``, ``failed_retrains``, ``last_fit_seconds``, ``last_generate_seconds``,
-    ``last_train_loss``, ``env_steps``, ``num_synthetic`` and ``num_real`` (when present). Poll at
+    ``last_train_loss``, ``env_steps``, ``num_synthetic``, ``num_real`` and ``last_fit_warm`` (when present). Poll at
     least once per env step (one add triggers at most one retrain) so every retrain's seconds are seen.
     """
 
@@ -184,7 +184,7 @@ class RetrainTracker:
                             "loss": _finite_or_none(s.get("last_train_loss")),
                             "fit_seconds": fit, "generate_seconds": gen,
                             "num_real": s.get("num_real"), "num_synthetic": s.get("num_synthetic"),
-                            "missed": count - self.count - 1})
+                            "missed": count - self.count - 1, "warm": bool(s.get("last_fit_warm", False))})
         self.count = count
         self.fit_seconds += fit
         self.generate_seconds += gen

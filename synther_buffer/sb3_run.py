@@ -48,8 +48,8 @@ def synther_config(base: SynthERConfig, args: argparse.Namespace) -> SynthERConf
     Args:
         base: the preset to start from.
         args: the flags; ``device``, ``seed`` and ``quiet`` always apply, ``retrain_every``,
-            ``real_ratio``, ``train_steps``, ``num_generate``, ``precision`` when given (not None),
-            ``compile`` and ``async_retrain`` when set.
+            ``real_ratio``, ``train_steps``, ``num_generate``, ``precision``, ``warm_start_steps`` when
+            given (not None), ``compile``, ``async_retrain`` and ``warm_start`` when set.
 
     Returns:
         The config.
@@ -58,10 +58,10 @@ def synther_config(base: SynthERConfig, args: argparse.Namespace) -> SynthERConf
         ValueError: a flag gives a field an invalid value (the message names the field).
     """
     changes: Dict[str, Any] = dict(device=args.device, seed=args.seed, progress=not args.quiet)
-    for field in ("retrain_every", "real_ratio", "train_steps", "num_generate", "precision"):
+    for field in ("retrain_every", "real_ratio", "train_steps", "num_generate", "precision", "warm_start_steps"):
         if getattr(args, field, None) is not None:
             changes[field] = getattr(args, field)
-    for field in ("compile", "async_retrain"):
+    for field in ("compile", "async_retrain", "warm_start"):
         if getattr(args, field, False):
             changes[field] = True
     for field in ("relevance", "guidance_scale"):   # relevance-guided generation (PGR), when given

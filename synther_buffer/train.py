@@ -26,7 +26,7 @@ import argparse
 import sys
 from typing import Optional
 
-from .config import COMPILE_HELP, PRECISION_HELP, PRECISIONS
+from .config import COMPILE_HELP, PRECISION_HELP, PRECISIONS, WARM_START_HELP, WARM_START_STEPS_HELP
 
 DEFAULT_ENV = "dm_control/cheetah-run-v0"
 PRESETS = ("demo", "fast", "paper", "tiny")
@@ -89,6 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="retrain in a background thread while SAC keeps training on the previous pool "
                         "(default: the paper's synchronous schedule)")
     add_relevance_arguments(g)
+    g.add_argument("--warm-start", action="store_true", help=WARM_START_HELP)
+    g.add_argument("--warm-start-steps", type=int, default=None, help=WARM_START_STEPS_HELP)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=250, help="env steps between evaluations (0: only at the end)")
     g.add_argument("--eval-episodes", type=int, default=3, help="episodes per evaluation (deterministic policy)")

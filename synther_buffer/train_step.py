@@ -94,6 +94,7 @@ class TrainStep:
     """
 
     gradients = ""
+    first_loss = float("nan")   # the fit records its first step's loss here
 
     def __init__(self, model: nn.Module, config: SynthERConfig, device: torch.device, total_steps: int, *,
                  loss_fn: LossFn, flat: bool):

@@ -107,6 +107,30 @@ def test_the_ray_backend_installs_the_thread_backends_pool(ray_local, tiny_cfg, 
     assert b.obs.shape == (64, OBS)
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_a_warm_ray_retrain_continues_the_previous_model_like_a_thread_one(ray_local, tiny_cfg, background):
+    """The actor receives the installed model (its state dict) and continues it: the same warm model and
+    pool as the thread backend, which a cold retrain on the same data does not give."""
+    fields = transitions(250, seed=1, term_p=0.05)
+    warm = dict(warm_start=True, warm_start_steps=40, async_retrain=background)
+
+    def run(cfg):   # a background retrain is waited for before the next is due: two retrains in both modes
+        buf = GenerativeReplay(OBS, ACT, capacity=1000, config=cfg, model_terminals=True)
+        for lo in range(0, 250, 50):
+            feed(buf, lo, lo + 50, fields)
+            buf.wait()
+        return buf
+
+    t, r = (run(cfg_for(tiny_cfg, b, **warm)) for b in ("thread", "ray"))
+    st, sr = t.stats(), r.stats()
+    assert sr["retrain_count"] == 2 and sr["warm_retrains"] == st["warm_retrains"] == 1 and sr["last_fit_warm"]
+    assert r.model.last_fit["warm"] and r.model.last_fit["steps"] == 40
+    torch.testing.assert_close(r.pool.pool, t.pool.pool, rtol=0, atol=0)
+    same_model(r.model, t.model)
+    cold = run(cfg_for(tiny_cfg, "thread", async_retrain=background))
+    assert not torch.equal(cold.pool.pool, r.pool.pool)
+
+
 # ---------------------------------------------------------------------------------------- faults
 def test_a_killed_actor_keeps_the_old_pool_counts_the_failure_and_the_next_retrain_works(ray_local, tiny_cfg, caplog):
     cfg = cfg_for(tiny_cfg, "ray", async_retrain=True, train_steps=1500)

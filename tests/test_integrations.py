@@ -91,6 +91,23 @@ def test_sb3_sac_async_retrain(sb3_sac, tmp_path):
     assert json.loads((out / "checkpoint" / "run.json").read_text())["env_steps"] == 300
 
 
+def test_sb3_sac_warm_start(sb3_sac, tmp_path):
+    """--warm-start: the first retrain is a full fit, the later ones warm at --warm-start-steps (issue 18)."""
+    out = tmp_path / "warm"
+    assert sb3_sac.main([*PENDULUM, *TINY, "--retrain-every", "100", "--warm-start", "--warm-start-steps", "40",
+                         "--eval-every", "0", "--out", str(out)]) == 0
+    d = json.loads((out / "results.json").read_text())
+    assert d["config"]["synther"]["warm_start"] is True and d["config"]["synther"]["warm_start_steps"] == 40
+    assert [e["warm"] for e in d["retrains"]] == [False, True, True]
+    assert d["buffer_stats"]["warm_retrains"] == 2 and d["buffer_stats"]["last_fit_warm"] is True
+
+
+def test_custom_sac_warm_start_flags(custom_sac, monkeypatch):
+    args = custom_sac.parse_args(["--warm-start", "--warm-start-steps", "7"])
+    assert args.warm_start is True and args.warm_start_steps == 7
+    assert custom_sac.parse_args([]).warm_start is False
+
+
 def test_sb3_sac_checkpoint_deferred_during_background_retrain(tmp_path):
     """A due checkpoint waits until no background retrain is running (pickling would block on it)."""
     from synther_buffer.checkpoint import RunCheckpoint

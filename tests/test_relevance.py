@@ -178,3 +178,21 @@ def test_set_relevance_fn_validation():
     buf.set_relevance_fn(lambda b: b.reward)
     buf.set_relevance_fn(None)
     assert buf.pool.relevance is None
+
+
+def test_warm_start_keeps_a_conditional_model_conditional():
+    """Warm start and relevance together: the second retrain continues the conditional network (its
+    condition MLP included) and still guides."""
+    c = cfg(relevance="curiosity", relevance_hidden=32, relevance_train_steps=50, warm_start=True,
+            warm_start_steps=20, retrain_every=60)
+    buf = GenerativeReplay(OBS, ACT, capacity=1000, config=c, model_terminals=False)
+    buf.add(*transitions(120))
+    first = {k: v.clone() for k, v in buf.model.model.state_dict().items()}
+    buf.add(*transitions(60, seed=1))
+    s = buf.stats()
+    assert s["retrain_count"] == 2 and s["failed_retrains"] == 0
+    assert s["last_fit_warm"] is True and buf.model.conditional and buf.model.last_fit["steps"] == 20
+    # continued, not rebuilt: 20 small steps move the condition MLP only a little from the first fit's
+    moved = [(buf.model.model.state_dict()[k] - v).abs().max().item() for k, v in first.items() if "cond_mlp" in k]
+    assert moved and 0 < max(moved) < 0.5
+    assert np.isfinite(s["relevance_mean_synthetic"])

@@ -127,6 +127,8 @@ def test_unit_args_per_arm():
     assert "--no-synther" in a["redq_utd20"] and flag(a["redq_utd20"], "--utd") == "20"
     assert a["synther_utd20_async"] == a["synther_utd20"] + ["--async-retrain"]
     assert "synther_utd20_async" not in utd20.PRESETS["paper"].arms and "--async-retrain" not in a["synther_utd20"]
+    assert a["synther_utd20_warm"] == a["synther_utd20"] + ["--warm-start"]          # issue 18, opt-in
+    assert "synther_utd20_warm" not in utd20.PRESETS["paper"].arms and "--warm-start" not in a["synther_utd20"]
     assert all(flag(v, "--seed") == "1" and flag(v, "--total-steps") == "10000" for v in a.values())
     assert utd20.unit_settings(p, utd20.Unit("x", "redq_utd20", 0))["script"] == "integrations/custom_sac.py"
 
@@ -137,7 +139,7 @@ def test_precision_flag_reaches_the_synther_arms_only_and_is_part_of_their_setti
     lines = {line.split()[1].rstrip(":"): line for line in capsys.readouterr().out.splitlines()}
     arm = lambda key: utd20.ARMS[key.split("/")[1]]  # noqa: E731  (keys: env/arm/seed)
     assert all(("--precision bf16" in line) == arm(key).synther for key, line in lines.items())
-    assert sum(arm(key).synther for key in lines) == 3   # synther_utd20, its async twin, pgr_utd20
+    assert sum(arm(key).synther for key in lines) == 4   # the smoke preset runs every arm: synther_utd20, async, warm, pgr
     # a unit finished in fp32 is stale under --precision bf16 (and done again without the flag)
     syn = _fake_unit(tmp_path, p, "Pendulum-v1", "synther_utd20", 0, -1000.0)
     bf16 = utd20.dataclasses.replace(p, synther_overrides={**p.synther_overrides, "precision": "bf16"})
