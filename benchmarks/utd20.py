@@ -232,13 +232,12 @@ def settings_match(recorded: Optional[dict], current: dict) -> bool:
 def _configs_match(recorded: Any, current: Dict[str, Any]) -> bool:
     """Recorded and current SynthER configs are the same run: equal, except that a field added to
     ``SynthERConfig`` since the unit ran (absent from ``recorded``) matches while it has its default."""
-    if not isinstance(recorded, dict):
-        return False
     from synther_buffer.config import SynthERConfig
 
-    defaults = SynthERConfig().to_dict()
-    return all(recorded[k] == v if k in recorded else (k in defaults and defaults[k] == v)
-               for k, v in current.items()) and set(recorded) <= set(current)
+    try:
+        return SynthERConfig.from_dict(current).matches_record(recorded)
+    except (TypeError, ValueError):   # not a config of this version
+        return False
 
 
 def plan(preset: Preset, envs: Sequence[str], arms: Sequence[str], seeds: Optional[int] = None) -> List[Unit]:

@@ -282,6 +282,16 @@ class SynthERConfig:
         """Plain-python dict of all fields (safe for JSON and ``torch.load(weights_only=True)``)."""
         return dataclasses.asdict(self)
 
+    def matches_record(self, recorded: Any) -> bool:
+        """Whether ``recorded`` (a ``to_dict()`` written by an earlier version, e.g. in a benchmark's
+        finished unit) describes this config: equal on every recorded field, and every field added to
+        ``SynthERConfig`` since (absent from ``recorded``) at its default value."""
+        if not isinstance(recorded, dict):
+            return False
+        current, defaults = self.to_dict(), SynthERConfig().to_dict()
+        return set(recorded) <= set(current) and all(
+            recorded[k] == v if k in recorded else defaults[k] == v for k, v in current.items())
+
     @classmethod
     def from_dict(cls, d: dict) -> "SynthERConfig":
         """Inverse of ``to_dict``; fields missing from ``d`` (e.g. added since it was saved) take their

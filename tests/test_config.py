@@ -381,3 +381,16 @@ def test_fit_uses_the_budget_rule():
     assert model.fit(x[:100])["steps"] == 4
     assert model.fit(x)["steps"] == 12
     assert model.fit(x, steps=5)["steps"] == 5
+
+
+def test_matches_record_accepts_fields_added_since_at_their_defaults():
+    """A benchmark cell / unit recorded before a field existed still describes a config that leaves the
+    new field at its default, and no other config."""
+    cfg = SynthERConfig.preset("fast")
+    old = cfg.to_dict()
+    del old["train_steps_rows"], old["warm_start"]          # written before these fields existed
+    assert cfg.matches_record(cfg.to_dict()) and cfg.matches_record(old)
+    assert not cfg.replace(warm_start=True).matches_record(old)          # the new field is not at its default
+    assert not cfg.replace(train_steps=1_000).matches_record(old)        # a recorded field differs
+    assert not cfg.matches_record({**old, "no_such_field": 1})           # a field this version lacks
+    assert not cfg.matches_record(None) and not cfg.matches_record("fast")

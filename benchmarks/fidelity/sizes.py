@@ -130,10 +130,16 @@ def _cell_path(out_dir: Path, env: str, variant: str, size: int) -> Path:
 
 def _read_cell(path: Path, key: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     """The stored cell if it was measured with the same settings ``key``, else None."""
+    from synther_buffer import SynthERConfig
+
     if not path.exists():
         return None
     cell = json.loads(path.read_text())
-    return cell if cell.get("key") == json.loads(json.dumps(key)) else None
+    stored, key = dict(cell.get("key", {})), json.loads(json.dumps(key))
+    config = key.pop("config", None)
+    if config is not None and not SynthERConfig.from_dict(config).matches_record(stored.pop("config", None)):
+        return None   # fields added to SynthERConfig since a cell was stored match at their defaults
+    return cell if stored == key else None
 
 
 def _write_cell(path: Path, cell: Mapping[str, Any]) -> None:
@@ -179,6 +185,9 @@ def run_cells(args: argparse.Namespace, variants: Sequence[Variant]) -> None:
                 key = {**common, "size": size, "variant": base}
                 if _read_cell(path, key):
                     continue
+                if args.dry_run:
+                    print(f"to measure: {args.env} {size:,} rows, {base}")
+                    continue
                 if base == "real":
                     rows, _ = to_rows(_prefix(data["hold"], args.num_synthetic), model_terminals=layout.terminal)
                 else:
@@ -198,6 +207,9 @@ def run_cells(args: argparse.Namespace, variants: Sequence[Variant]) -> None:
                 key = {**common, "size": size, "variant": v.name, "preset": args.preset,
                        "config": cfg.replace(progress=False, device="auto").to_dict()}
                 if _read_cell(path, key):
+                    continue
+                if args.dry_run:
+                    print(f"to measure: {args.env} {size:,} rows, {v.name} ({cfg.train_steps_for(size):,} steps)")
                     continue
                 train_rows, layout = to_rows(_prefix(data["train"], size), model_terminals=None)
                 model = make_model(layout, layout.dim, cfg)
@@ -288,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true", help="tqdm bars for the fits")
     p.add_argument("--report-only", action="store_true", help="rebuild the table from the stored cells")
+    p.add_argument("--dry-run", action="store_true", help="list the cells still to measure; fit nothing")
     return p
 
 
