@@ -25,11 +25,19 @@ def test_parse_variant():
     assert S.parse_variant("all:lr=0.001").applies_to(7)
 
 
-@pytest.mark.parametrize("spec", ["nocolon", "x:", ":train_steps=5", "x:nosuchfield=1", "x:train_steps",
-                                  "x:train_steps=-3"])
+@pytest.mark.parametrize("spec", ["nocolon", "x:", ":train_steps=5", "x:nosuchfield=1", "x:train_steps"])
 def test_parse_variant_rejects(spec):
     with pytest.raises(ValueError):
         S.parse_variant(spec)
+
+
+def test_invalid_variant_values_stop_before_anything_runs(tmp_path):
+    with pytest.raises(SystemExit, match="train_steps"):
+        S.main(["--variant", "x:train_steps=-3", "--out", str(tmp_path)])
+    # values are checked against the chosen preset, not the dataclass defaults
+    with pytest.raises(SystemExit, match="max_train_steps"):
+        S.main(["--preset", "fast", "--variant", "x:max_train_steps=5000", "--out", str(tmp_path)])
+    assert not (tmp_path / "cells").exists()
 
 
 def test_epochs_seen():

@@ -71,10 +71,11 @@ def _coerce(field: dataclasses.Field, text: str) -> Any:
 
 
 def parse_variant(text: str) -> Variant:
-    """``name[@size,size]:field=value[,field=value]`` -> :class:`Variant` (validated on a preset copy).
+    """``name[@size,size]:field=value[,field=value]`` -> :class:`Variant` (its values are validated
+    against the preset by :func:`main`).
 
     Raises:
-        ValueError: a malformed spec, an unknown field or an invalid value.
+        ValueError: a malformed spec or an unknown field.
     """
     from synther_buffer import SynthERConfig
 
@@ -89,7 +90,6 @@ def parse_variant(text: str) -> Variant:
         if not eq or key.strip() not in fields:
             raise ValueError(f"variant {text!r}: {item!r} is not field=value with a SynthERConfig field")
         overrides[key.strip()] = _coerce(fields[key.strip()], value.strip())
-    SynthERConfig().replace(**overrides)   # validates the values
     sizes = tuple(int(s) for s in size_text.split(",")) if size_text else None
     return Variant(name, overrides, sizes)
 
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from synther_buffer import SynthERConfig
+
     from .cli import _parse_mix
 
     args = build_parser().parse_args(argv)
@@ -319,6 +321,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         names = [v.name for v in variants]
         if len(set(names)) != len(names) or {"real", "additive"} & set(names):
             raise SystemExit(f"variant names must be unique and not 'real' / 'additive': {names}")
+        for v in variants:   # every override valid on the preset, before anything runs
+            try:
+                SynthERConfig.preset(args.preset).replace(**v.overrides)
+            except ValueError as e:
+                raise SystemExit(f"variant {v.name!r}: {e}") from None
         run_cells(args, variants)
     print(write_report(out_dir))
     print(f"\nwrote {out_dir / 'sizes.json'}, {out_dir / 'sizes.csv'} ({len(list((out_dir / 'cells').glob('*/*/*.json')))} cells)")
