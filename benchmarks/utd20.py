@@ -5,6 +5,8 @@
     python -m benchmarks.utd20 --preset smoke --out /tmp/utd20   # seconds: Pendulum-v1, tiny everything
     python -m benchmarks.utd20 --preset cpu --report-only        # tables / plots / IQM from what has finished
     python -m benchmarks.utd20 --preset paper --precision bf16   # the SynthER arms' diffusion in bfloat16
+    python -m benchmarks.utd20 --preset cpu --envs cheetah-run --arms synther_utd20 synther_utd20_fixed \
+        --seeds 1 --total-steps 30000 --dump-pool                # issue 24's online check (own roots: below)
 
 Arms (same envs, same seeds):
 
@@ -15,6 +17,26 @@ synther_utd20   SAC (SynthER): SB3 SAC, UTD=20, GenerativeReplayBuffer  (integra
 redq_utd20      REDQ: 10 critics, min of a random 2, UTD=20, real data only
                 (integrations/custom_sac.py --num-q 10 --num-min 2 --no-synther)
 ==============  ==============================================================================
+
+Opt-in arms (``--arms``; not in a preset's default arms): ``synther_utd20_async`` (``--async-retrain``),
+``pgr_utd20`` (``--relevance curiosity``) and ``synther_utd20_fixed`` (``--fixed-budget``: every
+diffusion fit trains the preset's ``train_steps`` whatever the data size, the paper's rule, against
+``synther_utd20``'s data-size rule; the two differ in that switch alone, and only when the SynthER
+preset has a rule, ``train_steps_rows``).
+
+``--dump-pool``: each SynthER unit writes its final synthetic pool (``final_pool.npz``) and its real
+transitions (``final_pool.real.npz``) into its work directory (``sb3_sac.py --save-pool``; never
+committed: ``*.npz`` is gitignored), and when it finishes the pool is replayed in the simulator
+(``synther_buffer.oracle.score_transitions``, errors in units of the std of the unit's own real
+transitions) into ``pool_fidelity.json`` beside its results (kilobytes, committed with the unit; a
+"Final synthetic pool fidelity" table in the report). It does not change what a unit computes, so it is
+not part of a unit's settings: a unit finished without it stays done (and is scored if its work
+directory still holds the pool).
+
+``--total-steps N`` other than the preset's, without ``--out``/``--work``, runs under roots of its own
+(the preset's with ``_<N>steps`` appended, e.g. ``benchmarks/results/cpu_30000steps``), so such units
+never meet (and never stale-move) the preset's committed ones; pass the same ``--total-steps`` to
+``--dry-run`` / ``--report-only``, or give ``--out`` / ``--work`` explicitly.
 
 Units and resume. Each (env, arm, seed) is one *unit*, run as a subprocess of its integration script
 (which writes ``eval_returns.csv``, ``results.json`` and ``learning_curve.png``) into
@@ -80,6 +102,8 @@ class Arm:
     high_utd: bool         # UTD = the preset's high UTD (20), else 1
     synther: bool
     extra: Tuple[str, ...] = ()
+    # SynthERConfig changes that ``extra`` makes, so a unit records the config it actually runs
+    synther_changes: Tuple[Tuple[str, Any], ...] = ()
 
 
 ARMS: Dict[str, Arm] = {a.name: a for a in (
@@ -97,6 +121,9 @@ ARMS: Dict[str, Arm] = {a.name: a for a in (
     # Issue 18: the SynthER arm with warm-started retrains (the preset's train_steps // 5 after the first; opt-in).
     Arm("synther_utd20_warm", "SAC (SynthER, UTD=20, warm retrain)", "integrations/sb3_sac.py", high_utd=True,
         synther=True, extra=("--warm-start",)),
+    # Issue 24's online check: the SynthER arm with the paper's fixed diffusion budget (opt-in).
+    Arm("synther_utd20_fixed", "SAC (SynthER, fixed diffusion budget, UTD=20)", "integrations/sb3_sac.py",
+        high_utd=True, synther=True, extra=("--fixed-budget",), synther_changes=(("train_steps_rows", None),)),
 )}
 
 PAPER_ARMS = ("sac_utd1", "sac_utd20", "synther_utd20", "redq_utd20")   # the paper's four (Section 4.2)
@@ -215,7 +242,8 @@ def unit_settings(preset: Preset, unit: Unit) -> Dict[str, Any]:
     if ARMS[unit.arm].synther:
         from synther_buffer.config import SynthERConfig
 
-        cfg = SynthERConfig.preset(preset.synther_preset).replace(**preset.synther_overrides).to_dict()
+        cfg = SynthERConfig.preset(preset.synther_preset).replace(**preset.synther_overrides)
+        cfg = cfg.replace(**dict(ARMS[unit.arm].synther_changes)).to_dict()
         settings["synther_config"] = {k: v for k, v in cfg.items() if k not in _CONFIG_RUNTIME_FIELDS}
     return settings
 
@@ -357,21 +385,88 @@ def _checkpoint_step(d: Path) -> Optional[int]:
 
 # What a finished unit keeps in ``out`` when it ran in a separate work directory (small, committed).
 RESULT_FILES = ("results.json", "eval_returns.csv")
+# --dump-pool: the final synthetic pool (and its real transitions) in the work dir, the score in ``out``
+POOL_FILE = "final_pool.npz"
+POOL_FIDELITY_FILE = "pool_fidelity.json"
+
+
+def score_pool(unit: Unit, d: Path, max_rows: int = 10_000) -> Dict[str, Any]:
+    """Replay a unit's final synthetic pool (``d / POOL_FILE``) in the simulator.
+
+    Errors are normalised by the std of the unit's own real transitions (``final_pool.real.npz``,
+    every real transition of the run: ``normalization: "reference"``); the same score of up to
+    ``max_rows`` real rows is the oracle's floor on this data (~0). Where scoring cannot be done (no
+    pool, an env the oracle does not support, no MuJoCo) ``fidelity`` is None and ``note`` says why.
+    """
+    from synther_buffer.datasets import load_transitions
+    from synther_buffer.extras import MissingExtraError
+    from synther_buffer.sb3_run import real_pool_path
+
+    pool, real = d / POOL_FILE, real_pool_path(d / POOL_FILE)
+    out: Dict[str, Any] = {"env": unit.env, "arm": unit.arm, "seed": unit.seed, "pool_file": str(pool),
+                           "real_file": str(real), "fidelity": None}
+    res = _read_json(d / "results.json") or {}
+    stats = res.get("buffer_stats") or {}
+    for k in ("env_steps", "num_real", "num_synthetic", "retrain_count", "last_retrain_env_step",
+              "last_train_loss", "last_fit_seconds"):
+        if k in stats:
+            out[k] = stats[k]
+    cfg = (res.get("config") or {}).get("synther")
+    if cfg and stats.get("last_retrain_env_step", -1) >= 0:
+        from synther_buffer.config import SynthERConfig
+
+        c = SynthERConfig.from_dict(cfg)   # one real row per env step: the last fit saw that many rows
+        out["last_fit_train_steps"] = c.train_steps_for(int(stats["last_retrain_env_step"]))
+        out["budget_rule"] = {k: cfg.get(k) for k in ("train_steps", "train_steps_rows", "train_steps_power",
+                                                      "max_train_steps")}
+    if not pool.exists() or not real.exists():
+        out["note"] = f"no pool dump in {d} (run without --dump-pool, or no retrain happened)"
+        return out
+    try:
+        from synther_buffer.oracle import score_transitions
+
+        syn, ref = load_transitions(pool), load_transitions(real)
+        out["fidelity"] = score_transitions(unit.env, syn, reference=ref, max_rows=max_rows)
+        floor = score_transitions(unit.env, ref, reference=ref, max_rows=max_rows)
+        out["real_floor"] = {k: floor[k] for k in ("dynamics_mse", "reward_mse", "n_scored")}
+    except (MissingExtraError, ValueError) as e:   # no simulator here, or an env it cannot replay
+        out["fidelity"], out["note"] = None, f"fidelity scoring skipped: {e}"
+    return out
+
+
+def _write_pool_fidelity(unit: Unit, d: Path, d_out: Path) -> None:
+    try:
+        f = score_pool(unit, d)
+    except Exception as e:   # a damaged dump: the unit stays done; a rerun with --dump-pool scores again
+        _log(f"{unit.key}: scoring its final pool failed: {type(e).__name__}: {e}")
+        return
+    d_out.mkdir(parents=True, exist_ok=True)
+    _write_json(d_out / POOL_FIDELITY_FILE, f)
+    fid = f.get("fidelity")
+    _log(f"{unit.key}: final pool fidelity: " + (f"dynamics MSE {fid['dynamics_mse']:.4g}, reward MSE "
+                                                  f"{fid['reward_mse']:.4g} ({fid['n_scored']:,} rows)"
+                                                  if fid else f.get("note", "none")))
 
 
 def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
-             heartbeat_s: float = 300.0, keep_checkpoint: bool = False, work: Optional[Path] = None) -> str:
+             heartbeat_s: float = 300.0, keep_checkpoint: bool = False, work: Optional[Path] = None,
+             dump_pool: bool = False) -> str:
     """Run ``unit`` unless done; returns ``skipped`` | ``done`` | ``failed``.
 
     The unit runs in ``unit.dir(work)`` (default: in ``out``); when done, its :data:`RESULT_FILES` and
-    ``unit.json`` land in ``unit.dir(out)``.
+    ``unit.json`` land in ``unit.dir(out)``. ``dump_pool`` (SynthER arms): the run writes its final pool
+    to :data:`POOL_FILE` in its work dir and :data:`POOL_FIDELITY_FILE` (:func:`score_pool`) lands in
+    ``unit.dir(out)``; a done unit without that file is scored if its work dir still has the pool.
     """
+    dump_pool = dump_pool and ARMS[unit.arm].synther
     work = out if work is None else work
     d, d_out = unit.dir(work), unit.dir(out)
     status = unit_status(preset, unit, out, work)
     settings = unit_settings(preset, unit)
     if status == "done":
         _log(f"skip {unit.key}: done")
+        if dump_pool and not (d_out / POOL_FIDELITY_FILE).exists() and (d / POOL_FILE).exists():
+            _write_pool_fidelity(unit, d, d_out)
         return "skipped"
     if status == "running":
         raise RuntimeError(f"{unit.key}: its process {_read_json(d / RUNNING_FILE)['pid']} is still running "
@@ -397,6 +492,8 @@ def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
     cmd = [sys.executable, "-c", _BOOT, str(REPO / settings["script"]), *settings["args"],
            "--out", str(d), "--threads", str(threads), "--device", device, "--quiet",
            "--checkpoint-every", str(preset.eval_every or preset.total_steps), "--resume"]
+    if dump_pool:   # like --out: where files go, not what the unit computes (not in its settings)
+        cmd += ["--save-pool", str(d / POOL_FILE)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.setdefault("MUJOCO_GL", "disable")
@@ -444,6 +541,8 @@ def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
     fe = res["final_eval"]
     _log(f"done {unit.key}: final eval {fe['mean_return']:.1f} +- {fe['std_return']:.1f} "
          f"at env step {fe['env_step']:,}, {wall:.0f} s")
+    if dump_pool:   # after unit.json: a failed scoring never costs the unit its done status
+        _write_pool_fidelity(unit, d, d_out)
     return "done"
 
 
@@ -527,7 +626,7 @@ def _run_unit_task(*args, **kwargs) -> str:
 
 def run_units_on_ray(preset: Preset, units: Sequence[Unit], out: Path, work: Path, threads: int, device: str,
                      heartbeat_s: float, keep_checkpoints: bool, cpus_per_unit: float, gpus_per_unit: float,
-                     max_retries: int) -> List[str]:
+                     max_retries: int, dump_pool: bool = False) -> List[str]:
     """Every unit as a Ray task with declared resources; returns each unit's result in ``units``' order
     (``skipped`` | ``done`` | ``failed``). A unit whose worker died more than ``max_retries`` times is
     ``failed``; the others go on."""
@@ -539,7 +638,7 @@ def run_units_on_ray(preset: Preset, units: Sequence[Unit], out: Path, work: Pat
     task = ray.remote(_run_unit_task).options(num_cpus=cpus_per_unit, num_gpus=gpus_per_unit,
                                               max_retries=max_retries, retry_exceptions=False,
                                               runtime_env={"env_vars": env_vars})
-    refs = {task.remote(preset, u, out, threads, device, heartbeat_s, keep_checkpoints, work): i
+    refs = {task.remote(preset, u, out, threads, device, heartbeat_s, keep_checkpoints, work, dump_pool): i
             for i, u in enumerate(units)}
     results: List[str] = ["failed"] * len(units)
     pending = list(refs)
@@ -691,7 +790,8 @@ def collect(out: Path, work: Optional[Path] = None) -> Dict[str, Any]:
                      "evals": [(r["env_step"], r["mean_return"]) for r in res.get("evals", [])],
                      "final_return": res["final_eval"]["mean_return"], "final_step": res["final_eval"]["env_step"],
                      "timing": res.get("timing_seconds", {}), "retrains": res.get("retrain_count", 0),
-                     "utd": _flag(m["settings"].get("args", []), "--utd")})
+                     "utd": _flag(m["settings"].get("args", []), "--utd"),
+                     "pool_fidelity": _read_json(d / POOL_FIDELITY_FILE)})
     done_keys = {(Path(u["dir"]).parent.parent.name, u["arm"], u["seed"]) for u in done}
     roots = [Path(out)] + ([Path(work)] if work is not None and Path(work) != Path(out) else [])
     for d in sorted(d for root in roots for d in root.glob("*/*/seed*")):
@@ -860,6 +960,24 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
         poi_rows.append([f"synther_utd20 > {base}", ", ".join(both), f"{p_hat:.2f}", f"[{ci[0]:.2f}, {ci[1]:.2f}]"])
     poi_header = ["P(X > Y)", "envs", "estimate", "95% CI"]
 
+    # Final synthetic pool fidelity (units run with --dump-pool).
+    pool_rows, pool_json = [], []
+    for u in sorted(done, key=lambda u: (u["env"], arms.index(u["arm"]), u["seed"])):
+        pf = u.get("pool_fidelity")
+        if not isinstance(pf, dict):
+            continue
+        fid, floor = pf.get("fidelity") or {}, pf.get("real_floor") or {}
+        pool_json.append({"env": u["env"], "arm": u["arm"], "seed": u["seed"], "final_return": u["final_return"],
+                          **{k: v for k, v in pf.items() if k not in ("env", "arm", "seed")}})
+        pool_rows.append([u["env"], u["arm"], u["seed"], f"{u['final_return']:.1f}",
+                          pf.get("last_retrain_env_step", "-"), pf.get("last_fit_train_steps", "-"),
+                          (f"{fid['dynamics_mse']:.4f} +- {fid.get('dynamics_mse_se', float('nan')):.4f}"
+                           if fid else pf.get("note", "-")),
+                          (f"{fid['reward_mse']:.4f} +- {fid.get('reward_mse_se', float('nan')):.4f}" if fid else "-"),
+                          _fmt(floor.get("dynamics_mse"), 4), fid.get("n_scored", "-") if fid else "-"])
+    pool_header = ["env", "arm", "seed", "final return", "last retrain at", "its diffusion steps",
+                   "dynamics MSE (+- se)", "reward MSE (+- se)", "real rows' MSE (floor)", "rows scored"]
+
     # Plots.
     pngs = []
     for env in envs:
@@ -890,6 +1008,10 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
            "is distinguishable, and a CI from 2-3 runs per task is itself rough. 10K env steps is the early, "
            "small-buffer regime where UTD=20 overfits most; it says nothing about 100K-step returns. The "
            "published 100K numbers are for orientation only (10x the budget, other code and hardware).", ""]
+    if pool_rows:
+        md += ["## Final synthetic pool fidelity (--dump-pool: the last pool replayed in the simulator; errors "
+               "in units of the std of the unit's own real transitions, lower is better)", "",
+               _md_table(pool_header, pool_rows), ""]
     if data["partial"]:
         prow = [[p["env"], p["arm"], p["seed"], "running" if p["alive"] else "interrupted",
                  p["last_eval_step"] if p["last_eval_step"] is not None else "-",
@@ -899,7 +1021,7 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
     md += ["## Curves", ""] + [f"![{p}]({p})" for p in pngs]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     summary = {"out": str(out), "final_returns": final_json, "timing": timing_json, "aggregate": agg_json,
-               "probability_of_improvement": poi_json,
+               "probability_of_improvement": poi_json, "pool_fidelity": pool_json,
                "normalisation": norms, "pngs": pngs,
                "units": [{k: u[k] for k in ("env", "arm", "seed", "dir", "final_return", "final_step",
                                             "unit_wall_seconds", "timing", "retrains", "settings")} for u in done],
@@ -926,7 +1048,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default=None,
                    help="where units run: checkpoints, logs (default: the preset's, "
                         "~/.cache/synther_buffer/utd20/cpu for cpu, else --out)")
-    p.add_argument("--total-steps", type=int, default=None, help="override the preset's env steps per run")
+    p.add_argument("--total-steps", type=int, default=None,
+                   help="override the preset's env steps per run; without --out / --work the units run under "
+                        "roots of their own (the preset's + _<N>steps), never beside the preset's")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 on shared CPUs)")
     p.add_argument("--device", default=None, help="'cpu', 'cuda', 'auto' (default: the preset's)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -942,6 +1066,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray: GPUs a unit reserves (fractions let several units share one GPU)")
     p.add_argument("--max-retries", type=int, default=2,
                    help="Ray: times a unit whose worker died is retried (from its checkpoint)")
+    p.add_argument("--dump-pool", action="store_true",
+                   help="SynthER units write their final synthetic pool (final_pool.npz, with its real "
+                        "transitions) into their work dir and score it with the simulator oracle into "
+                        "pool_fidelity.json beside their results (not part of a unit's settings)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished unit's checkpoint/ (its final agent and buffer; default: delete)")
     p.add_argument("--report-only", action="store_true", help="only write the report from finished units")
@@ -957,6 +1085,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.total_steps is not None:
         if args.total_steps <= preset.learning_starts:
             raise SystemExit(f"--total-steps must exceed the preset's learning starts ({preset.learning_starts})")
+        if args.total_steps != preset.total_steps:   # own default roots: never stale-move the preset's units
+            suffix = f"_{args.total_steps}steps"
+            preset = dataclasses.replace(preset, default_out=preset.default_out + suffix, default_work=(
+                None if preset.default_work is None else preset.default_work + suffix))
         preset = dataclasses.replace(preset, total_steps=args.total_steps)
     if args.precision is not None:  # the SynthER arms only: unit_args passes it as --precision
         preset = dataclasses.replace(preset, synther_overrides={**preset.synther_overrides,
@@ -972,7 +1104,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     units = plan(preset, envs, arms, args.seeds)
     seeds = max((u.seed for u in units), default=-1) + 1
     device = args.device or preset.device
+    if {"synther_utd20", "synther_utd20_fixed"} <= set(arms) and envs:
+        same = [unit_settings(preset, Unit(envs[0], a, 0))["synther_config"]
+                for a in ("synther_utd20", "synther_utd20_fixed")]
+        if same[0] == same[1]:   # on stderr: --dry-run's stdout is one line per unit
+            print(f"note: the {preset.synther_preset!r} SynthER preset has no data-size budget rule "
+                  "(train_steps_rows=None): synther_utd20 and synther_utd20_fixed train the same diffusion "
+                  "budget, so they are the same run", file=sys.stderr, flush=True)
     if args.dry_run:
+        print(f"out {out}\nwork {work}", file=sys.stderr, flush=True)
         for u in units:
             print(f"{unit_status(preset, u, out, work):8s} {u.key}: {ARMS[u.arm].script} "
                   f"{' '.join(unit_args(preset, u))}")
@@ -986,13 +1126,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t0 = time.time()
         try:
             run = lambda u: run_unit(preset, u, out, args.threads, device, args.heartbeat,  # noqa: E731
-                                     args.keep_checkpoints, work)
+                                     args.keep_checkpoints, work, args.dump_pool)
             if args.ray is not None:
                 ray_connect(args.ray)
                 check_shared_path(out)
                 results = run_units_on_ray(preset, units, out, work, args.threads, device, args.heartbeat,
                                            args.keep_checkpoints, args.cpus_per_unit, args.gpus_per_unit,
-                                           args.max_retries)
+                                           args.max_retries, args.dump_pool)
             elif args.jobs <= 1:
                 results = [run(u) for u in units]
             else:

@@ -23,6 +23,12 @@ synthetic pool and the schedule; the evaluations so far; the RNG states). ``--re
 from it: after a kill, or with a larger ``--total-steps`` to extend a finished run. The resumed run
 starts a fresh episode and reseeds its envs from the step count, so it is deterministic but not
 bit-identical to a run that was never interrupted.
+
+``--save-pool runs/x/final_pool.npz`` writes the last synthetic pool (and ``final_pool.real.npz``, the
+real transitions) at the end, to score its fidelity:
+``synther report runs/x/final_pool.real.npz runs/x/final_pool.npz --env-id cheetah-run``.
+``--fixed-budget`` trains every diffusion fit for the same number of steps however much real data there
+is (the paper's rule), instead of the preset's data-size rule.
 """
 
 from __future__ import annotations
@@ -67,6 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="later retrains continue from the previous diffusion model (the first is a full fit)")
     p.add_argument("--warm-start-steps", type=int, default=None,
                    help="diffusion steps of a warm retrain (default: the preset's train_steps // 5)")
+    p.add_argument("--fixed-budget", action="store_true",
+                   help="train every retrain's diffusion model for --train-steps (the preset's) whatever the "
+                        "data size: the paper's fixed budget, no data-size rule (SynthERConfig.train_steps_rows=None)")
+    p.add_argument("--save-pool", default=None, metavar="PATH",
+                   help="at the end, write the final synthetic pool to PATH (.npz transitions: observations, "
+                        "actions, rewards, next_observations, terminals) and the real transitions beside it "
+                        "(PATH's stem + .real.npz), e.g. for `synther report STEM.real.npz PATH --env-id ENV`")
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/sb3_sac", help="output directory")

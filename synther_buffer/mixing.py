@@ -235,6 +235,19 @@ class MixingCore:
             rows = torch.cat([rows, rows.new_zeros(n, 1)], dim=1)
         return rows
 
+    def pool_rows(self) -> np.ndarray:
+        """Every row of the synthetic pool as store rows [num_synthetic, D_store] float32 on the CPU, in
+        pool order (terminal 0 where not modelled); [0, D_store] before the first retrain. A finished
+        background retrain is swapped in first; one still running is not waited for."""
+        self.pool.poll()
+        pool = self.pool.pool
+        if pool is None:
+            return np.zeros((0, self.store_layout.dim), dtype=np.float32)
+        rows = pool.detach().to("cpu", torch.float32).numpy()
+        if not self.model_layout.terminal:
+            rows = np.concatenate([rows, np.zeros((rows.shape[0], 1), dtype=np.float32)], axis=1)
+        return np.ascontiguousarray(rows)
+
     def batch(self, real: torch.Tensor, n_synthetic: int) -> ReplaySamples:
         """``real`` store rows [n_real, D_store] followed by ``n_synthetic`` synthetic rows, as fields.
 
@@ -314,6 +327,23 @@ class UsesMixingCore:
     def wait(self) -> bool:
         """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
         return self.core.pool.wait()
+
+    def synthetic_transitions(self) -> Dict[str, np.ndarray]:
+        """The whole synthetic pool as a transition dataset: ``observations``, ``actions``, ``rewards``,
+        ``next_observations``, ``terminals`` (float32; terminals 0 where not modelled), the keys
+        ``synther_buffer.datasets.load_transitions`` reads once saved with ``np.savez``; scored by
+        ``synther report`` / ``synther_buffer.oracle.score_transitions``. Empty arrays before the first
+        retrain. Call ``wait()`` first to include a background retrain that is still running."""
+        from .datasets import from_rows
+
+        return from_rows(self.core.pool_rows(), self.core.store_layout)
+
+    def real_transitions(self) -> Dict[str, np.ndarray]:
+        """All stored real transitions (the owner's ``real_rows()``) as a transition dataset, as
+        ``synthetic_transitions`` (terminals are true terminations, never timeouts)."""
+        from .datasets import from_rows
+
+        return from_rows(self.real_rows(), self.core.store_layout)
 
     def set_relevance_fn(self, fn) -> None:
         """Relevance-guided generation (Prioritized Generative Replay) by a score function of yours.

@@ -361,7 +361,8 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
         (one record per task: chunks, rows, seconds, host, node, attempt) and ``"ray"``.
 
     Raises:
-        ValueError: bad arguments or inputs, before any training.
+        ValueError: bad arguments or inputs, before any training; ``config.relevance`` set
+            (relevance-guided generation is for the online buffers: upsample would ignore it).
         MissingExtraError: ``workers`` without Ray installed (before any training).
     """
     t_start = time.perf_counter()
@@ -396,6 +397,14 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
     if not progress:
         changes["progress"] = False
     cfg = cfg.replace(**changes) if changes else cfg
+    if cfg.relevance is not None:   # would be ignored: the model below is unconditional
+        raise ValueError(
+            f"config.relevance={cfg.relevance!r}: upsample does not do relevance-guided generation (Prioritized "
+            "Generative Replay). It fits an unconditional diffusion model and samples without guidance, so the "
+            "setting would be silently ignored. Guidance is implemented for the online buffers, which score "
+            "each real row at every retrain ('curiosity' needs a dynamics model trained on the agent's data; "
+            "'reward' scores are in the rows, but conditioning the offline fit and its sharded generation on "
+            "them is not implemented). Upsample with relevance=None (config.replace(relevance=None)).")
 
     data, source_name = _coerce(source)
     if isinstance(data, np.ndarray):

@@ -11,19 +11,22 @@ The front ends own what differs between them: their flags, the ``SynthERConfig``
 * ``learn`` with a callback that feeds every env step to the ``TrainingMonitor`` (progress bar,
   evaluations, retrain timings) and writes a checkpoint every ``--checkpoint-every`` env steps (deferred
   while a background retrain runs), and one at the end;
-* the results: ``eval_returns.csv``, ``results.json``, ``learning_curve.png`` and the summary table.
+* the results: ``eval_returns.csv``, ``results.json``, ``learning_curve.png`` and the summary table;
+* ``--save-pool PATH``: the final synthetic pool and the real transitions as ``.npz`` transition files
+  (``save_pool``), for scoring its fidelity (``synther report``, ``synther_buffer.oracle``).
 
 The flags read from ``args``: ``env``, ``seed``, ``total_steps``, ``eval_every``, ``eval_episodes``,
-``out``, ``device``, ``threads``, ``quiet`` and, when the front end has them, ``checkpoint_every``
-and ``resume``. Needs the ``sb3`` extra.
+``out``, ``device``, ``threads``, ``quiet`` and, when the front end has them, ``checkpoint_every``,
+``resume`` and ``save_pool``. Needs the ``sb3`` extra.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Type
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import torch
 
@@ -32,6 +35,8 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
+import numpy as np
+
 from .checkpoint import RunCheckpoint, check_resume_settings, set_rng_state
 from .config import SynthERConfig
 from .diffusion import resolve_device
@@ -39,7 +44,8 @@ from .envs import make_env
 from .results import Results, TimingSplit, TrainingMonitor, format_summary
 
 # Flags a resumed run may change; every other flag must equal the checkpointed run's.
-RESUMABLE_FLAGS = frozenset({"total_steps", "out", "device", "threads", "quiet", "checkpoint_every", "resume"})
+RESUMABLE_FLAGS = frozenset({"total_steps", "out", "device", "threads", "quiet", "checkpoint_every", "resume",
+                             "save_pool"})
 
 
 def synther_config(base: SynthERConfig, args: argparse.Namespace) -> SynthERConfig:
@@ -49,7 +55,9 @@ def synther_config(base: SynthERConfig, args: argparse.Namespace) -> SynthERConf
         base: the preset to start from.
         args: the flags; ``device``, ``seed`` and ``quiet`` always apply, ``retrain_every``,
             ``real_ratio``, ``train_steps``, ``num_generate``, ``precision``, ``warm_start_steps`` when
-            given (not None), ``compile``, ``async_retrain`` and ``warm_start`` when set.
+            given (not None), ``compile``, ``async_retrain`` and ``warm_start`` when set; ``fixed_budget``
+            (when set) turns the data-size budget rule off (``train_steps_rows=None``: every fit trains
+            ``train_steps``).
 
     Returns:
         The config.
@@ -67,7 +75,45 @@ def synther_config(base: SynthERConfig, args: argparse.Namespace) -> SynthERConf
     for field in ("relevance", "guidance_scale"):   # relevance-guided generation (PGR), when given
         if getattr(args, field, None) is not None:
             changes[field] = getattr(args, field)
+    if getattr(args, "fixed_budget", False):   # the paper's fixed diffusion budget (issue 24's old arm)
+        changes["train_steps_rows"] = None
     return base.replace(**changes)
+
+
+def real_pool_path(path) -> Path:
+    """Where ``save_pool(buffer, path)`` writes the real transitions: ``final_pool.npz`` ->
+    ``final_pool.real.npz`` beside it."""
+    path = Path(path)
+    return path.with_name(path.stem + ".real.npz")
+
+
+def save_pool(buffer: GenerativeReplayBuffer, path) -> Optional[Tuple[Path, Path]]:
+    """Write ``buffer``'s whole synthetic pool to ``path`` and its real transitions to
+    ``real_pool_path(path)``, both ``.npz`` transition files (``observations``, ``actions``, ``rewards``,
+    ``next_observations``, ``terminals``: what ``synther_buffer.datasets.load_transitions`` reads).
+
+    Score the pool with ``synther report <path's .real.npz> <path> --env-id ENV`` or
+    ``oracle.score_transitions(env, load_transitions(path), reference=load_transitions(real))`` (errors
+    in units of the real data's std). Each file is written to a temporary name and renamed: a kill
+    leaves the previous file or none. Waits for a background retrain first.
+
+    Returns:
+        The two paths, or None (nothing written) when the pool is empty (no retrain yet).
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"--save-pool writes an .npz transitions file; got {str(path)!r}")
+    buffer.wait()
+    synthetic = buffer.synthetic_transitions()
+    if len(synthetic["observations"]) == 0:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    real_path = real_pool_path(path)
+    for target, data in ((path, synthetic), (real_path, buffer.real_transitions())):
+        tmp = target.with_name(target.name + ".tmp.npz")
+        np.savez(tmp, **data)
+        os.replace(tmp, target)
+    return path, real_path
 
 
 def budget_rule_text(c: SynthERConfig) -> str:
@@ -126,6 +172,11 @@ class SB3Run:
                  synther: Optional[SynthERConfig], title: str, buffer_size: int,
                  extra_config: Optional[Dict[str, Any]] = None, agent_class: Type[BaseAlgorithm] = SAC):
         self.args, self.synther, self.title = args, synther, title
+        if getattr(args, "save_pool", None) and synther is None:
+            raise ValueError("--save-pool writes the SynthER buffer's synthetic pool; this run uses a plain "
+                             "replay buffer (--no-synther), which has none. Drop --save-pool or --no-synther.")
+        if getattr(args, "save_pool", None) and Path(args.save_pool).suffix != ".npz":
+            raise ValueError(f"--save-pool writes an .npz transitions file; got {args.save_pool!r}")
         self.timing = TimingSplit()  # wall clock: setup / RL / diffusion fit / diffusion sampling / eval
         if synther is not None and synther.async_retrain:  # overlaps the RL loop: reported, not subtracted
             self.timing.concurrent.update({"diffusion_fit", "diffusion_sample"})
@@ -221,6 +272,16 @@ class SB3Run:
             buffer.wait()  # a background retrain (async_retrain) still running
         if rc == 0 and self.checkpoint.every and self.checkpoint.last_saved != model.num_timesteps:
             self._save_checkpoint()
+        if buffer is not None and getattr(args, "save_pool", None):
+            saved = save_pool(buffer, args.save_pool)
+            if saved is None:
+                print(f"--save-pool: the synthetic pool is empty (no retrain yet); nothing written to "
+                      f"{args.save_pool}", file=sys.stderr, flush=True)
+            else:
+                s = buffer.stats()
+                print(f"saved the final synthetic pool ({s['num_synthetic']:,} rows, model fitted at env step "
+                      f"{s['last_retrain_env_step']:,}) to {saved[0]} and the {s['num_real']:,} real transitions "
+                      f"to {saved[1]}", flush=True)
         self.monitor.env_steps = model.num_timesteps
         summary = self.monitor.finish(final_stats=None if buffer is None else buffer.stats())
         print("\n" + format_summary(summary, title=title), flush=True)

@@ -325,6 +325,15 @@ def test_bad_action_bounds_are_refused_before_training(tmp_path, data, bounds, m
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("relevance", ["reward", "curiosity"])
+def test_relevance_is_refused_before_training_not_ignored(tmp_path, data, relevance, monkeypatch):
+    # upsample fits an unconditional model: a relevance setting would be silently ignored
+    monkeypatch.setattr(TransitionDiffusion, "fit", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises(ValueError, match=rf"config.relevance='{relevance}'.*unconditional.*relevance=None"):
+        upsample(data, tmp_path / "o.npz", num_samples=10, config=tiny_config(relevance=relevance), progress=False)
+    assert not list(tmp_path.iterdir())
+
+
 def test_hdf5_output_preallocated(tmp_path, fitted, data):
     model, rows, layout = fitted
     out = tmp_path / "syn.hdf5"

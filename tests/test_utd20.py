@@ -139,7 +139,7 @@ def test_precision_flag_reaches_the_synther_arms_only_and_is_part_of_their_setti
     lines = {line.split()[1].rstrip(":"): line for line in capsys.readouterr().out.splitlines()}
     arm = lambda key: utd20.ARMS[key.split("/")[1]]  # noqa: E731  (keys: env/arm/seed)
     assert all(("--precision bf16" in line) == arm(key).synther for key, line in lines.items())
-    assert sum(arm(key).synther for key in lines) == 4   # the smoke preset runs every arm: synther_utd20, async, warm, pgr
+    assert sum(arm(key).synther for key in lines) == 5   # the smoke preset runs every arm: synther_utd20, async, warm, fixed, pgr
     # a unit finished in fp32 is stale under --precision bf16 (and done again without the flag)
     syn = _fake_unit(tmp_path, p, "Pendulum-v1", "synther_utd20", 0, -1000.0)
     bf16 = utd20.dataclasses.replace(p, synther_overrides={**p.synther_overrides, "precision": "bf16"})
