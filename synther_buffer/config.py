@@ -366,8 +366,11 @@ def _fast() -> SynthERConfig:
     # 2 CPU cores. Sized by fidelity first, then time: the training length and width that keep the
     # replayed dynamics error near the paper preset's at online dataset sizes, and the cheapest sampler
     # whose error stays within 10% of the paper's 128-step stochastic one (benchmarks/FIDELITY.md;
-    # README "Presets").
+    # README "Presets"). Above 10K real rows the steps grow as sqrt(rows / 10K), capped at 60K: at a
+    # fixed 15K, DMC cheetah-run's dynamics error at 50K-100K rows was 1.7-2.1x its 10K value
+    # (benchmarks/FIDELITY.md, "Fidelity as the data grows").
     return SynthERConfig(width=256, depth=4, train_steps=15_000, batch_size=256,
+                         train_steps_rows=10_000, train_steps_power=0.5, max_train_steps=60_000,
                          sample_steps=40, sampler="stochastic", sigma_max=5.0, s_tmin=0.01, s_tmax=80.0,
                          retrain_every=5_000, synthetic_size=100_000, num_generate=100_000)
 

@@ -337,6 +337,13 @@ def test_for_device_picks_paper_on_cuda_and_fast_on_cpu_and_says_so_once(caplog,
 
 
 # ============================================================================ data-size budget rule
+def test_fast_budget_rule():
+    """fast: 15K steps up to 10K rows, then sqrt growth, capped at 60K (benchmarks/FIDELITY.md)."""
+    fast = SynthERConfig.preset("fast")
+    assert [fast.train_steps_for(n) for n in (1_000, 10_000, 40_000, 100_000, 160_000, 10 ** 6)] == \
+        [15_000, 15_000, 30_000, round(15_000 * 10 ** 0.5), 60_000, 60_000]
+
+
 def test_paper_budget_is_fixed():
     """The paper trains 100K steps whatever the data size (Table 8): the rule is off in that preset."""
     paper = SynthERConfig.preset("paper")
@@ -386,9 +393,10 @@ def test_fit_uses_the_budget_rule():
 def test_matches_record_accepts_fields_added_since_at_their_defaults():
     """A benchmark cell / unit recorded before a field existed still describes a config that leaves the
     new field at its default, and no other config."""
-    cfg = SynthERConfig.preset("fast")
+    cfg = SynthERConfig.preset("fast").replace(train_steps_rows=None)
     old = cfg.to_dict()
     del old["train_steps_rows"], old["warm_start"]          # written before these fields existed
+    assert not SynthERConfig.preset("fast").matches_record(old)          # today's fast has a data-size rule
     assert cfg.matches_record(cfg.to_dict()) and cfg.matches_record(old)
     assert not cfg.replace(warm_start=True).matches_record(old)          # the new field is not at its default
     assert not cfg.replace(train_steps=1_000).matches_record(old)        # a recorded field differs
