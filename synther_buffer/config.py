@@ -84,7 +84,7 @@ class SynthERConfig:
             ``warm_start_steps``, keeping the normaliser of the last full fit (the first retrain, any
             retrain without such a model, and one whose data has moved far from that normaliser is a
             full fit; ``TransitionDiffusion.fit``). Measured: benchmarks/WARM_START.md.
-        warm_start_steps: gradient steps of a warm retrain; ``None`` (default) = ``train_steps // 5``
+        warm_start_steps: gradient steps of a warm retrain; ``None`` (default) = ``train_steps // 3``
             (at least 1). See ``warm_steps``.
         sigma_min: smallest noise level of the sampler (EDM, Karras et al. 2022, eq. 5).
         sigma_max: largest noise level of the sampler.
@@ -318,10 +318,10 @@ class SynthERConfig:
         return steps if self.max_train_steps is None else min(steps, self.max_train_steps)
 
     def warm_steps(self) -> int:
-        """Gradient steps of a warm retrain: ``warm_start_steps``, or ``train_steps // 5`` (at least 1)."""
+        """Gradient steps of a warm retrain: ``warm_start_steps``, or ``train_steps // 3`` (at least 1)."""
         if self.warm_start_steps is not None:
             return self.warm_start_steps
-        return max(1, self.train_steps // 5)   # 1/5 and 1/10 both met the targets: benchmarks/WARM_START.md
+        return max(1, self.train_steps // 3)   # the online sequence's best trade-off: benchmarks/WARM_START.md
 
     @classmethod
     def for_device(cls, device: str = "auto") -> "SynthERConfig":
@@ -397,6 +397,6 @@ PRECISION_HELP = ("matmul precision of the diffusion model (SynthERConfig.precis
 WARM_START_HELP = ("retrain the diffusion model by continuing from the previous one (SynthERConfig.warm_start): "
                    "the first retrain is a full fit, later ones take --warm-start-steps; default: from scratch "
                    "every retrain (the paper's schedule)")
-WARM_START_STEPS_HELP = "gradient steps of a warm retrain (default: the preset's train_steps // 5)"
+WARM_START_STEPS_HELP = "gradient steps of a warm retrain (default: the preset's train_steps // 3)"
 
 PRESETS = {"paper": _paper, "fast": _fast, "tiny": _tiny}

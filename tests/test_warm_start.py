@@ -49,7 +49,7 @@ def _scratch(model: TransitionDiffusion, x: np.ndarray, steps: int) -> Transitio
 def test_config_fields_default_off_and_validated(tiny_cfg):
     assert SynthERConfig().warm_start is False and SynthERConfig.preset("paper").warm_start is False
     cfg = tiny_cfg.replace(train_steps=1000)
-    assert cfg.warm_steps() == 200                          # None: train_steps // 5
+    assert cfg.warm_steps() == 333                          # None: train_steps // 3
     assert cfg.replace(warm_start_steps=30).warm_steps() == 30
     assert cfg.replace(train_steps=3).warm_steps() == 1     # never 0
     for bad in (0, -5, 2.5, "100", True):
