@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .denoiser import init_parameters
 from .layout import RowLayout
 
 SCORE_BATCH = 16_384         # rows scored per forward pass
@@ -249,7 +250,7 @@ class CuriosityRelevance(Relevance):
         gen = torch.Generator(device="cpu").manual_seed(int(seed) + 424_242)
         with torch.device("meta"):
             net = CuriosityNet(self.obs_dim, self.action_dim, self.hidden)
-        self.net = _init_linear(net.to_empty(device="cpu"), gen).to(self.device)
+        self.net = init_parameters(net.to_empty(device="cpu"), gen).to(self.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=CURIOSITY_LR)
         self.obs_mean = np.zeros(self.obs_dim, dtype=np.float32)
         self.obs_std = np.ones(self.obs_dim, dtype=np.float32)
@@ -335,17 +336,6 @@ class CuriosityRelevance(Relevance):
         new.opt.load_state_dict(self.opt.state_dict())
         new.obs_mean, new.obs_std = self.obs_mean.copy(), self.obs_std.copy()
         return new
-
-
-def _init_linear(net: nn.Module, gen: torch.Generator) -> nn.Module:
-    """PyTorch's default Linear initialisation drawn from ``gen`` (U(-1/sqrt(fan_in), 1/sqrt(fan_in)))."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.in_features)
-                m.weight.uniform_(-bound, bound, generator=gen)
-                m.bias.uniform_(-bound, bound, generator=gen)
-    return net
 
 
 def _opt_to_cpu(state):
