@@ -60,6 +60,36 @@ def _ints(text: str, name: str) -> List[int]:
     return vals
 
 
+def _sweep(text: str) -> List[Any]:
+    """``--warm-steps``: positive integers (``warm_start_steps``) and ``default`` (``warm_start_steps=None``:
+    the config's own rule, ``SynthERConfig.warm_steps``)."""
+    vals: List[Any] = []
+    for v in (t.strip() for t in text.split(",") if t.strip()):
+        vals.append("default" if v == "default" else _ints(v, "warm-steps")[0])
+    if not vals:
+        raise ValueError(f"--warm-steps needs a comma list of positive integers or 'default', got {text!r}")
+    return vals
+
+
+def reused_cold(path: str, expect: Mapping[str, Any], config) -> Dict[int, Dict[str, Any]]:
+    """The cold cells of retrains 1.. of an earlier run with the same env, data, sizes, seed and config.
+
+    Cold fits are deterministic (one thread, fixed seeds), so another warm sweep can reuse them; retrain
+    0 is always refitted, since every warm chain starts from that model.
+
+    Raises:
+        ValueError: the earlier run differs in one of those settings.
+    """
+    old = json.loads(Path(path).read_text())
+    defaults = vars(build_parser().parse_args([]))   # settings an older file did not record had these
+    for k, v in expect.items():
+        if old.get(k, defaults.get(k)) != v:
+            raise ValueError(f"--reuse-cold {path}: its {k} is {old.get(k)!r}, this run's {v!r}")
+    if not config.matches_record(old.get("config")):
+        raise ValueError(f"--reuse-cold {path}: recorded with another SynthERConfig")
+    return {c["retrain"]: dict(c, reused=path) for c in old["cells"] if c["arm"] == "cold" and c["retrain"] > 0}
+
+
 def policy_order(data: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """``data`` with its episodes sorted by behaviour policy (random, gait, tuned), each kept in order."""
     idx = np.lexsort((np.arange(len(data["policy"])), data["policy"]))
@@ -75,7 +105,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from .fidelity.cli import _parse_mix, _set_threads
     from .fidelity.oracles import KEYS, collect_transitions, make_oracle, safe_std, score_transitions
 
-    sizes, sweep = _ints(args.sizes, "sizes"), _ints(args.warm_steps, "warm-steps")
+    sizes, sweep = _ints(args.sizes, "sizes"), _sweep(args.warm_steps)
     if sizes != sorted(set(sizes)):
         raise ValueError(f"--sizes must increase, got {args.sizes!r}")
     _set_threads(args.threads)
@@ -94,6 +124,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     cfg = SynthERConfig.preset(args.preset).replace(device=args.device, seed=args.seed, progress=args.progress)
     if args.train_steps:
         cfg = cfg.replace(train_steps=args.train_steps)
+    reuse = {} if not args.reuse_cold else reused_cold(args.reuse_cold, {
+        "env": args.env, "sizes": sizes, "order": args.order, "seed": args.seed,
+        "num_synthetic": args.num_synthetic, "policy_mix": args.policy_mix,
+        "episode_seconds": args.episode_seconds}, cfg)
     oracle = make_oracle(args.env)
     cells: List[Dict[str, Any]] = []
 
@@ -117,13 +151,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         chains: Dict[int, Any] = {}
         for i in range(len(sizes)):
             # the seed SyntheticPool gives retrain i: config.seed + i
-            cold = model_for(layout, cfg.replace(seed=args.seed + i))
-            fit_and_score("cold", i, cold, None, warm=False)
+            if i in reuse:   # the same fit measured by an earlier run (--reuse-cold)
+                cells.append(reuse[i])
+                _log(f"retrain {i} ({sizes[i]:,} rows) cold: reused from {args.reuse_cold}")
+            else:
+                cold = model_for(layout, cfg.replace(seed=args.seed + i))
+                fit_and_score("cold", i, cold, None, warm=False)
             for k in sweep:
                 if i == 0:   # the first retrain is a full fit: every chain starts from the cold model
                     chains[k] = cold
                     continue
-                warm = model_for(layout, cfg.replace(seed=args.seed + i, warm_start=True, warm_start_steps=k))
+                warm = model_for(layout, cfg.replace(seed=args.seed + i, warm_start=True,
+                                                     warm_start_steps=None if k == "default" else k))
                 if not warm.warm_start_from(chains[k]):
                     raise RuntimeError("warm start refused: the chain's previous model does not match")
                 fit_and_score(f"warm {k}", i, warm, None, warm=True)
@@ -137,6 +176,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "command": "python -m benchmarks.warm_start " + " ".join(args.argv) if getattr(args, "argv", None) else None,
         "env": args.env, "preset": args.preset, "config": cfg.to_dict(), "sizes": sizes, "warm_steps": sweep,
         "order": args.order, "num_synthetic": args.num_synthetic, "seed": args.seed, "threads": args.threads,
+        "policy_mix": args.policy_mix, "episode_seconds": args.episode_seconds, "reuse_cold": args.reuse_cold,
         "torch": torch.__version__, "obs_std": obs_std.tolist(), "reward_std": rew_std,
         "cells": cells, "summary": summarize(cells, sweep), "total_seconds": time.perf_counter() - t_start,
         "json": str(out_dir / "warm_start.json"), "csv": str(out_dir / "warm_start.csv"),
@@ -225,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=None, help="cold fits' steps (default: the preset's)")
     p.add_argument("--sizes", default="10000,20000,30000,40000,50000",
                    help="real rows at each retrain, increasing (comma list)")
-    p.add_argument("--warm-steps", default="1500,3000,5000", help="warm_start_steps values to sweep (comma list)")
+    p.add_argument("--warm-steps", default="1500,3000,5000",
+                   help="warm_start_steps values to sweep (comma list); 'default' = the config's rule "
+                        "(warm_start_steps=None: a quarter of the cold fit's steps)")
+    p.add_argument("--reuse-cold", default=None, metavar="JSON",
+                   help="take the cold fits of retrains 1.. from an earlier run's warm_start.json (same env, "
+                        "data, sizes, seed and config; cold fits are deterministic) instead of refitting them")
     p.add_argument("--num-synthetic", type=int, default=10_000, help="rows each model draws (all scored)")
     p.add_argument("--order", choices=("collected", "policy"), default="collected",
                    help="'policy': episodes sorted random -> gait -> tuned (drifting data, like an improving agent)")

@@ -84,8 +84,8 @@ class SynthERConfig:
             ``warm_start_steps``, keeping the normaliser of the last full fit (the first retrain, any
             retrain without such a model, and one whose data has moved far from that normaliser is a
             full fit; ``TransitionDiffusion.fit``). Measured: benchmarks/WARM_START.md.
-        warm_start_steps: gradient steps of a warm retrain; ``None`` (default) = ``train_steps // 3``
-            (at least 1). See ``warm_steps``.
+        warm_start_steps: gradient steps of a warm retrain; ``None`` (default): a quarter of the cold
+            fit's steps for the same rows (``warm_steps``).
         sigma_min: smallest noise level of the sampler (EDM, Karras et al. 2022, eq. 5).
         sigma_max: largest noise level of the sampler.
         sigma_data: the data's standard deviation in the preconditioning (1: rows are standardised).
@@ -317,11 +317,15 @@ class SynthERConfig:
         steps = int(round(self.train_steps * (num_rows / n0) ** self.train_steps_power))
         return steps if self.max_train_steps is None else min(steps, self.max_train_steps)
 
-    def warm_steps(self) -> int:
-        """Gradient steps of a warm retrain: ``warm_start_steps``, or ``train_steps // 3`` (at least 1)."""
+    def warm_steps(self, num_rows: Optional[int] = None) -> int:
+        """Gradient steps of a warm retrain on ``num_rows`` rows: ``warm_start_steps``, or a quarter of the
+        steps a cold fit would take (``train_steps_for(num_rows) // 4``, at least 1), so that warm retrains
+        grow with the data like the cold budget (benchmarks/WARM_START.md). Without ``num_rows``:
+        ``train_steps // 4``."""
         if self.warm_start_steps is not None:
             return self.warm_start_steps
-        return max(1, self.train_steps // 3)   # the online sequence's best trade-off: benchmarks/WARM_START.md
+        cold = self.train_steps if num_rows is None else self.train_steps_for(num_rows)
+        return max(1, cold // 4)
 
     @classmethod
     def for_device(cls, device: str = "auto") -> "SynthERConfig":
@@ -397,6 +401,6 @@ PRECISION_HELP = ("matmul precision of the diffusion model (SynthERConfig.precis
 WARM_START_HELP = ("retrain the diffusion model by continuing from the previous one (SynthERConfig.warm_start): "
                    "the first retrain is a full fit, later ones take --warm-start-steps; default: from scratch "
                    "every retrain (the paper's schedule)")
-WARM_START_STEPS_HELP = "gradient steps of a warm retrain (default: the preset's train_steps // 3)"
+WARM_START_STEPS_HELP = "gradient steps of a warm retrain (default: a quarter of a cold fit's steps)"
 
 PRESETS = {"paper": _paper, "fast": _fast, "tiny": _tiny}

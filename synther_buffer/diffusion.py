@@ -259,14 +259,14 @@ class TransitionDiffusion:
         from the current weights, the EMA continues from the current EMA (its decay schedule where
         the last fit left it), the normaliser keeps its mean and std (``warm_normalizer``: the
         previous model's function is where training starts, on any data), and Adam starts fresh
-        with a new cosine schedule over ``steps`` (default ``config.warm_steps()``). An unfitted
+        with a new cosine schedule over ``steps`` (default ``config.warm_steps(len(x))``). An unfitted
         model, or data that has moved too far from the normaliser (``normalizer_drift``), takes a
         full fit.
 
         Args:
             x: real rows [N, D], N >= 2, finite.
             steps: gradient steps (default ``config.train_steps_for(len(x))``: ``train_steps``, grown
-                with the data when the config has a data-size rule; ``config.warm_steps()`` when warm).
+                with the data when the config has a data-size rule; ``config.warm_steps(len(x))`` when warm).
             progress: show a progress bar (default ``config.progress``).
             cond: a conditional model's relevance scores, one per row (required there, refused
                 otherwise); normalised here, and their top ``config.relevance_top_frac`` kept for
@@ -296,7 +296,7 @@ class TransitionDiffusion:
             log.info("warm start skipped: the data has moved away from the normaliser (%s); a full fit", drift)
             warm = False
         if steps is None:
-            steps = c.warm_steps() if warm else c.train_steps_for(x.shape[0])
+            steps = c.warm_steps(x.shape[0]) if warm else c.train_steps_for(x.shape[0])
         else:
             steps = positive_int("steps", steps)
         show = c.progress if progress is None else progress

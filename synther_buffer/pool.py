@@ -233,7 +233,7 @@ class SyntheticPool:
 
         With ``config.warm_start`` the fit continues from the installed model (its weights, EMA and
         normaliser, captured at submission; see ``TransitionDiffusion.fit``) for
-        ``config.warm_steps()`` steps; the first retrain, one after a layout change, and one whose
+        ``config.warm_steps(rows)`` steps; the first retrain, one after a layout change, and one whose
         data has moved far from the model's normaliser are full fits. The installed model is never
         modified: a failed warm retrain keeps it and its pool.
 

@@ -49,7 +49,10 @@ def _scratch(model: TransitionDiffusion, x: np.ndarray, steps: int) -> Transitio
 def test_config_fields_default_off_and_validated(tiny_cfg):
     assert SynthERConfig().warm_start is False and SynthERConfig.preset("paper").warm_start is False
     cfg = tiny_cfg.replace(train_steps=1000)
-    assert cfg.warm_steps() == 333                          # None: train_steps // 3
+    assert cfg.warm_steps() == 250                          # None: train_steps // 4
+    rule = cfg.replace(train_steps_rows=100, train_steps_power=1.0)   # cold fits: 1000 steps per 100 rows
+    assert rule.warm_steps(50) == 250 and rule.warm_steps(400) == 1000   # a quarter of the cold fit's steps
+    assert rule.replace(warm_start_steps=30).warm_steps(400) == 30
     assert cfg.replace(warm_start_steps=30).warm_steps() == 30
     assert cfg.replace(train_steps=3).warm_steps() == 1     # never 0
     for bad in (0, -5, 2.5, "100", True):
@@ -86,6 +89,17 @@ def test_warm_fit_starts_from_the_previous_weights(fitted, make_mixture_2d):
     assert out["first_loss"] < 0.6 * fresh["first_loss"], (out, fresh)
     assert out["loss"] < fresh["loss"]
     assert warm.fit_count == model.fit_count + 1
+
+
+def test_default_warm_steps_follow_the_data_size_rule(fitted, make_mixture_2d):
+    """``warm_start_steps=None``: a warm fit trains a quarter of what a cold fit on the same rows would."""
+    model, x_old = fitted
+    cfg = model.config.replace(warm_start_steps=None, train_steps=400, train_steps_rows=2000, train_steps_power=1.0)
+    x_all = np.concatenate([x_old, make_mixture_2d(2000, seed=1)])
+    warm = TransitionDiffusion(2, cfg)
+    assert warm.warm_start_from(model)
+    out = warm.fit(x_all)
+    assert out["warm"] and cfg.train_steps_for(len(x_all)) == 800 and out["steps"] == 200
 
 
 def test_warm_start_false_and_unfitted_models_train_from_scratch(fitted):

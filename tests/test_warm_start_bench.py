@@ -53,3 +53,32 @@ def test_bad_sizes_are_refused(tmp_path):
         W.main(["--sizes", "600,300", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--warm-steps"):
         W.main(["--warm-steps", "0", "--out", str(tmp_path)])
+
+
+def test_reuse_cold_and_the_default_warm_steps(tmp_path, monkeypatch):
+    """A second sweep takes retrains 1.. cold cells from the first run (only retrain 0 is refitted) and
+    sweeps the config's own rule ('default'); another setting refuses the reuse."""
+    base = ["--preset", "tiny", "--train-steps", "120", "--sizes", "300,600", "--num-synthetic", "100",
+            "--policy-mix", "1,1,0", "--device", "cpu"]
+    first = tmp_path / "first"
+    assert W.main(base + ["--warm-steps", "20", "--out", str(first)]) == 0
+    fits = []
+    import synther_buffer.diffusion as D
+    orig = D.TransitionDiffusion.fit
+
+    def counting_fit(self, x, **kw):
+        fits.append((len(x), kw.get("warm_start")))
+        return orig(self, x, **kw)
+    monkeypatch.setattr(D.TransitionDiffusion, "fit", counting_fit)
+    second = tmp_path / "second"
+    assert W.main(base + ["--warm-steps", "default", "--reuse-cold", str(first / "warm_start.json"),
+                          "--out", str(second)]) == 0
+    assert fits == [(300, False), (600, True)]                      # retrain 1's cold fit was not redone
+    old = {(c["retrain"], c["arm"]): c for c in json.loads((first / "warm_start.json").read_text())["cells"]}
+    new = {(c["retrain"], c["arm"]): c for c in json.loads((second / "warm_start.json").read_text())["cells"]}
+    assert new[(1, "cold")]["dynamics_mse"] == old[(1, "cold")]["dynamics_mse"]
+    assert new[(0, "cold")]["dynamics_mse"] == old[(0, "cold")]["dynamics_mse"]   # deterministic refit
+    assert new[(1, "warm default")]["steps"] == 120 // 4 and new[(1, "warm default")]["warm"]
+    with pytest.raises(ValueError, match="sizes"):
+        W.main(base[:5] + ["300,450"] + base[6:] + ["--warm-steps", "default", "--reuse-cold",
+                                                    str(first / "warm_start.json"), "--out", str(tmp_path / "x")])
