@@ -118,7 +118,7 @@ ARMS: Dict[str, Arm] = {a.name: a for a in (
     # Issue 19: Prioritized Generative Replay (curiosity-guided SynthER, PGR's best relevance) (opt-in).
     Arm("pgr_utd20", "SAC (PGR curiosity, UTD=20)", "integrations/sb3_sac.py", high_utd=True,
         synther=True, extra=("--relevance", "curiosity")),
-    # Issue 18: the SynthER arm with warm-started retrains (the preset's train_steps // 3 after the first; opt-in).
+    # Issue 18: the SynthER arm with warm-started retrains (a quarter of the cold budget after the first; opt-in).
     Arm("synther_utd20_warm", "SAC (SynthER, UTD=20, warm retrain)", "integrations/sb3_sac.py", high_utd=True,
         synther=True, extra=("--warm-start",)),
     # Issue 24's online check: the SynthER arm with the paper's fixed diffusion budget (opt-in).

@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warm-start", action="store_true",
                    help="later retrains continue from the previous diffusion model (the first is a full fit)")
     p.add_argument("--warm-start-steps", type=int, default=None,
-                   help="diffusion steps of a warm retrain (default: the preset's train_steps // 3)")
+                   help="diffusion steps of a warm retrain (default: a quarter of a cold fit's steps)")
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/custom_sac", help="output directory")

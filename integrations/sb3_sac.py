@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warm-start", action="store_true",
                    help="later retrains continue from the previous diffusion model (the first is a full fit)")
     p.add_argument("--warm-start-steps", type=int, default=None,
-                   help="diffusion steps of a warm retrain (default: the preset's train_steps // 3)")
+                   help="diffusion steps of a warm retrain (default: a quarter of a cold fit's steps)")
     p.add_argument("--fixed-budget", action="store_true",
                    help="train every retrain's diffusion model for --train-steps (the preset's) whatever the "
                         "data size: the paper's fixed budget, no data-size rule (SynthERConfig.train_steps_rows=None)")
