@@ -67,7 +67,8 @@ and prints the tables as markdown.
 Layout: :mod:`.oracles` (the simulator side: the scorer, re-exported from
 :mod:`synther_buffer.oracle` where ``synther report --env-id`` uses it, and the behaviour policies
 that collect real data), :mod:`.baselines` (augmentations, GMM, TVAE/CTGAN), :mod:`.metrics`
-(distribution metrics, SDMetrics, the marginals plot), :mod:`.cli` (the run and its tables).
+(distribution metrics, SDMetrics, the marginals plot), :mod:`.cli` (the run and its tables), :mod:`.sizes`
+(fidelity as the real data grows: ``python -m benchmarks.fidelity.sizes``).
 Every public name is importable from ``benchmarks.fidelity`` itself.
 """
 
