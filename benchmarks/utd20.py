@@ -578,12 +578,14 @@ def _ray():
 
 def ray_connect(address: Optional[str], num_cpus: Optional[int] = None) -> None:
     """Join the cluster at ``address`` (``"auto"``: the one ``RAY_ADDRESS`` or ``ray start`` names), or start
-    a local instance when ``address`` is ``None`` / ``"local"``. A no-op when Ray is already initialised."""
+    a new local instance when ``address`` is ``None`` / ``"local"`` (``address="local"``: never a cluster
+    that happens to run on this machine, e.g. one a killed process left behind). A no-op when Ray is
+    already initialised."""
     ray = _ray()
     if ray.is_initialized():
         return
     if address in (None, "local"):
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     else:
         ray.init(address=address)
 

@@ -94,3 +94,20 @@ def test_ray_refuses_an_out_path_some_node_cannot_see(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_ray_without_an_address_starts_its_own_instance(monkeypatch):
+    """``--ray`` with no address must start a new local instance, never join a cluster already running on
+    this machine (a stale one left by a killed process hung a campaign that joined it)."""
+    import ray
+
+    import benchmarks.utd20 as U
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    U.ray_connect(None, num_cpus=2)
+    U.ray_connect("local")
+    U.ray_connect("auto")
+    assert [c.get("address") for c in calls] == ["local", "local", "auto"]
+    assert calls[0]["num_cpus"] == 2
