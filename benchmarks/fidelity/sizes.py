@@ -56,8 +56,8 @@ class Variant:
         return self.sizes is None or size in self.sizes
 
 
-def _coerce(field: dataclasses.Field, text: str) -> Any:
-    """A CLI string as the type of a SynthERConfig field (``None`` / ``true`` / numbers)."""
+def _coerce(text: str) -> Any:
+    """A CLI string as a config value: ``None``, ``true`` / ``false``, an int, a float, else the string."""
     if text.lower() == "none":
         return None
     if text.lower() in ("true", "false"):
@@ -83,13 +83,13 @@ def parse_variant(text: str) -> Variant:
     name, _, size_text = head.partition("@")
     if not sep or not name or not body:
         raise ValueError(f"variant {text!r}: expected name[@size,...]:field=value[,field=value]")
-    fields = {f.name: f for f in dataclasses.fields(SynthERConfig)}
+    fields = {f.name for f in dataclasses.fields(SynthERConfig)}
     overrides: Dict[str, Any] = {}
     for item in body.split(","):
         key, eq, value = item.partition("=")
         if not eq or key.strip() not in fields:
             raise ValueError(f"variant {text!r}: {item!r} is not field=value with a SynthERConfig field")
-        overrides[key.strip()] = _coerce(fields[key.strip()], value.strip())
+        overrides[key.strip()] = _coerce(value.strip())
     sizes = tuple(int(s) for s in size_text.split(",")) if size_text else None
     return Variant(name, overrides, sizes)
 
@@ -177,9 +177,10 @@ def run_cells(args: argparse.Namespace, variants: Sequence[Variant]) -> None:
                               max_rows=args.score_rows, seed=args.seed, oracle=oracle)
         return {k: s.get(k) for k in SCORE_KEYS}
 
+    rows_of = {size: to_rows(_prefix(data["train"], size), model_terminals=None) for size in sizes}
     try:
         for size in sizes:
-            train_rows, layout = to_rows(_prefix(data["train"], size), model_terminals=None)
+            train_rows, layout = rows_of[size]
             for base in ("real", "additive"):
                 path = _cell_path(out_dir, args.env, base, size)
                 key = {**common, "size": size, "variant": base}
@@ -211,7 +212,7 @@ def run_cells(args: argparse.Namespace, variants: Sequence[Variant]) -> None:
                 if args.dry_run:
                     print(f"to measure: {args.env} {size:,} rows, {v.name} ({cfg.train_steps_for(size):,} steps)")
                     continue
-                train_rows, layout = to_rows(_prefix(data["train"], size), model_terminals=None)
+                train_rows, layout = rows_of[size]
                 model = make_model(layout, layout.dim, cfg)
                 _log(f"{args.env} {size:,} rows, {v.name} ({dict(v.overrides) or 'preset'}): fitting ...")
                 load = _loadavg()
