@@ -993,7 +993,7 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
     _write_csv(out / "aggregate.csv", agg_header, agg_rows)
     final_md = _md_table(final_header, final_rows) if final_rows else "(no finished units yet)"
     (out / "final_returns.md").write_text("# Final eval return\n\n" + final_md + "\n")
-    md = [f"# UTD=20 benchmark: {out}", "", f"{len(done)} finished units, {len(data['partial'])} unfinished.", "",
+    md = [f"# UTD=20 benchmark: {_shown(out)}", "", f"{len(done)} finished units, {len(data['partial'])} unfinished.", "",
           "## Final eval return (mean over seeds of each run's final evaluation)", "", final_md, "",
           "## Wall-clock split per arm (seconds, mean per unit)", "",
           _md_table(timing_header, timing_rows) if timing_rows else "(none)", ""]
@@ -1151,6 +1151,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except Exception as e:  # never mask the run's own error
                 _log(f"report failed: {e!r}")
     return 1 if failed else 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it: a committed report names no machine's paths."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def _root(given: Optional[str], default: Optional[str]) -> Path:

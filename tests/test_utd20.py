@@ -272,6 +272,10 @@ def test_separate_work_dir_keeps_only_small_files_in_out(tmp_path):
     assert r.returncode == 0 and "synther_utd20" in r.stdout
 
 
+def test_report_header_names_a_results_root_inside_the_repo_relatively():
+    assert utd20._shown(utd20.REPO / "benchmarks" / "results" / "cpu") == str(Path("benchmarks/results/cpu"))
+
+
 def test_probability_of_improvement_known_numbers_and_ci():
     # one task: x beats y in 3 of 4 pairs -> 0.75; a tie counts one half
     assert utd20.probability_of_improvement([[2.0, 4.0]], [[1.0, 3.0]]) == pytest.approx(0.75)
@@ -300,6 +304,7 @@ def test_report_has_poi_and_the_published_numbers(tmp_path):
     assert poi["sac_utd20"]["poi"] == pytest.approx(0.5)     # wins every pair on one task, loses all on the other
     md = (tmp_path / "summary.md").read_text()
     assert "Probability of improvement" in md and "published, 100K steps" in md
+    assert md.startswith(f"# UTD=20 benchmark: {tmp_path}\n")      # outside the repository: as given
     fr = (tmp_path / "final_returns.csv").read_text().splitlines()
     assert any(line.startswith("cheetah-run,synther_utd20,") and line.endswith(",729") for line in fr)
     assert any(line.startswith("walker-walk,sac_utd20,") and line.endswith(",-") for line in fr)
