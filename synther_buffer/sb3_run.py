@@ -124,6 +124,22 @@ def budget_rule_text(c: SynthERConfig) -> str:
     return f" (x (rows / {c.train_steps_rows:,})^{c.train_steps_power:g} above {c.train_steps_rows:,} rows{cap})"
 
 
+def retrain_mode_text(c: SynthERConfig) -> str:
+    """How retrains run beyond the default (cold, synchronous, unguided), for the run's header line:
+    warm start, background retraining, relevance guidance; ``""`` for the paper's schedule."""
+    parts = []
+    if c.warm_start:
+        steps = (f"{c.warm_start_steps:,} steps" if c.warm_start_steps is not None
+                 else "a quarter of a cold fit's steps")
+        parts.append(f"warm retrains after the first ({steps})")
+    if c.async_retrain:
+        parts.append("in a Ray actor" if c.retrain_backend == "ray" else "in a background thread")
+    if c.relevance is not None:
+        parts.append(f"PGR: {c.relevance} relevance, guidance scale {c.guidance_scale:g}, sampled at the top "
+                     f"{c.relevance_top_frac:.0%} of real scores")
+    return "".join(f"; {p}" for p in parts)
+
+
 class MonitorCallback(BaseCallback):
     """Hands every env step to the ``TrainingMonitor`` and writes the checkpoint when due.
 
@@ -258,7 +274,7 @@ class SB3Run:
             c = self.synther
             print(f"SynthER: retrain every {c.retrain_every:,} env steps (from {c.min_real:,} real transitions), "
                   f"{c.train_steps:,} diffusion steps{budget_rule_text(c)}, {c.num_generate:,} rows per retrain, real ratio "
-                  f"{c.real_ratio}, device {resolve_device(c.device)}", flush=True)
+                  f"{c.real_ratio}, device {resolve_device(c.device)}{retrain_mode_text(c)}", flush=True)
         rc = 0
         try:
             remaining = args.total_steps - model.num_timesteps

@@ -108,6 +108,21 @@ def test_custom_sac_warm_start_flags(custom_sac, monkeypatch):
     assert custom_sac.parse_args([]).warm_start is False
 
 
+def test_sb3_run_header_names_the_retrain_mode():
+    """The run's header line says when retrains are warm, in the background or relevance-guided."""
+    from synther_buffer import SynthERConfig
+    from synther_buffer.sb3_run import retrain_mode_text
+
+    fast = SynthERConfig.preset("fast")
+    assert retrain_mode_text(fast) == ""
+    assert retrain_mode_text(fast.replace(warm_start=True)) == \
+        "; warm retrains after the first (a quarter of a cold fit's steps)"
+    assert "(3,000 steps)" in retrain_mode_text(fast.replace(warm_start=True, warm_start_steps=3000))
+    assert retrain_mode_text(fast.replace(async_retrain=True)) == "; in a background thread"
+    text = retrain_mode_text(fast.replace(relevance="curiosity", guidance_scale=2.0, relevance_top_frac=0.25))
+    assert text == "; PGR: curiosity relevance, guidance scale 2, sampled at the top 25% of real scores"
+
+
 def test_sb3_sac_checkpoint_deferred_during_background_retrain(tmp_path):
     """A due checkpoint waits until no background retrain is running (pickling would block on it)."""
     from synther_buffer.checkpoint import RunCheckpoint
