@@ -86,6 +86,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .utd20_docs import md_table, render_block, update_docs
+
 REPO = Path(__file__).resolve().parents[1]
 UNIT_FILE = "unit.json"
 RUNNING_FILE = "running.json"
@@ -865,12 +867,6 @@ def _plot_env(env: str, units: List[Dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -991,21 +987,21 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
     _write_csv(out / "final_returns.csv", final_header, final_rows)
     _write_csv(out / "timing.csv", timing_header, timing_rows)
     _write_csv(out / "aggregate.csv", agg_header, agg_rows)
-    final_md = _md_table(final_header, final_rows) if final_rows else "(no finished units yet)"
+    final_md = md_table(final_header, final_rows) if final_rows else "(no finished units yet)"
     (out / "final_returns.md").write_text("# Final eval return\n\n" + final_md + "\n")
     md = [f"# UTD=20 benchmark: {_shown(out)}", "", f"{len(done)} finished units, {len(data['partial'])} unfinished.", "",
           "## Final eval return (mean over seeds of each run's final evaluation)", "", final_md, "",
           "## Wall-clock split per arm (seconds, mean per unit)", "",
-          _md_table(timing_header, timing_rows) if timing_rows else "(none)", ""]
+          md_table(timing_header, timing_rows) if timing_rows else "(none)", ""]
     if agg_rows:
         md += ["## Aggregate over envs (normalised final return; 95% stratified bootstrap CI)", "",
-               _md_table(agg_header, agg_rows), "",
+               md_table(agg_header, agg_rows), "",
                "Normalisation: " + "; ".join(f"{e}: {h}" for e, h in norms.items()), ""]
     else:
         md += ["## Aggregate over envs", "", "(needs finished units on 2+ envs)", ""]
     if poi_rows:
         md += ["## Probability of improvement (final return; per env over all run pairs, averaged over envs; "
-               "95% stratified bootstrap CI)", "", _md_table(poi_header, poi_rows), ""]
+               "95% stratified bootstrap CI)", "", md_table(poi_header, poi_rows), ""]
     md += ["How to read this: with 2-3 seeds per arm, only an effect several times the seed-to-seed spread "
            "is distinguishable, and a CI from 2-3 runs per task is itself rough. 10K env steps is the early, "
            "small-buffer regime where UTD=20 overfits most; it says nothing about 100K-step returns. The "
@@ -1013,13 +1009,13 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
     if pool_rows:
         md += ["## Final synthetic pool fidelity (--dump-pool: the last pool replayed in the simulator; errors "
                "in units of the std of the unit's own real transitions, lower is better)", "",
-               _md_table(pool_header, pool_rows), ""]
+               md_table(pool_header, pool_rows), ""]
     if data["partial"]:
         prow = [[p["env"], p["arm"], p["seed"], "running" if p["alive"] else "interrupted",
                  p["last_eval_step"] if p["last_eval_step"] is not None else "-",
                  _fmt(p["last_eval_return"]), p["total_steps"] or "-"] for p in data["partial"]]
         md += ["## Unfinished units (not in the tables; an interrupted one resumes from its last checkpoint)", "",
-               _md_table(["env", "arm", "seed", "state", "last eval step", "last eval return", "of steps"], prow), ""]
+               md_table(["env", "arm", "seed", "state", "last eval step", "last eval return", "of steps"], prow), ""]
     md += ["## Curves", ""] + [f"![{p}]({p})" for p in pngs]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     summary = {"out": str(out), "final_returns": final_json, "timing": timing_json, "aggregate": agg_json,
@@ -1075,6 +1071,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each finished unit's checkpoint/ (its final agent and buffer; default: delete)")
     p.add_argument("--report-only", action="store_true", help="only write the report from finished units")
+    p.add_argument("--no-docs", action="store_true",
+                   help="leave README.md / benchmarks/UTD20.md alone (by default the report rewrites their "
+                        "generated block when --out is the preset's own results root)")
     p.add_argument("--dry-run", action="store_true", help="print the units, their status and commands")
     p.add_argument("--heartbeat", type=float, default=300.0, help="seconds between progress lines per unit")
     p.add_argument("--bootstrap-reps", type=int, default=2000, help="stratified bootstrap resamples")
@@ -1100,6 +1099,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.report_only:
         s = write_report(out, reps=args.bootstrap_reps, work=work)
         print((out / "summary.md").read_text())
+        if not args.no_docs:
+            _update_docs(preset, out, s, total_steps=args.total_steps)
         return 0 if s["units"] else 1
     envs = list(args.envs or preset.envs)
     arms = list(args.arms or preset.arms)
@@ -1146,11 +1147,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             CHILDREN.stop_all()
             try:
-                write_report(out, reps=args.bootstrap_reps, work=work)
+                s = write_report(out, reps=args.bootstrap_reps, work=work)
                 _log(f"report: {out / 'summary.md'}")
+                if not args.no_docs:
+                    _update_docs(preset, out, s, total_steps=args.total_steps)
             except Exception as e:  # never mask the run's own error
                 _log(f"report failed: {e!r}")
     return 1 if failed else 0
+
+
+DOCS = (REPO / "README.md", REPO / "benchmarks" / "UTD20.md")
+
+
+def _update_docs(preset: Preset, out: Path, summary: Dict[str, Any], total_steps: Optional[int] = None,
+                 docs: Sequence[Path] = DOCS) -> List[Path]:
+    """Rewrites the docs' generated block for ``preset`` (``<!-- utd20:<root name> begin -->`` ...) from
+    ``summary``, when ``out`` is the preset's own results root in this checkout (a campaign writing
+    elsewhere leaves the docs alone). Returns the files changed."""
+    own = _root(None, preset.default_out)
+    if out.resolve() != own.resolve():
+        return []
+    steps = "" if total_steps in (None, PRESETS[preset.name].total_steps) else f" --total-steps {total_steps}"
+    command = f"python -m benchmarks.utd20 --preset {preset.name}{steps} --report-only"
+    planned: Dict[Tuple[str, str], int] = {}
+    if not steps:
+        for u in plan(preset, preset.envs, preset.arms):
+            planned[(u.env, u.arm)] = planned.get((u.env, u.arm), 0) + 1
+    labels = {name: arm.label for name, arm in ARMS.items()}
+    changed = update_docs(docs, f"utd20:{own.name}", lambda doc: render_block(
+        summary, planned, labels, PAPER_100K, out, doc, command))
+    for doc in changed:
+        _log(f"updated the generated block in {_shown(doc)}")
+    return changed
 
 
 def _shown(path: Path) -> str:
