@@ -78,6 +78,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -355,16 +356,36 @@ def _last_eval(d: Path) -> Optional[Dict[str, str]]:
 
 
 class _Children:
-    """Live child processes, so an interrupt can stop them."""
+    """Live child processes, so an interrupt can stop them, and no new one starts once it has."""
 
     def __init__(self):
         self.procs: List[subprocess.Popen] = []
+        self.stopping = False
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        """A campaign starts: children may be started (again)."""
+        with self._lock:
+            self.stopping = False
+
+    def start(self, cmd: Sequence[str], **popen_kw) -> Optional[subprocess.Popen]:
+        """``Popen(cmd, **popen_kw)``, tracked; ``None`` once :meth:`stop_all` has run."""
+        with self._lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(cmd, **popen_kw)
+            self.procs.append(proc)
+            return proc
 
     def stop_all(self) -> None:
-        for p in list(self.procs):
+        """Terminate every child (kill after 15 s) and refuse new ones until :meth:`open`."""
+        with self._lock:
+            self.stopping = True
+            procs = list(self.procs)
+        for p in procs:
             if p.poll() is None:
                 p.terminate()
-        for p in list(self.procs):
+        for p in procs:
             try:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -502,8 +523,10 @@ def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
     _log(f"start {unit.key}: {settings['script']} {' '.join(settings['args'])}")
     t0 = time.time()
     with open(d / "stdout.log", "a" if resuming else "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
-        CHILDREN.procs.append(proc)
+        proc = CHILDREN.start(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
+        if proc is None:
+            _log(f"{unit.key}: not started (the benchmark is stopping)")
+            return "interrupted"
         _write_json(d / RUNNING_FILE, {"pid": proc.pid, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         try:
             next_beat = time.time() + heartbeat_s
@@ -525,6 +548,9 @@ def run_unit(preset: Preset, unit: Unit, out: Path, threads: int, device: str,
             CHILDREN.procs.remove(proc)
     wall = time.time() - t0
     res = _read_json(d / "results.json")
+    if CHILDREN.stopping and proc.returncode != 0:
+        _log(f"{unit.key}: interrupted after {wall:.0f} s; it resumes from its last checkpoint")
+        return "interrupted"
     if proc.returncode != 0 or not res or "final_eval" not in res:
         tail = (d / "stdout.log").read_text(errors="replace")[-2000:]
         _log(f"FAILED {unit.key} (exit {proc.returncode}, {wall:.0f} s); tail of stdout.log:\n{tail}")
@@ -1127,6 +1153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         todo = sum(unit_status(preset, u, out, work) != "done" for u in units)
         _log(f"{len(units) - todo} done already, {todo} to run")
         t0 = time.time()
+        CHILDREN.open()
         try:
             run = lambda u: run_unit(preset, u, out, args.threads, device, args.heartbeat,  # noqa: E731
                                      args.keep_checkpoints, work, args.dump_pool)
@@ -1140,7 +1167,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 results = [run(u) for u in units]
             else:
                 with ThreadPoolExecutor(args.jobs) as pool:
-                    results = list(pool.map(run, units))
+                    try:
+                        results = list(pool.map(run, units))
+                    except BaseException:   # Ctrl-C / SIGTERM: stop the children now, or leaving this
+                        CHILDREN.stop_all()  # block waits for their threads, i.e. for whole units
+                        raise
             failed = results.count("failed")
             _log(f"all units processed in {time.time() - t0:.0f} s: {results.count('done')} run, "
                  f"{results.count('skipped')} skipped, {failed} failed")

@@ -7,6 +7,7 @@ import shutil
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,41 @@ def test_smoke_run_writes_report_and_resume_skips_finished_units(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks.utd20", "--preset", "smoke", "--out", str(out),
                         "--report-only"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "synther_utd20" in r.stdout
+
+
+def test_sigterm_with_parallel_units_stops_their_children_promptly(tmp_path):
+    """--jobs 2: SIGTERM stops both running children at once (not after their units finish), starts no
+    further unit, and leaves the units partial (to resume), not failed."""
+    import contextlib
+    import signal
+
+    out = tmp_path / "utd20"
+    cmd = [sys.executable, "-m", "benchmarks.utd20", "--preset", "smoke", "--envs", "Pendulum-v1",
+           "--arms", "sac_utd1", "sac_utd20", "--seeds", "2", "--jobs", "2", "--total-steps", "200000",
+           "--out", str(out), "--heartbeat", "600"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    running = [out / "Pendulum-v1" / a / "seed0" / utd20.RUNNING_FILE for a in ("sac_utd1", "sac_utd20")]
+    deadline = time.time() + 120
+    while not all(f.exists() for f in running) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert all(f.exists() for f in running), proc.communicate(timeout=60)[0]
+    pids = [json.loads(f.read_text())["pid"] for f in running]
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        log = proc.communicate(timeout=60)[0]      # a hang here was the bug: the pool waited for whole units
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        assert not utd20._pid_alive(pid) or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert log.count("interrupted after") == 2 and "FAILED" not in log, log
+    assert "seed1" not in log.split("interrupted after")[-1]      # nothing started after the signal
+    assert not (out / "Pendulum-v1" / "sac_utd1" / "seed1").exists()
 
 
 # ------------------------------------------------------------------------------------ the cpu campaign
