@@ -275,11 +275,12 @@ class TransitionDiffusion:
                 trains from scratch whatever the config says.
 
         Returns:
-            ``{"loss", "seconds", "steps", "batch_size", "compiled", "gradients", "warm",
+            ``{"loss", "seconds", "steps", "batch_size", "compiled", "gradients", "warm", "warm_skipped",
             "first_loss"}``: loss is the mean over the last logging window, first_loss the first
             step's; compiled whether ``config.compile`` took effect; gradients ``"manual"``
             (``synther_buffer/manual_grad.py``) or ``"autograd"``; warm whether this fit continued
-            from the previous model.
+            from the previous model; warm_skipped, when a warm fit was asked for and the data had
+            drifted from the normaliser, why (in words; else None).
 
         Raises:
             ValueError: ``x`` or ``steps`` is invalid (nothing changes).
@@ -325,7 +326,7 @@ class TransitionDiffusion:
         self.fit_count += 1
         self.last_fit = {"loss": last_loss, "seconds": time.perf_counter() - t0, "steps": steps,
                          "batch_size": bs, "compiled": train.compiled, "gradients": train.gradients,
-                         "warm": warm, "first_loss": train.first_loss,
+                         "warm": warm, "warm_skipped": drift, "first_loss": train.first_loss,
                          "ema_steps": (self._ema_steps() if warm else 0) + steps}
         log.info("diffusion fit%s: %d steps, batch %d, loss %.4f, %.1fs", " (warm)" if warm else "", steps, bs,
                  last_loss, self.last_fit["seconds"])

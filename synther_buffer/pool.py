@@ -122,6 +122,8 @@ class SyntheticPool:
         self._guide: dict = {}   # the relevance work of the retrain being built (captured at submission)
         self.last_fit_warm = False   # whether the installed model continued the previous one (warm_start)
         self.warm_retrains = 0       # installed retrains that were warm
+        self.warm_skipped = 0        # installed retrains asked to be warm that took a full fit instead
+        self.last_warm_skipped: Optional[str] = None   # why the last installed one did (None: it did not)
         self._worker: Optional[threading.Thread] = None
         self._job: Optional[dict] = None
         self.remote = None   # synther_buffer.distributed.RemoteRetrainer for retrain_backend="ray"
@@ -367,6 +369,12 @@ class SyntheticPool:
         self._install_relevance(result)
         self.last_fit_warm = bool(fit.get("warm", False))
         self.warm_retrains += int(self.last_fit_warm)
+        self.last_warm_skipped = None
+        if self.config.warm_start and self.retrain_count > 1 and not self.last_fit_warm:
+            self.last_warm_skipped = fit.get("warm_skipped") or "the previous model could not be continued"
+            self.warm_skipped += 1
+            log.info("SynthER retrain %d: a full fit instead of a warm one (%s)", self.retrain_count,
+                     self.last_warm_skipped)
         self._log("synther/fit_warm", float(self.last_fit_warm))
         for k, v in (("diffusion_loss", fit["loss"]), ("fit_seconds", fit["seconds"]),
                      ("generate_seconds", gen_seconds), ("num_synthetic", self.num_synthetic),
@@ -437,7 +445,8 @@ class SyntheticPool:
                 "last_train_loss": self.last_train_loss, "last_fit_seconds": self.last_fit_seconds,
                 "last_generate_seconds": self.last_generate_seconds, "real_ratio": self.config.real_ratio,
                 "retraining": self.retraining, "last_fit_warm": self.last_fit_warm,
-                "warm_retrains": self.warm_retrains, **self._relevance_stats()}
+                "warm_retrains": self.warm_retrains, "warm_skipped": self.warm_skipped,
+                "last_warm_skipped": self.last_warm_skipped, **self._relevance_stats()}
 
     def _relevance_stats(self) -> dict:
         """``relevance`` (the kind) and the mean scores of the last pool's real and synthetic rows, when
@@ -468,6 +477,7 @@ class SyntheticPool:
         state["obs_bounds"] = None if self.obs_low is None else [self.obs_low.tolist(), self.obs_high.tolist()]
         state["num_obs_clipped"] = self.num_obs_clipped
         state["last_fit_warm"], state["warm_retrains"] = self.last_fit_warm, self.warm_retrains
+        state["warm_skipped"], state["last_warm_skipped"] = self.warm_skipped, self.last_warm_skipped
         state["rng"] = json.dumps(self.rng.bit_generator.state)
         state["model"] = None if self.model is None else _to_cpu(self.model.state_dict())
         state["pool"] = None if self.pool is None else self.pool.cpu()
@@ -488,6 +498,8 @@ class SyntheticPool:
         self.num_obs_clipped = int(state.get("num_obs_clipped", 0))
         self.last_fit_warm = bool(state.get("last_fit_warm", False))   # absent in states saved before warm_start
         self.warm_retrains = int(state.get("warm_retrains", 0))
+        self.warm_skipped = int(state.get("warm_skipped", 0))          # absent in states saved before it
+        self.last_warm_skipped = state.get("last_warm_skipped")
         self.model = None if state["model"] is None else \
             TransitionDiffusion.from_state_dict(state["model"], device=str(self.device))
         self.pool = None if state["pool"] is None else state["pool"].to(self.device)

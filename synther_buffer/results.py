@@ -156,7 +156,8 @@ class RetrainTracker:
 
     Works with ``GenerativeReplay``, ``WrappedReplay`` and the SB3 ``GenerativeReplayBuffer``: it reads
     ``retrain_count``, ``failed_retrains``, ``last_fit_seconds``, ``last_generate_seconds``,
-    ``last_train_loss``, ``env_steps``, ``num_synthetic``, ``num_real`` and ``last_fit_warm`` (when present). Poll at
+    ``last_train_loss``, ``env_steps``, ``num_synthetic``, ``num_real``, ``last_fit_warm`` and ``last_warm_skipped``
+    (when present). Poll at
     least once per env step (one add triggers at most one retrain) so every retrain's seconds are seen.
     """
 
@@ -185,6 +186,8 @@ class RetrainTracker:
                             "fit_seconds": fit, "generate_seconds": gen,
                             "num_real": s.get("num_real"), "num_synthetic": s.get("num_synthetic"),
                             "missed": count - self.count - 1, "warm": bool(s.get("last_fit_warm", False))})
+        if s.get("last_warm_skipped"):   # asked to be warm, fitted from scratch: why
+            self.events[-1]["warm_skipped"] = s["last_warm_skipped"]
         self.count = count
         self.fit_seconds += fit
         self.generate_seconds += gen

@@ -200,8 +200,37 @@ def test_data_far_from_the_normaliser_gets_a_full_fit(fitted, caplog):
         ref = Normalizer(2).fit(moved)                      # a full fit refits the normaliser
         np.testing.assert_allclose(warm.normalizer.mean, ref.mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(warm.normalizer.std, ref.std, rtol=1e-5)
+        assert "column" in out["warm_skipped"]             # why, in words
     assert sum("warm start skipped" in r.getMessage() for r in caplog.records) == 2
     assert diffusion_mod.normalizer_drift(model.normalizer, x_old) is None
+    warm = TransitionDiffusion(2, model.config)
+    warm.warm_start_from(model)
+    out = warm.fit(x_old, steps=5)
+    assert out["warm"] and out["warm_skipped"] is None
+
+
+def test_a_buffer_reports_a_warm_retrain_that_took_a_full_fit(tiny_cfg):
+    """Data that drifted past the normaliser: the retrain is a full fit, counted and explained in stats()
+    and in the run's retrain records (RetrainTracker)."""
+    from synther_buffer.results import RetrainTracker
+
+    buf = GenerativeReplay(OBS, ACT, capacity=1000, config=warm_cfg(tiny_cfg), model_terminals=False)
+    tracker = RetrainTracker(buf.stats)
+    feed(buf, 0, 100)
+    tracker.poll()
+    obs, act, rew, nxt, term = transitions(100, seed=1)
+    buf.add(obs * 50.0, act, rew * 50.0, nxt * 50.0, term)   # an agent in a new regime: std far past 6x
+    tracker.poll()
+    s = buf.stats()
+    assert s["retrain_count"] == 2 and s["warm_retrains"] == 0 and s["warm_skipped"] == 1
+    assert "column" in s["last_warm_skipped"] and not s["last_fit_warm"]
+    assert [e.get("warm_skipped") is not None for e in tracker.events] == [False, True]
+    feed(buf, 2, 100)                                         # close to the refitted normaliser: warm again
+    tracker.poll()
+    s = buf.stats()
+    assert s["warm_retrains"] == 1 and s["warm_skipped"] == 1 and s["last_warm_skipped"] is None
+    state = buf.pool.state_dict()
+    assert state["warm_skipped"] == 1
 
 
 def test_warm_start_from_refuses_another_layout(fitted, caplog):
