@@ -363,6 +363,12 @@ class _Children:
         self.stopping = False
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:   # Ray ships this module's globals with its unit tasks: the worker
+        return {}                        # gets an empty registry of its own (a lock does not pickle)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def open(self) -> None:
         """A campaign starts: children may be started (again)."""
         with self._lock:
