@@ -282,6 +282,18 @@ def plan(preset: Preset, envs: Sequence[str], arms: Sequence[str], seeds: Option
             if s < per_env[env] and env in preset.arm_envs.get(arm, (env,))]
 
 
+def resume_first(units: Sequence[Unit], statuses: Sequence[str]) -> List[Unit]:
+    """``units`` with the interrupted (``partial``) ones moved to the front, each group in plan order.
+
+    A restarted campaign finishes the work it had half done before it starts new units, so a stop
+    leaves as few unfinished units (checkpoints on disk, no results) as possible.
+    """
+    if len(units) != len(statuses):
+        raise ValueError(f"{len(units)} units but {len(statuses)} statuses")
+    return ([u for u, s in zip(units, statuses) if s == "partial"]
+            + [u for u, s in zip(units, statuses) if s != "partial"])
+
+
 def _read_json(path: Path) -> Optional[dict]:
     try:
         with open(path) as f:
@@ -1137,6 +1149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     envs = list(args.envs or preset.envs)
     arms = list(args.arms or preset.arms)
     units = plan(preset, envs, arms, args.seeds)
+    units = resume_first(units, [unit_status(preset, u, out, work) for u in units])
     seeds = max((u.seed for u in units), default=-1) + 1
     device = args.device or preset.device
     if {"synther_utd20", "synther_utd20_fixed"} <= set(arms) and envs:

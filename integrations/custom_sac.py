@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from synther_buffer import GenerativeReplay, SynthERConfig
 from synther_buffer.config import PRECISIONS
+from synther_buffer.train import add_warm_start_arguments
 from synther_buffer.checkpoint import RunCheckpoint, check_resume_settings, set_rng_state
 from synther_buffer.envs import can_terminate, make_env
 from synther_buffer.results import Results, TimingSplit, TrainingMonitor, format_summary
@@ -88,10 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "under this loop's critics (buf.set_relevance_fn). Default: plain SynthER")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance weight with --relevance (default: SynthERConfig's, 2.0)")
-    p.add_argument("--warm-start", action="store_true",
-                   help="later retrains continue from the previous diffusion model (the first is a full fit)")
-    p.add_argument("--warm-start-steps", type=int, default=None,
-                   help="diffusion steps of a warm retrain (default: a quarter of a cold fit's steps)")
+    add_warm_start_arguments(p)   # --warm-start, --warm-start-steps
     p.add_argument("--eval-every", type=int, default=5_000, help="env steps between evaluations")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--out", default="runs/custom_sac", help="output directory")

@@ -44,7 +44,7 @@ from synther_buffer.config import PRECISIONS
 from synther_buffer.envs import can_terminate
 from synther_buffer.sb3 import GenerativeReplayBuffer
 from synther_buffer.sb3_run import SB3Run, synther_config
-from synther_buffer.train import add_relevance_arguments
+from synther_buffer.train import add_relevance_arguments, add_warm_start_arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,10 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--async-retrain", action="store_true",
                    help="retrain in a background thread; SAC keeps training on the previous pool meanwhile")
     add_relevance_arguments(p)   # --relevance, --guidance-scale (Prioritized Generative Replay)
-    p.add_argument("--warm-start", action="store_true",
-                   help="later retrains continue from the previous diffusion model (the first is a full fit)")
-    p.add_argument("--warm-start-steps", type=int, default=None,
-                   help="diffusion steps of a warm retrain (default: a quarter of a cold fit's steps)")
+    add_warm_start_arguments(p)   # --warm-start, --warm-start-steps
     p.add_argument("--fixed-budget", action="store_true",
                    help="train every retrain's diffusion model for --train-steps (the preset's) whatever the "
                         "data size: the paper's fixed budget, no data-size rule (SynthERConfig.train_steps_rows=None)")

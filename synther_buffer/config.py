@@ -401,6 +401,8 @@ PRECISION_HELP = ("matmul precision of the diffusion model (SynthERConfig.precis
 WARM_START_HELP = ("retrain the diffusion model by continuing from the previous one (SynthERConfig.warm_start): "
                    "the first retrain is a full fit, later ones take --warm-start-steps; default: from scratch "
                    "every retrain (the paper's schedule)")
-WARM_START_STEPS_HELP = "gradient steps of a warm retrain (default: a quarter of a cold fit's steps)"
+# what ``warm_start_steps=None`` means, in words (``SynthERConfig.warm_steps``' ``// 4``)
+WARM_START_DEFAULT_TEXT = "a quarter of a cold fit's steps"
+WARM_START_STEPS_HELP = f"gradient steps of a warm retrain (default: {WARM_START_DEFAULT_TEXT})"
 
 PRESETS = {"paper": _paper, "fast": _fast, "tiny": _tiny}

@@ -38,7 +38,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 import numpy as np
 
 from .checkpoint import RunCheckpoint, check_resume_settings, set_rng_state
-from .config import SynthERConfig
+from .config import WARM_START_DEFAULT_TEXT, SynthERConfig
 from .diffusion import resolve_device
 from .envs import make_env
 from .results import Results, TimingSplit, TrainingMonitor, format_summary
@@ -130,7 +130,7 @@ def retrain_mode_text(c: SynthERConfig) -> str:
     parts = []
     if c.warm_start:
         steps = (f"{c.warm_start_steps:,} steps" if c.warm_start_steps is not None
-                 else "a quarter of a cold fit's steps")
+                 else WARM_START_DEFAULT_TEXT)
         parts.append(f"warm retrains after the first ({steps})")
     if c.async_retrain:
         parts.append("in a Ray actor" if c.retrain_backend == "ray" else "in a background thread")

@@ -89,8 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="retrain in a background thread while SAC keeps training on the previous pool "
                         "(default: the paper's synchronous schedule)")
     add_relevance_arguments(g)
-    g.add_argument("--warm-start", action="store_true", help=WARM_START_HELP)
-    g.add_argument("--warm-start-steps", type=int, default=None, help=WARM_START_STEPS_HELP)
+    add_warm_start_arguments(g)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=250, help="env steps between evaluations (0: only at the end)")
     g.add_argument("--eval-episodes", type=int, default=3, help="episodes per evaluation (deterministic policy)")
@@ -104,6 +103,12 @@ def add_relevance_arguments(g) -> None:
                         "(SynthERConfig.relevance; default: plain SynthER)")
     g.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance weight with --relevance (SynthERConfig.guidance_scale, default 2.0)")
+
+
+def add_warm_start_arguments(g) -> None:
+    """``--warm-start`` and ``--warm-start-steps`` (warm-started retraining) on parser / group ``g``."""
+    g.add_argument("--warm-start", action="store_true", help=WARM_START_HELP)
+    g.add_argument("--warm-start-steps", type=int, default=None, help=WARM_START_STEPS_HELP)
 
 
 def synther_config(args: argparse.Namespace):

@@ -114,6 +114,12 @@ def test_unit_status_done_stale_partial_todo(tmp_path):
     # seed-major order
     units = utd20.plan(p, ["a", "b"], ["sac_utd1", "sac_utd20"], 2)
     assert [u.seed for u in units] == [0] * 4 + [1] * 4 and units[1] == utd20.Unit("a", "sac_utd20", 0)
+    # a restart runs the interrupted units first, each group keeping the plan's order
+    units = utd20.plan(p, ["Pendulum-v1"], ["sac_utd1", "synther_utd20", "sac_utd20", "redq_utd20"], 1)
+    ordered = utd20.resume_first(units, [utd20.unit_status(p, u, tmp_path) for u in units])
+    assert [u.arm for u in ordered] == ["sac_utd20", "sac_utd1", "synther_utd20", "redq_utd20"]
+    with pytest.raises(ValueError, match="statuses"):
+        utd20.resume_first(units, ["todo"])
 
 
 def test_unit_args_per_arm():
