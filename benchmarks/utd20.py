@@ -821,6 +821,17 @@ def normaliser(env: str, all_returns: Sequence[float]) -> Tuple[Callable[[float]
 
 TIMING_KEYS = ("total", "rl", "diffusion_fit", "diffusion_sample", "eval", "setup")
 
+# The report's steadier second statistic: the mean of a run's last LATE_EVALS evaluations (at the cpu
+# preset 8K / 9K / 10K env steps, 15 episodes) beside the final evaluation's 5 episodes alone.
+LATE_EVALS = 3
+
+
+def late_return(evals: Sequence[Tuple[int, float]], k: int = LATE_EVALS) -> float:
+    """Mean return of the last ``k`` evaluations (``(env_step, mean_return)`` in step order; all if fewer)."""
+    if not evals:
+        raise ValueError("a finished unit has at least its final evaluation")
+    return float(np.mean([r for _, r in sorted(evals)[-k:]]))
+
 
 def collect(out: Path, work: Optional[Path] = None) -> Dict[str, Any]:
     """Finished units under ``out`` and in-progress ones under ``out`` and ``work`` (whatever preset wrote them)."""
@@ -837,6 +848,8 @@ def collect(out: Path, work: Optional[Path] = None) -> Dict[str, Any]:
                      "dir": str(d), "settings": m["settings"], "unit_wall_seconds": m.get("wall_seconds"),
                      "evals": [(r["env_step"], r["mean_return"]) for r in res.get("evals", [])],
                      "final_return": res["final_eval"]["mean_return"], "final_step": res["final_eval"]["env_step"],
+                     "late_return": late_return([(r["env_step"], r["mean_return"]) for r in res.get("evals", [])]
+                                                or [(res["final_eval"]["env_step"], res["final_eval"]["mean_return"])]),
                      "timing": res.get("timing_seconds", {}), "retrains": res.get("retrain_count", 0),
                      "utd": _flag(m["settings"].get("args", []), "--utd"),
                      "pool_fidelity": _read_json(d / POOL_FIDELITY_FILE)})
@@ -931,19 +944,22 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
     final_rows, final_json = [], []
     for env in envs:
         for arm in arms:
-            rs = [(u["seed"], u["final_return"]) for u in done if u["env"] == env and u["arm"] == arm]
-            if not rs:
+            us = sorted((u for u in done if u["env"] == env and u["arm"] == arm), key=lambda u: u["seed"])
+            if not us:
                 continue
-            v = np.array([r for _, r in rs])
-            sd = float(v.std(ddof=1)) if v.size > 1 else float("nan")
-            steps = sorted({u["final_step"] for u in done if u["env"] == env and u["arm"] == arm})
+            v, late = (np.array([u[k] for u in us]) for k in ("final_return", "late_return"))
+            sd, late_sd = (float(x.std(ddof=1)) if x.size > 1 else float("nan") for x in (v, late))
+            steps = sorted({u["final_step"] for u in us})
             final_json.append({"env": env, "arm": arm, "mean": float(v.mean()), "std": sd, "n": int(v.size),
-                               "env_steps": steps, "per_seed": {str(s): r for s, r in sorted(rs)}})
+                               "env_steps": steps, "per_seed": {str(u["seed"]): u["final_return"] for u in us},
+                               "late": {"mean": float(late.mean()), "std": late_sd, "n": int(late.size),
+                                        "per_seed": {str(u["seed"]): u["late_return"] for u in us}}})
             paper = PAPER_100K.get(env.split("/")[-1].removesuffix("-v0"), {}).get(arm)
             final_rows.append([env, arm, f"{v.mean():.1f}", _fmt(sd), v.size, "/".join(map(str, steps)),
-                               " ".join(f"{r:.1f}" for _, r in sorted(rs)), paper if paper else "-"])
+                               " ".join(f"{r:.1f}" for r in v), f"{late.mean():.1f}",
+                               " ".join(f"{r:.1f}" for r in late), paper if paper else "-"])
     final_header = ["env", "arm", "final return (mean)", "std over seeds", "seeds", "env steps", "per seed",
-                    "published, 100K steps"]
+                    f"mean of last {LATE_EVALS} evals", "per seed (last evals)", "published, 100K steps"]
 
     # Wall-clock split per arm (means over its units).
     timing_rows, timing_json = [], []

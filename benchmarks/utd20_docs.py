@@ -75,12 +75,19 @@ def render_block(summary: Dict[str, Any], planned: Counts, labels: Mapping[str, 
     extra = sum(1 for u in summary["units"] if (u["env"], u["arm"]) not in planned)
     count = (f"{done - extra} of the {total} planned units" + (f", plus {extra} of opt-in arms" if extra else "")
              if total else f"{done} units")
+    def table(stat):
+        return md_table(["arm"] + envs, [[labels[a]] + [_cell(stat(finals.get((e, a))), planned.get((e, a), 0))
+                                                      for e in envs] for a in arms])
+
     lines = [f"*Generated from the unit files in `{_rel(results_dir, doc)}/` by `{command}`; edits between "
              "these markers are overwritten.*", "",
              f"Finished: {count}. Final eval return (the last evaluation, 5 episodes): mean +- std over the "
              "seeds finished (each seed's value); `not yet`: planned, not finished; `-`: not planned.", "",
-             md_table(["arm"] + envs, [[labels[a]] + [_cell(finals.get((e, a)), planned.get((e, a), 0))
-                                                    for e in envs] for a in arms])]
+             table(lambda f: f)]
+    if any("late" in f for f in finals.values()):
+        lines += ["", "A steadier statistic beside it: each run's mean over its last three evaluations (15 "
+                  "episodes rather than 5), then mean +- std over seeds as above.", "",
+                  table(lambda f: f and f.get("late"))]
     paper = [f"{e} " + ", ".join(f"{labels[a]} {v}" for a, v in published[e].items())
              for e in envs if e in published]
     if paper:

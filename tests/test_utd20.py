@@ -159,6 +159,15 @@ def test_precision_flag_reaches_the_synther_arms_only_and_is_part_of_their_setti
         utd20.main(["--preset", "smoke", "--out", str(tmp_path), "--dry-run", "--precision", "fp16"])
 
 
+def test_late_return_is_the_mean_of_the_last_evaluations_in_step_order():
+    evals = [(3000, 30.0), (1000, 10.0), (4000, 70.0), (2000, 20.0)]
+    assert utd20.late_return(evals) == pytest.approx((20.0 + 30.0 + 70.0) / 3)
+    assert utd20.late_return(evals, k=1) == 70.0
+    assert utd20.late_return([(1000, 5.0)]) == 5.0                  # fewer than k: all of them
+    with pytest.raises(ValueError):
+        utd20.late_return([])
+
+
 def test_report_with_two_envs_has_aggregates(tmp_path):
     p = utd20.PRESETS["cpu"]
     for env, scale in (("cheetah-run", 1.0), ("walker-walk", 2.0)):
@@ -178,6 +187,9 @@ def test_report_with_two_envs_has_aggregates(tmp_path):
     fr = {(r["env"], r["arm"]): r for r in s["final_returns"]}
     assert fr[("cheetah-run", "synther_utd20")]["mean"] == pytest.approx(201.0)
     assert fr[("cheetah-run", "synther_utd20")]["n"] == 3
+    # the mean of each run's last 3 evaluations (the fakes': 0, final / 2, final): final / 2 on average
+    assert fr[("cheetah-run", "synther_utd20")]["late"]["mean"] == pytest.approx(100.5)
+    assert fr[("cheetah-run", "synther_utd20")]["late"]["per_seed"] == {"0": 100.0, "1": 100.5, "2": 101.0}
     t = {r["arm"]: r for r in s["timing"]}
     assert t["synther_utd20"]["diffusion_fit"] == 20.0 and t["sac_utd20"]["diffusion_share"] == 0.0
     assert "IQM" in (tmp_path / "summary.md").read_text()

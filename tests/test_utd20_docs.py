@@ -58,6 +58,11 @@ def test_report_fills_the_docs_block_from_the_units(tmp_path):
     rows = {line.split(" | ")[0].lstrip("| "): line for line in returns_table.splitlines()}
     assert rows["SAC (UTD=20)"].startswith("| SAC (UTD=20) | 55.0 +- 21.2 (40.0 / 70.0) | not yet | not yet |")
     assert "| 115.0 (seed 0) |" in rows["SAC (SynthER, UTD=20)"]
+    # the steadier statistic: each run's mean over its last 3 evaluations (fakes: 0, final/2, final)
+    late_table = body[body.index("last three evaluations"):].split("\n\n")[1]
+    late = {line.split(" | ")[0].lstrip("| "): line for line in late_table.splitlines()}
+    assert late["SAC (UTD=20)"].startswith("| SAC (UTD=20) | 27.5 +- 10.6 (20.0 / 35.0) | not yet | not yet |")
+    assert late["SAC (PGR curiosity, UTD=20)"].endswith("| 45.0 (seed 0) | - | - |")
     assert rows["REDQ (UTD=20)"].endswith("| not yet | - | - |")                    # planned on cheetah-run only
     assert rows["SAC (PGR curiosity, UTD=20)"].endswith("| 90.0 (seed 0) | - | - |")
     assert "cheetah-run SAC (UTD=20) 347" in body                                   # the paper, for orientation
