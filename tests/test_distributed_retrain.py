@@ -211,6 +211,14 @@ def test_sb3_buffer_with_the_ray_backend(ray_local, tiny_cfg):
     s = buf.stats()
     assert s["retrain_count"] == 1 and s["num_synthetic"] > 0
     assert buf.pool.pool[:, buf.pool.layout.action_cols].abs().max() <= 1.0     # clipped in the actor
+    # Pendulum's finite observation box (cos, sin in [-1, 1]) holds for the remotely built pool: the fed
+    # standard-normal observations cross it, so the model's rows do too and are clipped on install
+    o, a = buf.pool.layout.obs_dim, buf.pool.layout.action_dim
+    low, high = (torch.as_tensor(b) for b in (env.observation_space.low, env.observation_space.high))
+    for cols in (slice(0, o), slice(o + a + 1, 2 * o + a + 1)):
+        part = buf.pool.pool[:, cols]
+        assert bool(((part >= low) & (part <= high)).all())
+    assert s["num_obs_clipped"] > 0
     assert buf.sample(32).observations.shape == (32, 3)
     back = pickle.loads(pickle.dumps(buf))          # SB3's save_replay_buffer path
     torch.testing.assert_close(back.pool.pool, buf.pool.pool, rtol=0, atol=0)
