@@ -931,17 +931,13 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]])
         w.writerows(rows)
 
 
-def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Dict[str, Any]:
-    """Tables, plots and aggregates from the units under ``out``; returns the summary dict."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = collect(out, work)
-    done = data["done"]
-    envs = sorted({u["env"] for u in done})
-    arms = _arm_order(u["arm"] for u in done)
+# A report section: its JSON records, then its table (header, rows) for summary.md and the CSVs.
+Section = Tuple[Any, List[str], List[List[Any]]]
 
-    # Final returns per env x arm.
-    final_rows, final_json = [], []
+
+def _final_returns(done: List[Dict[str, Any]], envs: List[str], arms: List[str]) -> Section:
+    """Final return (and the mean of the last evaluations) per env x arm: mean, std over seeds, each seed's."""
+    records, rows = [], []
     for env in envs:
         for arm in arms:
             us = sorted((u for u in done if u["env"] == env and u["arm"] == arm), key=lambda u: u["seed"])
@@ -950,19 +946,22 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
             v, late = (np.array([u[k] for u in us]) for k in ("final_return", "late_return"))
             sd, late_sd = (float(x.std(ddof=1)) if x.size > 1 else float("nan") for x in (v, late))
             steps = sorted({u["final_step"] for u in us})
-            final_json.append({"env": env, "arm": arm, "mean": float(v.mean()), "std": sd, "n": int(v.size),
-                               "env_steps": steps, "per_seed": {str(u["seed"]): u["final_return"] for u in us},
-                               "late": {"mean": float(late.mean()), "std": late_sd, "n": int(late.size),
-                                        "per_seed": {str(u["seed"]): u["late_return"] for u in us}}})
+            records.append({"env": env, "arm": arm, "mean": float(v.mean()), "std": sd, "n": int(v.size),
+                            "env_steps": steps, "per_seed": {str(u["seed"]): u["final_return"] for u in us},
+                            "late": {"mean": float(late.mean()), "std": late_sd, "n": int(late.size),
+                                     "per_seed": {str(u["seed"]): u["late_return"] for u in us}}})
             paper = PAPER_100K.get(env.split("/")[-1].removesuffix("-v0"), {}).get(arm)
-            final_rows.append([env, arm, f"{v.mean():.1f}", _fmt(sd), v.size, "/".join(map(str, steps)),
-                               " ".join(f"{r:.1f}" for r in v), f"{late.mean():.1f}",
-                               " ".join(f"{r:.1f}" for r in late), paper if paper else "-"])
-    final_header = ["env", "arm", "final return (mean)", "std over seeds", "seeds", "env steps", "per seed",
-                    f"mean of last {LATE_EVALS} evals", "per seed (last evals)", "published, 100K steps"]
+            rows.append([env, arm, f"{v.mean():.1f}", _fmt(sd), v.size, "/".join(map(str, steps)),
+                         " ".join(f"{r:.1f}" for r in v), f"{late.mean():.1f}",
+                         " ".join(f"{r:.1f}" for r in late), paper if paper else "-"])
+    header = ["env", "arm", "final return (mean)", "std over seeds", "seeds", "env steps", "per seed",
+              f"mean of last {LATE_EVALS} evals", "per seed (last evals)", "published, 100K steps"]
+    return records, header, rows
 
-    # Wall-clock split per arm (means over its units).
-    timing_rows, timing_json = [], []
+
+def _timing_split(done: List[Dict[str, Any]], arms: List[str]) -> Section:
+    """Wall-clock split per arm (means over its units), with the diffusion share and env steps per second."""
+    records, rows = [], []
     for arm in arms:
         us = [u for u in done if u["arm"] == arm]
         t = {k: float(np.mean([u["timing"].get(k, 0.0) for u in us])) for k in TIMING_KEYS}
@@ -970,41 +969,48 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
         t["env_steps_per_s"] = steps / t["total"] if t["total"] > 0 else float("nan")
         t["diffusion_share"] = (t["diffusion_fit"] + t["diffusion_sample"]) / t["total"] if t["total"] else 0.0
         t["retrains"] = float(np.mean([u["retrains"] for u in us]))
-        timing_json.append({"arm": arm, "units": len(us), **t})
-        timing_rows.append([arm, len(us), f"{t['total']:.0f}", f"{t['rl']:.0f}", f"{t['diffusion_fit']:.0f}",
-                            f"{t['diffusion_sample']:.0f}", f"{t['eval']:.0f}", f"{t['setup']:.0f}",
-                            f"{100 * t['diffusion_share']:.1f}%", f"{t['retrains']:.1f}",
-                            f"{t['env_steps_per_s']:.2f}"])
-    timing_header = ["arm", "units", "total s", "RL s", "diffusion training s", "diffusion sampling s",
-                     "eval s", "setup s", "diffusion share", "retrains", "env steps/s"]
+        records.append({"arm": arm, "units": len(us), **t})
+        rows.append([arm, len(us), f"{t['total']:.0f}", f"{t['rl']:.0f}", f"{t['diffusion_fit']:.0f}",
+                     f"{t['diffusion_sample']:.0f}", f"{t['eval']:.0f}", f"{t['setup']:.0f}",
+                     f"{100 * t['diffusion_share']:.1f}%", f"{t['retrains']:.1f}", f"{t['env_steps_per_s']:.2f}"])
+    header = ["arm", "units", "total s", "RL s", "diffusion training s", "diffusion sampling s",
+              "eval s", "setup s", "diffusion share", "retrains", "env steps/s"]
+    return records, header, rows
 
-    # Aggregates over envs (normalised final returns).
-    agg_json: Dict[str, Any] = {}
-    agg_rows: List[List[Any]] = []
+
+def _aggregate(done: List[Dict[str, Any]], envs: List[str], arms: List[str], reps: int
+               ) -> Tuple[Dict[str, Any], Dict[str, str], List[str], List[List[Any]]]:
+    """IQM and mean of normalised final returns over envs with stratified-bootstrap CIs, for the arms with
+    units on every env (2+ envs); also each env's normalisation in words."""
+    records: Dict[str, Any] = {}
+    rows: List[List[Any]] = []
     norms: Dict[str, str] = {}
-    if len(envs) >= 2:
-        score_dict = {}
-        for arm in arms:
-            cols = []
-            for env in envs:
-                f, how = normaliser(env, [u["final_return"] for u in done if u["env"] == env])
-                norms[env] = how
-                cols.append([f(u["final_return"]) for u in sorted(done, key=lambda u: u["seed"])
-                             if u["env"] == env and u["arm"] == arm])
-            if min(len(c) for c in cols) == 0:
-                continue  # this arm lacks an env: no aggregate for it
-            k = min(len(c) for c in cols)  # a rectangular [runs, tasks] matrix: the first k seeds of each env
-            score_dict[arm] = np.array([c[:k] for c in cols]).T
-        if score_dict:
-            agg_json = aggregate_scores(score_dict, reps=reps)
-            for arm, a in agg_json.items():
-                agg_rows.append([arm, a["runs"], a["tasks"], f"{a['iqm']:.3f}",
-                                 f"[{a['iqm_ci'][0]:.3f}, {a['iqm_ci'][1]:.3f}]", f"{a['mean']:.3f}",
-                                 f"[{a['mean_ci'][0]:.3f}, {a['mean_ci'][1]:.3f}]", a["backend"]])
-    agg_header = ["arm", "runs", "tasks", "IQM", "IQM 95% CI", "mean", "mean 95% CI", "backend"]
+    header = ["arm", "runs", "tasks", "IQM", "IQM 95% CI", "mean", "mean 95% CI", "backend"]
+    if len(envs) < 2:
+        return records, norms, header, rows
+    score_dict = {}
+    for arm in arms:
+        cols = []
+        for env in envs:
+            f, how = normaliser(env, [u["final_return"] for u in done if u["env"] == env])
+            norms[env] = how
+            cols.append([f(u["final_return"]) for u in sorted(done, key=lambda u: u["seed"])
+                         if u["env"] == env and u["arm"] == arm])
+        if min(len(c) for c in cols) == 0:
+            continue  # this arm lacks an env: no aggregate for it
+        k = min(len(c) for c in cols)  # a rectangular [runs, tasks] matrix: the first k seeds of each env
+        score_dict[arm] = np.array([c[:k] for c in cols]).T
+    if score_dict:
+        records = aggregate_scores(score_dict, reps=reps)
+        for arm, a in records.items():
+            rows.append([arm, a["runs"], a["tasks"], f"{a['iqm']:.3f}", f"[{a['iqm_ci'][0]:.3f}, {a['iqm_ci'][1]:.3f}]",
+                         f"{a['mean']:.3f}", f"[{a['mean_ci'][0]:.3f}, {a['mean_ci'][1]:.3f}]", a["backend"]])
+    return records, norms, header, rows
 
-    # Probability of improvement of SynthER over each baseline, on the envs both arms finished.
-    poi_rows, poi_json = [], []
+
+def _improvement(done: List[Dict[str, Any]], envs: List[str], reps: int) -> Section:
+    """Probability of improvement of SynthER over each baseline, on the envs both arms finished."""
+    records, rows = [], []
     for base in ("sac_utd20", "redq_utd20"):
         both = [e for e in envs if any(u["env"] == e and u["arm"] == "synther_utd20" for u in done)
                 and any(u["env"] == e and u["arm"] == base for u in done)]
@@ -1014,27 +1020,49 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
                             for e in both]
         x, y = runs("synther_utd20"), runs(base)
         p_hat, ci = probability_of_improvement(x, y), probability_of_improvement_ci(x, y, reps=reps)
-        poi_json.append({"x": "synther_utd20", "y": base, "envs": both, "poi": p_hat, "ci": list(ci)})
-        poi_rows.append([f"synther_utd20 > {base}", ", ".join(both), f"{p_hat:.2f}", f"[{ci[0]:.2f}, {ci[1]:.2f}]"])
-    poi_header = ["P(X > Y)", "envs", "estimate", "95% CI"]
+        records.append({"x": "synther_utd20", "y": base, "envs": both, "poi": p_hat, "ci": list(ci)})
+        rows.append([f"synther_utd20 > {base}", ", ".join(both), f"{p_hat:.2f}", f"[{ci[0]:.2f}, {ci[1]:.2f}]"])
+    return records, ["P(X > Y)", "envs", "estimate", "95% CI"], rows
 
-    # Final synthetic pool fidelity (units run with --dump-pool).
-    pool_rows, pool_json = [], []
+
+def _pool_fidelity(done: List[Dict[str, Any]], arms: List[str]) -> Section:
+    """The final synthetic pool's simulator fidelity of each unit run with --dump-pool."""
+    records, rows = [], []
     for u in sorted(done, key=lambda u: (u["env"], arms.index(u["arm"]), u["seed"])):
         pf = u.get("pool_fidelity")
         if not isinstance(pf, dict):
             continue
         fid, floor = pf.get("fidelity") or {}, pf.get("real_floor") or {}
-        pool_json.append({"env": u["env"], "arm": u["arm"], "seed": u["seed"], "final_return": u["final_return"],
-                          **{k: v for k, v in pf.items() if k not in ("env", "arm", "seed")}})
-        pool_rows.append([u["env"], u["arm"], u["seed"], f"{u['final_return']:.1f}",
-                          pf.get("last_retrain_env_step", "-"), pf.get("last_fit_train_steps", "-"),
-                          (f"{fid['dynamics_mse']:.4f} +- {fid.get('dynamics_mse_se', float('nan')):.4f}"
-                           if fid else pf.get("note", "-")),
-                          (f"{fid['reward_mse']:.4f} +- {fid.get('reward_mse_se', float('nan')):.4f}" if fid else "-"),
-                          _fmt(floor.get("dynamics_mse"), 4), fid.get("n_scored", "-") if fid else "-"])
-    pool_header = ["env", "arm", "seed", "final return", "last retrain at", "its diffusion steps",
-                   "dynamics MSE (+- se)", "reward MSE (+- se)", "real rows' MSE (floor)", "rows scored"]
+        records.append({"env": u["env"], "arm": u["arm"], "seed": u["seed"], "final_return": u["final_return"],
+                        **{k: v for k, v in pf.items() if k not in ("env", "arm", "seed")}})
+        rows.append([u["env"], u["arm"], u["seed"], f"{u['final_return']:.1f}",
+                     pf.get("last_retrain_env_step", "-"), pf.get("last_fit_train_steps", "-"),
+                     (f"{fid['dynamics_mse']:.4f} +- {fid.get('dynamics_mse_se', float('nan')):.4f}"
+                      if fid else pf.get("note", "-")),
+                     (f"{fid['reward_mse']:.4f} +- {fid.get('reward_mse_se', float('nan')):.4f}" if fid else "-"),
+                     _fmt(floor.get("dynamics_mse"), 4), fid.get("n_scored", "-") if fid else "-"])
+    header = ["env", "arm", "seed", "final return", "last retrain at", "its diffusion steps",
+              "dynamics MSE (+- se)", "reward MSE (+- se)", "real rows' MSE (floor)", "rows scored"]
+    return records, header, rows
+
+
+def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Dict[str, Any]:
+    """Tables, plots and aggregates from the units under ``out``; returns the summary dict.
+
+    Writes ``summary.md`` / ``summary.json``, ``final_returns.{md,csv}``, ``timing.csv``, ``aggregate.csv``
+    and one ``curves_<env>.png`` per env into ``out``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = collect(out, work)
+    done = data["done"]
+    envs = sorted({u["env"] for u in done})
+    arms = _arm_order(u["arm"] for u in done)
+    final_json, final_header, final_rows = _final_returns(done, envs, arms)
+    timing_json, timing_header, timing_rows = _timing_split(done, arms)
+    agg_json, norms, agg_header, agg_rows = _aggregate(done, envs, arms, reps)
+    poi_json, poi_header, poi_rows = _improvement(done, envs, reps)
+    pool_json, pool_header, pool_rows = _pool_fidelity(done, arms)
 
     # Plots.
     pngs = []
