@@ -24,8 +24,8 @@ file built on SB3's buffer, ``diff`` shows 3 lines replaced by 5::
     >                             handle_timeout_termination=False, config=cfg,
     >                             action_bounds=(env.action_space.low, env.action_space.high))
 
-besides the optional ``--synther-preset`` flag and the two ``synther/`` log lines. The
-``action_bounds`` matter: CleanRL stores actions at the env's scale (Pendulum: [-2, 2]), not SB3's
+besides the optional ``--synther-preset``, ``--relevance`` and ``--warm-start`` flags and the two
+``synther/`` log lines. The ``action_bounds`` matter: CleanRL stores actions at the env's scale (Pendulum: [-2, 2]), not SB3's
 rescaled [-1, 1], and without them synthetic actions would be clipped to [-1, 1] (each retrain then
 warns that real actions lie outside the bounds).
 
@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SynthERConfig preset (default: paper on CUDA, fast on CPU)")
     p.add_argument("--relevance", choices=("curiosity", "reward"), default=None,
                    help="relevance-guided generation (Prioritized Generative Replay; SynthERConfig.relevance)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="later retrains continue from the previous diffusion model (SynthERConfig.warm_start)")
     p.add_argument("--log-every", type=int, default=1_000, help="env steps between log lines")
     args = p.parse_args(argv)
     if args.utd < 1:
@@ -184,6 +186,8 @@ def main(argv=None) -> dict:
     cfg = SynthERConfig.preset(args.synther_preset) if args.synther_preset else None  # None: by device
     if args.relevance:  # Prioritized Generative Replay: generate at high relevance
         cfg = (cfg or SynthERConfig.for_device(str(device))).replace(relevance=args.relevance)
+    if args.warm_start:  # retrains after the first continue the previous model for fewer steps
+        cfg = (cfg or SynthERConfig.for_device(str(device))).replace(warm_start=True)
     rb = GenerativeReplayBuffer(args.buffer_size, env.observation_space, env.action_space, device,
                                 handle_timeout_termination=False, config=cfg,
                                 action_bounds=(env.action_space.low, env.action_space.high))

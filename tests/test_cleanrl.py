@@ -100,6 +100,21 @@ def test_cleanrl_sac_runs_half_synthetic(tmp_path):
     _check(seen)
 
 
+def test_cleanrl_sac_warm_start_flag(tmp_path):
+    driver = ("import json, runpy, sys, torch; torch.set_num_threads(1); "
+              "log = runpy.run_path(sys.argv[1], run_name='cleanrl_sac')['main'](sys.argv[2:]); "
+              "print('LOG ' + json.dumps({k: v for k, v in log.items() if k.startswith('synther/')}))")
+    args = [*ARGS, "--total-timesteps", "450", "--warm-start"]        # retrains at 200 (full) and 400 (warm)
+    env = {**{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", driver, str(SCRIPT), *args], cwd=str(tmp_path), env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("LOG ")]
+    log = json.loads(line[len("LOG "):])
+    assert log["synther/retrain_count"] == 2 and log["synther/warm_retrains"] == 1, log
+
+
 def test_cleanrl_sac_gymnasium_0291(tmp_path):
     """The script on CleanRL's pinned gymnasium 0.29.1, our package installed from a build of this checkout."""
     src = tmp_path / "src"
