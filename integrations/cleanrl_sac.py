@@ -25,9 +25,9 @@ file built on SB3's buffer, ``diff`` shows 3 lines replaced by 5::
     >                             action_bounds=(env.action_space.low, env.action_space.high))
 
 besides the optional ``--synther-preset``, ``--relevance`` and ``--warm-start`` flags and the two
-``synther/`` log lines. The ``action_bounds`` matter: CleanRL stores actions at the env's scale (Pendulum: [-2, 2]), not SB3's
-rescaled [-1, 1], and without them synthetic actions would be clipped to [-1, 1] (each retrain then
-warns that real actions lie outside the bounds).
+``synther/`` log lines. The ``action_bounds`` matter: CleanRL stores actions at the env's scale
+(Pendulum: [-2, 2]), not SB3's rescaled [-1, 1], and without them synthetic actions would be clipped
+to [-1, 1] (each retrain then warns that real actions lie outside the bounds).
 
 Differences from CleanRL's file, none of which touch the buffer: argparse instead of tyro (not a
 dependency here), stdout instead of TensorBoard / wandb, and a single ``gym.Env`` instead of a
