@@ -1213,8 +1213,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with _out_lock(out):
         _log(f"utd20 preset {preset.name}: {len(units)} units ({len(envs)} envs x {len(arms)} arms, up to {seeds} seeds), "
              f"{preset.total_steps:,} env steps each, out {out}, work {work}, pid {os.getpid()}")
-        todo = sum(unit_status(preset, u, out, work) != "done" for u in units)
-        _log(f"{len(units) - todo} done already, {todo} to run")
+        statuses = [unit_status(preset, u, out, work) for u in units]
+        todo, resumed = sum(s != "done" for s in statuses), statuses.count("partial")
+        _log(f"{len(units) - todo} done already, {todo} to run"
+             + (f" ({resumed} interrupted earlier: they run first)" if resumed else ""))
         t0 = time.time()
         CHILDREN.open()
         try:
