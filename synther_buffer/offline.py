@@ -217,6 +217,19 @@ class _RealIndexStream:
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
 
+class _RealRows:
+    """The real rows a mixture draws, chunk by chunk, without replacement until every row was used (seed E.2)."""
+
+    def __init__(self, rows: np.ndarray, timeouts: Optional[np.ndarray], rng: np.random.Generator):
+        self.rows, self.timeouts, self.rng = rows, timeouts, rng
+        self.index = _RealIndexStream(len(rows), rng)
+
+    def take(self, k: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """``k`` real rows and their timeouts (None without)."""
+        idx = self.index.take(k)
+        return self.rows[idx], (None if self.timeouts is None else np.asarray(self.timeouts)[idx])
+
+
 def chunk_plan(num_samples: int, num_real: int, chunk_size: int) -> List[Tuple[int, int, int]]:
     """The output's chunks as ``(start, end, real rows)``: real rows spread evenly over the chunks.
 
@@ -368,65 +381,16 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
     t_start = time.perf_counter()
     out = Path(out)
     kind = output_kind(out)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    if not isinstance(mix, (int, float)) or isinstance(mix, bool) or not 0.0 <= float(mix) < 1.0:
-        raise ValueError(f"mix must be a fraction of real rows in [0, 1), got {mix!r}")
+    _check_upsample_args(num_samples, chunk_size, mix, action_bounds, workers, ray_address, cpus_per_worker,
+                         max_retries)
     num_samples, mix = int(num_samples), float(mix)
-    if action_bounds is not None and (not isinstance(action_bounds, (tuple, list)) or len(action_bounds) != 2):
-        raise ValueError(f"action_bounds must be a (low, high) pair, got {action_bounds!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
-                                or workers < 1):
-        raise ValueError(f"workers must be None or a positive int, got {workers!r}")
-    if ray_address is not None and workers is None:
-        raise ValueError("ray_address needs workers (the number of generation tasks)")
-    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, (int, float)) or \
-            not 0 < float(cpus_per_worker) < float("inf"):
-        raise ValueError(f"cpus_per_worker must be a positive number, got {cpus_per_worker!r}")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, (int, np.integer)) or max_retries < 0:
-        raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
-    cfg = config if config is not None else SynthERConfig.preset("paper")
-    changes: Dict[str, Any] = {}
-    if seed is not None:
-        changes["seed"] = int(seed)
-    if train_steps is not None:
-        changes["train_steps"] = int(train_steps)
-    if not progress:
-        changes["progress"] = False
-    cfg = cfg.replace(**changes) if changes else cfg
-    if cfg.relevance is not None:   # would be ignored: the model below is unconditional
-        raise ValueError(
-            f"config.relevance={cfg.relevance!r}: upsample does not do relevance-guided generation (Prioritized "
-            "Generative Replay). It fits an unconditional diffusion model and samples without guidance, so the "
-            "setting would be silently ignored. Guidance is implemented for the online buffers, which score "
-            "each real row at every retrain ('curiosity' needs a dynamics model trained on the agent's data; "
-            "'reward' scores are in the rows, but conditioning the offline fit and its sharded generation on "
-            "them is not implemented). Upsample with relevance=None (config.replace(relevance=None)).")
-
-    data, source_name = _coerce(source)
-    if isinstance(data, np.ndarray):
-        rows, layout = np.ascontiguousarray(data, dtype=np.float32), None
-        if kind != "npy":
-            raise ValueError(f"a plain array input writes a .npy output (got {out.name!r})")
-        if not np.isfinite(rows).all():   # finite as loaded, but float64 beyond float32's range
-            raise ValueError(f"{source_name}: the array has values beyond float32's range")
-        real_timeouts = None
-    else:
-        if model is not None and model_terminals is None:  # follow the given model's layout
-            model_terminals = bool(model.normalizer.terminal_dims)
-        rows, layout = to_rows(data, model_terminals=model_terminals)   # validated: finite, 0/1 terminals
-        real_timeouts = data.get("timeouts") if layout.timeouts else None
-        del data
+    cfg = _upsample_config(config, seed, train_steps, progress)
+    rows, layout, real_timeouts, source_name = _load_rows(source, out, model, model_terminals)
     if action_bounds is not None:
         if layout is None:
             raise ValueError("action_bounds needs transition data (a plain array has no action columns)")
         action_low, action_high = check_action_bounds(*action_bounds, layout.action_dim)
     act = layout.slices()["actions"] if layout is not None else None
-    if act is not None:  # the real data's action range, for the summary's count of synthetic rows outside it
-        real_low, real_high = rows[:, act].min(axis=0), rows[:, act].max(axis=0)
     n_real_data, dim = rows.shape
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -438,16 +402,7 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
                                     device=(model.config.device if model is not None else cfg.device))
     try:
         # ---- fit (or reuse) the model
-        if model is None:
-            model = make_model(layout, dim, cfg)
-            fit = model.fit(rows, progress=cfg.progress)
-        else:
-            if model.dim != dim:
-                raise ValueError(f"model.dim={model.dim} does not match the data's row width {dim}")
-            if not model.fitted:
-                raise ValueError("the given model is not fitted")
-            fit = dict(model.last_fit)
-            fit["reused"] = True
+        model, fit = _fit_or_reuse(model, layout, rows, cfg)
         fit_seconds = time.perf_counter() - t_start
         model_path: Optional[Path] = None
         if save_model is not None:
@@ -463,54 +418,25 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
         num_real = int(round(mix * num_samples))
         num_synth = num_samples - num_real
         plan = chunk_plan(num_samples, num_real, chunk_size)
-        spec = SyntheticSpec(seed=cfg.seed, act=act, real_low=real_low if act is not None else None,
-                             real_high=real_high if act is not None else None,
+        spec = SyntheticSpec(seed=cfg.seed, act=act,   # the real action range: counted, not enforced
+                             real_low=rows[:, act].min(axis=0) if act is not None else None,
+                             real_high=rows[:, act].max(axis=0) if act is not None else None,
                              action_low=action_low if action_bounds is not None else None,
                              action_high=action_high if action_bounds is not None else None)
         rng = np.random.default_rng([cfg.seed, 0x5EED])
-        real_stream = _RealIndexStream(n_real_data, rng) if num_real else None
-        if layout is None:
-            specs = {"rows": ((num_samples, dim), np.dtype(np.float32))}
-        elif kind == "npy":
-            specs = {"rows": ((num_samples, dim), np.dtype(np.float32))}
-        else:
-            tdt = np.dtype(layout.terminal_dtype)
-            specs = {"observations": ((num_samples, layout.obs_dim), np.dtype(np.float32)),
-                     "actions": ((num_samples, layout.action_dim), np.dtype(np.float32)),
-                     "rewards": ((num_samples,), np.dtype(np.float32)),
-                     "next_observations": ((num_samples, layout.obs_dim), np.dtype(np.float32)),
-                     "terminals": ((num_samples,), tdt)}
-            if layout.timeouts:
-                specs["timeouts"] = ((num_samples,), tdt)
+        real = _RealRows(rows, real_timeouts, rng) if num_real else None
         attrs = {"synther_num_real": num_real, "synther_num_synthetic": num_synth, "synther_mix": mix}
-        writer = _Writer(out, specs, chunk_size, attrs=attrs)
+        writer = _Writer(out, _output_specs(layout, kind, num_samples, dim), chunk_size, attrs=attrs)
         t_gen = time.perf_counter()
-        chunks = 0
         bar = tqdm(total=num_samples, desc=f"upsample -> {out.name}", unit="row", unit_scale=True,
                    disable=not progress, dynamic_ncols=True)
         source = _InProcessSynthetic(model, spec) if sharded is None else sharded.start(model, spec, plan, out, bar)
         try:
             for c, (start, end, r) in enumerate(plan):
-                b = end - start
-                chunk = np.empty((b, dim), dtype=np.float32)
-                timeouts = np.zeros(b, dtype=np.float32) if real_timeouts is not None else None
-                if b - r:
-                    chunk[r:] = source.take(c, b - r)
-                if r:
-                    idx = real_stream.take(r)
-                    chunk[:r] = rows[idx]
-                    if timeouts is not None:
-                        timeouts[:r] = np.asarray(real_timeouts)[idx]
-                    perm = rng.permutation(b)
-                    chunk = chunk[perm]
-                    if timeouts is not None:
-                        timeouts = timeouts[perm]
-                if layout is None or kind == "npy":
-                    writer.write(start, {"rows": chunk})
-                else:
-                    writer.write(start, from_rows(chunk, layout, timeouts=timeouts))
-                chunks += 1
-                bar.update(b)
+                chunk, timeouts = _fill_chunk(c, end - start, r, dim, source, real, real_timeouts is not None)
+                writer.write(start, {"rows": chunk} if layout is None or kind == "npy"
+                             else from_rows(chunk, layout, timeouts=timeouts))
+                bar.update(end - start)
             source.close()
             bar.close()
             writer.finish()
@@ -521,24 +447,22 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
             finally:
                 writer.abort()
             raise
-        outside_real, clipped, sample_seconds = source.outside_real, source.clipped, source.sample_seconds
         gen_seconds = time.perf_counter() - t_gen
-        total = time.perf_counter() - t_start
-
         summary = {
             "source": source_name, "out": str(out), "format": kind, "writer": writer.description,
             "num_samples": num_samples, "num_real": num_real, "num_synthetic": num_synth, "mix": mix,
-            "chunk_size": chunk_size, "chunks": chunks, "dataset_rows": n_real_data, "dim": dim,
+            "chunk_size": chunk_size, "chunks": len(plan), "dataset_rows": n_real_data, "dim": dim,
             "layout": layout.to_dict() if layout is not None else None,
             "model_terminals": bool(layout.terminal) if layout is not None else False,
             "fit": fit, "fit_seconds": fit_seconds, "generate_seconds": gen_seconds,
-            "sample_seconds": sample_seconds,
-            "synthetic_rows_per_second": num_synth / sample_seconds if sample_seconds > 0 else None,
-            "total_seconds": total, "device": str(model.device), "config": model.config.to_dict(),
-            "output_bytes": out.stat().st_size, "compression": compression,
+            "sample_seconds": source.sample_seconds,
+            "synthetic_rows_per_second": (num_synth / source.sample_seconds if source.sample_seconds > 0
+                                          else None),
+            "total_seconds": time.perf_counter() - t_start, "device": str(model.device),
+            "config": model.config.to_dict(), "output_bytes": out.stat().st_size, "compression": compression,
             "action_bounds": None if action_bounds is None else [action_low.tolist(), action_high.tolist()],
-            "synthetic_actions_outside_real_range": outside_real if act is not None else None,
-            "synthetic_actions_clipped": clipped if action_bounds is not None else None,
+            "synthetic_actions_outside_real_range": source.outside_real if act is not None else None,
+            "synthetic_actions_clipped": source.clipped if action_bounds is not None else None,
             "wall_synthetic_rows_per_second": num_synth / gen_seconds if gen_seconds > 0 else None,
             "workers": None if sharded is None else int(workers),
         }
@@ -552,6 +476,120 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
     finally:
         if sharded is not None:
             sharded.shutdown()
+
+
+def _check_upsample_args(num_samples: Any, chunk_size: Any, mix: Any, action_bounds: Any, workers: Any,
+                         ray_address: Any, cpus_per_worker: Any, max_retries: Any) -> None:
+    """``upsample``'s argument checks, before anything is loaded or trained (ValueError on the first bad one)."""
+    def positive_int(x: Any) -> bool:
+        return not isinstance(x, bool) and isinstance(x, (int, np.integer)) and x >= 1
+
+    if not positive_int(num_samples):
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if chunk_size is not None and not positive_int(chunk_size):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if not isinstance(mix, (int, float)) or isinstance(mix, bool) or not 0.0 <= float(mix) < 1.0:
+        raise ValueError(f"mix must be a fraction of real rows in [0, 1), got {mix!r}")
+    if action_bounds is not None and (not isinstance(action_bounds, (tuple, list)) or len(action_bounds) != 2):
+        raise ValueError(f"action_bounds must be a (low, high) pair, got {action_bounds!r}")
+    if workers is not None and not positive_int(workers):
+        raise ValueError(f"workers must be None or a positive int, got {workers!r}")
+    if ray_address is not None and workers is None:
+        raise ValueError("ray_address needs workers (the number of generation tasks)")
+    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, (int, float)) or \
+            not 0 < float(cpus_per_worker) < float("inf"):
+        raise ValueError(f"cpus_per_worker must be a positive number, got {cpus_per_worker!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, (int, np.integer)) or max_retries < 0:
+        raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+
+
+def _upsample_config(config: Optional[SynthERConfig], seed: Optional[int], train_steps: Optional[int],
+                     progress: bool) -> SynthERConfig:
+    """``config`` (default: the paper preset) with ``upsample``'s overrides; refuses ``relevance``."""
+    cfg = config if config is not None else SynthERConfig.preset("paper")
+    changes: Dict[str, Any] = {}
+    if seed is not None:
+        changes["seed"] = int(seed)
+    if train_steps is not None:
+        changes["train_steps"] = int(train_steps)
+    if not progress:
+        changes["progress"] = False
+    cfg = cfg.replace(**changes) if changes else cfg
+    if cfg.relevance is not None:   # would be ignored: the model upsample fits is unconditional
+        raise ValueError(
+            f"config.relevance={cfg.relevance!r}: upsample does not do relevance-guided generation (Prioritized "
+            "Generative Replay). It fits an unconditional diffusion model and samples without guidance, so the "
+            "setting would be silently ignored. Guidance is implemented for the online buffers, which score "
+            "each real row at every retrain ('curiosity' needs a dynamics model trained on the agent's data; "
+            "'reward' scores are in the rows, but conditioning the offline fit and its sharded generation on "
+            "them is not implemented). Upsample with relevance=None (config.replace(relevance=None)).")
+    return cfg
+
+
+def _load_rows(source: Any, out: Path, model: Optional[TransitionDiffusion], model_terminals: Optional[bool]
+               ) -> Tuple[np.ndarray, Optional[RowLayout], Optional[np.ndarray], str]:
+    """The real rows of ``source`` as float32 [N, D], their layout (None for a plain array), the real
+    ``timeouts`` (None unless the layout keeps them) and the source's name for messages."""
+    data, source_name = _coerce(source)
+    if isinstance(data, np.ndarray):
+        if output_kind(out) != "npy":
+            raise ValueError(f"a plain array input writes a .npy output (got {out.name!r})")
+        rows = np.ascontiguousarray(data, dtype=np.float32)
+        if not np.isfinite(rows).all():   # finite as loaded, but float64 beyond float32's range
+            raise ValueError(f"{source_name}: the array has values beyond float32's range")
+        return rows, None, None, source_name
+    if model is not None and model_terminals is None:  # follow the given model's layout
+        model_terminals = bool(model.normalizer.terminal_dims)
+    rows, layout = to_rows(data, model_terminals=model_terminals)   # validated: finite, 0/1 terminals
+    return rows, layout, (data.get("timeouts") if layout.timeouts else None), source_name
+
+
+def _fit_or_reuse(model: Optional[TransitionDiffusion], layout: Optional[RowLayout], rows: np.ndarray,
+                  cfg: SynthERConfig) -> Tuple[TransitionDiffusion, dict]:
+    """A model fitted on ``rows`` now, or the given fitted ``model`` checked against them; its fit record."""
+    if model is None:
+        model = make_model(layout, rows.shape[1], cfg)
+        return model, model.fit(rows, progress=cfg.progress)
+    if model.dim != rows.shape[1]:
+        raise ValueError(f"model.dim={model.dim} does not match the data's row width {rows.shape[1]}")
+    if not model.fitted:
+        raise ValueError("the given model is not fitted")
+    return model, {**model.last_fit, "reused": True}
+
+
+def _output_specs(layout: Optional[RowLayout], kind: str, num_samples: int, dim: int
+                  ) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+    """The output's arrays (name -> shape, dtype): raw rows for ``.npy`` / plain arrays, else transition keys."""
+    if layout is None or kind == "npy":
+        return {"rows": ((num_samples, dim), np.dtype(np.float32))}
+    tdt = np.dtype(layout.terminal_dtype)
+    specs = {"observations": ((num_samples, layout.obs_dim), np.dtype(np.float32)),
+             "actions": ((num_samples, layout.action_dim), np.dtype(np.float32)),
+             "rewards": ((num_samples,), np.dtype(np.float32)),
+             "next_observations": ((num_samples, layout.obs_dim), np.dtype(np.float32)),
+             "terminals": ((num_samples,), tdt)}
+    if layout.timeouts:
+        specs["timeouts"] = ((num_samples,), tdt)
+    return specs
+
+
+def _fill_chunk(c: int, b: int, r: int, dim: int, source: Any, real: Optional["_RealRows"], with_timeouts: bool
+                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Output chunk ``c``: ``b - r`` synthetic rows from ``source`` and ``r`` real rows, shuffled together
+    when there are real ones (seed E.2); with its timeouts (real rows keep theirs, synthetic get 0)."""
+    chunk = np.empty((b, dim), dtype=np.float32)
+    timeouts = np.zeros(b, dtype=np.float32) if with_timeouts else None
+    if b - r:
+        chunk[r:] = source.take(c, b - r)
+    if r:
+        chunk[:r], real_timeouts = real.take(r)
+        if timeouts is not None:
+            timeouts[:r] = real_timeouts
+        perm = real.rng.permutation(b)
+        chunk = chunk[perm]
+        if timeouts is not None:
+            timeouts = timeouts[perm]
+    return chunk, timeouts
 
 
 # ---------------------------------------------------------------------------------------------- compression
