@@ -485,68 +485,88 @@ def score_transitions(env_id: str, rows: Mapping[str, Any], *, reference: Option
     idx = np.arange(n_rows)
     if max_rows is not None and n_rows > max_rows:
         idx = np.sort(np.random.default_rng(seed).choice(n_rows, size=int(max_rows), replace=False))
+    obs, act = d["observations"][idx], d["actions"][idx]
+    nxt, rew = d["next_observations"][idx], d["rewards"][idx]
     own = oracle is None
     orc = make_oracle(env_id) if own else oracle
     try:
         if d["observations"].shape[1] != orc.obs_dim or d["actions"].shape[1] != orc.action_dim:
             raise ValueError(f"{env_id}: rows have obs/action widths {d['observations'].shape[1]}/"
                              f"{d['actions'].shape[1]}, the environment has {orc.obs_dim}/{orc.action_dim}")
-        obs, act = d["observations"][idx], d["actions"][idx]
-        nxt, rew = d["next_observations"][idx], d["rewards"][idx]
-        clipped = np.clip(act, orc.action_low, orc.action_high)
-        clip_frac = float(np.mean(np.abs(clipped - act) > 1e-7)) if act.size else 0.0
-        sim_next = np.full_like(nxt, np.nan)
-        sim_rew = np.full(len(idx), np.nan)
-        row_ok = np.isfinite(obs).all(1) & np.isfinite(clipped).all(1) & np.isfinite(nxt).all(1) & np.isfinite(rew)
-        for i in np.flatnonzero(row_ok):
-            o, r_sum = obs[i], 0.0
-            for _ in range(int(action_repeat)):
-                o, r = orc.step(o, clipped[i])
-                r_sum += r
-            sim_next[i], sim_rew[i] = o, r_sum
-        ok = row_ok & np.isfinite(sim_next).all(1) & np.isfinite(sim_rew)
+        sim_next, sim_rew, clip_frac = _replay(orc, obs, act, nxt, rew, int(action_repeat))
         groups = dict(orc.dim_groups)
     finally:
         if own:
             orc.close()
-
-    if obs_std is not None:
-        s_std, norm = np.asarray(obs_std, dtype=np.float64).reshape(-1), "given"
-    elif reference is not None:
-        s_std, norm = safe_std(_as_rows_dict(reference)["next_observations"]), "reference"
-    else:
-        s_std, norm = safe_std(nxt[ok] if ok.any() else nxt), "self"
-    if reward_std is not None:
-        r_std = float(reward_std)
-    elif reference is not None:
-        r_std = float(safe_std(_as_rows_dict(reference)["rewards"]))
-    else:
-        r_std = float(safe_std(rew[ok] if ok.any() else rew))
-
+    ok = np.isfinite(sim_next).all(1) & np.isfinite(sim_rew)   # rows not replayed stay NaN
+    s_std, r_std, norm = _error_scales(nxt[ok] if ok.any() else nxt, rew[ok] if ok.any() else rew,
+                                       reference, obs_std, reward_std)
     out: Dict[str, Any] = {"env_id": env_id, "n_rows": int(n_rows), "n_scored": int(ok.sum()),
                            "n_nonfinite": int((~ok).sum()), "action_clip_fraction": clip_frac,
                            "normalization": norm}
     if ok.any():
-        e_raw = sim_next[ok] - nxt[ok]
-        e = e_raw / s_std
-        row_mse = np.mean(e ** 2, axis=1)
-        r_raw = sim_rew[ok] - rew[ok]
-        r_err = (r_raw / r_std) ** 2
-        out.update({
-            "dynamics_mse": float(row_mse.mean()),
-            "dynamics_mse_se": float(row_mse.std() / math.sqrt(len(row_mse))),
-            "dynamics_mse_median": float(np.median(row_mse)),
-            **{f"dynamics_mse_{g}": float(np.mean(e[:, sl] ** 2)) for g, sl in groups.items()},
-            "reward_mse": float(r_err.mean()),
-            "reward_mse_se": float(r_err.std() / math.sqrt(len(r_err))),
-            "reward_mse_median": float(np.median(r_err)),
-            "dynamics_mse_raw": float(np.mean(e_raw ** 2)),
-            "reward_mse_raw": float(np.mean(r_raw ** 2)),
-            "per_dim_dynamics_mse": [float(v) for v in np.mean(e ** 2, axis=0)],
-        })
+        out.update(_replay_errors(sim_next[ok] - nxt[ok], sim_rew[ok] - rew[ok], s_std, r_std, groups))
     else:
         out.update({"dynamics_mse": float("nan"), "reward_mse": float("nan")})
     if "terminals" in d:
         out["terminal_rate"] = float(np.mean(d["terminals"][idx] > 0.5))
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def _replay(orc: "SimulatorOracle", obs: np.ndarray, act: np.ndarray, nxt: np.ndarray, rew: np.ndarray,
+            action_repeat: int) -> Tuple[np.ndarray, np.ndarray, float]:
+    """The simulator's next observation and reward for each row (NaN where the row is not finite), and
+    the fraction of action entries outside the bounds (clipped before the replay)."""
+    clipped = np.clip(act, orc.action_low, orc.action_high)
+    clip_frac = float(np.mean(np.abs(clipped - act) > 1e-7)) if act.size else 0.0
+    sim_next = np.full_like(nxt, np.nan)
+    sim_rew = np.full(len(obs), np.nan)
+    row_ok = np.isfinite(obs).all(1) & np.isfinite(clipped).all(1) & np.isfinite(nxt).all(1) & np.isfinite(rew)
+    for i in np.flatnonzero(row_ok):
+        o, r_sum = obs[i], 0.0
+        for _ in range(action_repeat):
+            o, r = orc.step(o, clipped[i])
+            r_sum += r
+        sim_next[i], sim_rew[i] = o, r_sum
+    return sim_next, sim_rew, clip_frac
+
+
+def _error_scales(nxt: np.ndarray, rew: np.ndarray, reference: Optional[Mapping[str, Any]],
+                  obs_std: Optional[np.ndarray], reward_std: Optional[float]) -> Tuple[np.ndarray, float, str]:
+    """The per-dimension observation std and the reward std the errors are divided by, and where the
+    observation one came from: ``"given"``, ``"reference"`` (real rows) or ``"self"`` (the scored rows)."""
+    if obs_std is not None:
+        s_std, norm = np.asarray(obs_std, dtype=np.float64).reshape(-1), "given"
+    elif reference is not None:
+        s_std, norm = safe_std(_as_rows_dict(reference)["next_observations"]), "reference"
+    else:
+        s_std, norm = safe_std(nxt), "self"
+    if reward_std is not None:
+        r_std = float(reward_std)
+    elif reference is not None:
+        r_std = float(safe_std(_as_rows_dict(reference)["rewards"]))
+    else:
+        r_std = float(safe_std(rew))
+    return s_std, r_std, norm
+
+
+def _replay_errors(e_raw: np.ndarray, r_raw: np.ndarray, s_std: np.ndarray, r_std: float,
+                   groups: Mapping[str, slice]) -> Dict[str, Any]:
+    """Dynamics and reward MSE (normalised and raw) with standard errors, medians and per-dimension
+    errors, from the replayed rows' errors ``e_raw`` [n, obs_dim] and ``r_raw`` [n]."""
+    e = e_raw / s_std
+    row_mse = np.mean(e ** 2, axis=1)
+    r_err = (r_raw / r_std) ** 2
+    return {
+        "dynamics_mse": float(row_mse.mean()),
+        "dynamics_mse_se": float(row_mse.std() / math.sqrt(len(row_mse))),
+        "dynamics_mse_median": float(np.median(row_mse)),
+        **{f"dynamics_mse_{g}": float(np.mean(e[:, sl] ** 2)) for g, sl in groups.items()},
+        "reward_mse": float(r_err.mean()),
+        "reward_mse_se": float(r_err.std() / math.sqrt(len(r_err))),
+        "reward_mse_median": float(np.median(r_err)),
+        "dynamics_mse_raw": float(np.mean(e_raw ** 2)),
+        "reward_mse_raw": float(np.mean(r_raw ** 2)),
+        "per_dim_dynamics_mse": [float(v) for v in np.mean(e ** 2, axis=0)],
+    }
