@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -142,68 +143,77 @@ def _set_threads(threads: int) -> None:
         pass
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run the benchmark described by parsed CLI ``args``; writes the outputs and returns the result dict."""
-    from synther_buffer import SynthERConfig
-    from synther_buffer.edm import num_function_evals
-    from synther_buffer.datasets import from_rows, to_rows
-    from synther_buffer.offline import make_model
+@dataclass
+class RealData:
+    """The real transitions of one fidelity run: what the generators fit, what they are compared with,
+    and the normalisers of the oracle's errors (the training rows' next-observation and reward stds)."""
 
-    _set_threads(args.threads)
-    t_start = time.perf_counter()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    load_start = _loadavg()
-    gens = [g.strip() for g in args.generators.split(",") if g.strip()] if args.generators else list(ALL_GENERATORS)
-    bad = sorted(set(gens) - set(ALL_GENERATORS))
-    if bad:
-        raise ValueError(f"unknown generator(s) {bad}; choose from {ALL_GENERATORS}")
-    if args.skip_ctgan:
-        gens = [g for g in gens if g not in ("tvae", "ctgan")]
-    if "synther" not in gens and args.sampler_sweep:
-        raise ValueError("--sampler-sweep needs the synther generator")
-    num_eval = args.num_eval or min(args.num_synthetic, 10_000)
+    train_rows: np.ndarray       # [N, D] rows the generators fit
+    eval_rows: np.ndarray        # held-out rows the distribution metrics compare with
+    hold_rows: np.ndarray        # another held-out set: the "real (held-out)" generator
+    layout: Any                  # their RowLayout
+    obs_std: np.ndarray
+    rew_std: float
+    policy_counts: Dict[str, int]
+    mix: Tuple[float, float, float]
+    collect_seconds: float
 
-    # ---------------------------------------------------------------- real data
+    @property
+    def names(self) -> List[str]:
+        return self.layout.column_names()
+
+
+def collect_real(args: argparse.Namespace, num_eval: int) -> RealData:
+    """Training, evaluation and held-out transitions from ``args.env`` (three seeds of the same policies)."""
+    from synther_buffer.datasets import to_rows
+
     t0 = time.perf_counter()
     _log(f"collecting real transitions from {args.env}: train {args.num_real}, eval {num_eval}, holdout {num_eval}")
     mix = _parse_mix(args.policy_mix)
-    train_d = collect_transitions(args.env, args.num_real, seed=args.seed, episode_seconds=args.episode_seconds,
-                                  policy_probs=mix)
-    eval_d = collect_transitions(args.env, num_eval, seed=args.seed + 1, episode_seconds=args.episode_seconds,
-                                 policy_probs=mix)
-    hold_d = collect_transitions(args.env, num_eval, seed=args.seed + 2, episode_seconds=args.episode_seconds,
-                                 policy_probs=mix)
+    train_d, eval_d, hold_d = (collect_transitions(args.env, n, seed=args.seed + k, policy_probs=mix,
+                                                   episode_seconds=args.episode_seconds)
+                               for k, n in enumerate((args.num_real, num_eval, num_eval)))
     collect_s = time.perf_counter() - t0
-    strip = lambda d: {k: d[k] for k in KEYS}
+    strip = lambda d: {k: d[k] for k in KEYS}  # noqa: E731
     train_rows, layout = to_rows(strip(train_d), model_terminals=None)
     eval_rows, _ = to_rows(strip(eval_d), model_terminals=layout.terminal)
     hold_rows, _ = to_rows(strip(hold_d), model_terminals=layout.terminal)
-    names = layout.column_names()
-    discrete = ["terminal"] if layout.terminal else []
-    obs_std = safe_std(train_d["next_observations"])
-    rew_std = float(safe_std(train_d["rewards"]))
-    policy_counts = {p: int((train_d["policy"] == i).sum()) for i, p in enumerate(POLICIES)}
-    _log(f"collected in {collect_s:.1f}s; train policy mix {policy_counts}; mean reward "
+    real = RealData(train_rows, eval_rows, hold_rows, layout, obs_std=safe_std(train_d["next_observations"]),
+                    rew_std=float(safe_std(train_d["rewards"])), mix=mix, collect_seconds=collect_s,
+                    policy_counts={p: int((train_d["policy"] == i).sum()) for i, p in enumerate(POLICIES)})
+    _log(f"collected in {collect_s:.1f}s; train policy mix {real.policy_counts}; mean reward "
          f"{float(train_d['rewards'].mean()):.3f}")
-    oracle = make_oracle(args.env)
+    return real
 
-    saved_rows: Dict[str, np.ndarray] = {}
 
-    def evaluate(label: str, rows: np.ndarray, extra: Dict[str, Any]) -> Dict[str, Any]:
+SCORE_KEYS = ("dynamics_mse", "dynamics_mse_se", "dynamics_mse_median", "reward_mse", "reward_mse_se",
+              "dynamics_mse_position", "dynamics_mse_velocity", "reward_mse_median", "n_scored", "n_nonfinite",
+              "action_clip_fraction")
+
+
+class Scorer:
+    """One generator's rows -> its table row: the oracle's dynamics / reward errors, the distribution
+    metrics against the evaluation rows, SDMetrics when asked; keeps the rows for ``--save-rows``."""
+
+    def __init__(self, args: argparse.Namespace, real: RealData, oracle):
+        self.args, self.real, self.oracle = args, real, oracle
+        self.saved_rows: Dict[str, np.ndarray] = {}
+
+    def __call__(self, label: str, rows: np.ndarray, extra: Dict[str, Any]) -> Dict[str, Any]:
+        from synther_buffer.datasets import from_rows
+
+        args, real = self.args, self.real
         if args.save_rows:
-            saved_rows[label] = np.asarray(rows, dtype=np.float32)
+            self.saved_rows[label] = np.asarray(rows, dtype=np.float32)
         t = time.perf_counter()
-        score = score_transitions(args.env, from_rows(rows, layout), obs_std=obs_std, reward_std=rew_std,
-                                  max_rows=args.score_rows, seed=args.seed, oracle=oracle)
-        dist = distribution_metrics(rows, eval_rows, train_rows, seed=args.seed)
-        sdm = (sdmetrics_scores(rows, eval_rows, names, max_rows=args.sdmetrics_rows, seed=args.seed,
-                                discrete=discrete) if not args.no_sdmetrics else {"status": "skipped: --no-sdmetrics"})
-        row = {"generator": label, **{k: score.get(k) for k in ("dynamics_mse", "dynamics_mse_se",
-                                                                 "dynamics_mse_median", "reward_mse", "reward_mse_se",
-                                                                 "dynamics_mse_position", "dynamics_mse_velocity",
-                                                                 "reward_mse_median", "n_scored", "n_nonfinite",
-                                                                 "action_clip_fraction")},
+        score = score_transitions(args.env, from_rows(rows, real.layout), obs_std=real.obs_std,
+                                  reward_std=real.rew_std, max_rows=args.score_rows, seed=args.seed,
+                                  oracle=self.oracle)
+        dist = distribution_metrics(rows, real.eval_rows, real.train_rows, seed=args.seed)
+        sdm = (sdmetrics_scores(rows, real.eval_rows, real.names, max_rows=args.sdmetrics_rows, seed=args.seed,
+                                discrete=["terminal"] if real.layout.terminal else [])
+               if not args.no_sdmetrics else {"status": "skipped: --no-sdmetrics"})
+        row = {"generator": label, **{k: score.get(k) for k in SCORE_KEYS},
                **dist, "ks_complement": sdm.get("ks_complement"), "tv_complement": sdm.get("tv_complement"),
                "corr_similarity": sdm.get("corr_similarity"), "sdmetrics_status": sdm["status"],
                "status": "ok", **extra}
@@ -213,118 +223,175 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
              f"W1 {_fmt(row['wasserstein'])}, corr err {_fmt(row['corr_error'])} (scored in {row['score_s']:.1f}s)")
         return row
 
+
+def _generators(args: argparse.Namespace) -> List[str]:
+    """``--generators`` (default all) less TVAE / CTGAN with ``--skip-ctgan``; unknown names refused."""
+    gens = [g.strip() for g in args.generators.split(",") if g.strip()] if args.generators else list(ALL_GENERATORS)
+    bad = sorted(set(gens) - set(ALL_GENERATORS))
+    if bad:
+        raise ValueError(f"unknown generator(s) {bad}; choose from {ALL_GENERATORS}")
+    if args.skip_ctgan:
+        gens = [g for g in gens if g not in ("tvae", "ctgan")]
+    if "synther" not in gens and args.sampler_sweep:
+        raise ValueError("--sampler-sweep needs the synther generator")
+    return gens
+
+
+def baseline_row(g: str, args: argparse.Namespace, real: RealData, n: int, rng: np.random.Generator,
+                 score: Scorer, details: Dict[str, Any]) -> Dict[str, Any]:
+    """The table row of a non-SynthER generator: held-out real rows, an augmentation (seed D.1), a GMM,
+    TVAE or CTGAN (a failed or over-budget TVAE / CTGAN gives a row with its status, details in ``details``)."""
+    label = GENERATOR_LABELS[g]
+    if g == "real":
+        rows = real.hold_rows[:n]
+        return score(label, rows, {"fit_s": 0.0, "n_rows": len(rows)})
+    if g in ("additive", "multiplicative", "dynamics"):
+        t = time.perf_counter()
+        rows = augment(real.train_rows, real.layout, g, n, rng)
+        dt = time.perf_counter() - t
+        return score(label, rows, {"fit_s": 0.0, "sample_s": dt, "samples_per_s": n / max(dt, 1e-9)})
+    if g == "gmm":
+        t = time.perf_counter()
+        rows, backend = gmm_generate(real.train_rows, n, args.gmm_components, args.seed)
+        return score(label, rows, {"fit_s": time.perf_counter() - t, "backend": backend})
+    res = ctgan_generate(g, real.train_rows, real.names, n, epochs=args.ctgan_epochs, seed=args.seed,
+                         threads=args.threads, budget_s=args.ctgan_budget_s)
+    if res["rows"] is None:
+        _log(f"{label}: {res['status']}")
+        details[g] = {k: v for k, v in res.items() if k != "rows"}
+        return {"generator": label, "status": res["status"]}
+    return score(label, res["rows"], {"fit_s": res["fit_s"], "sample_s": res["sample_s"],
+                                      "samples_per_s": n / max(res["sample_s"], 1e-9), "epochs": args.ctgan_epochs})
+
+
+def synther_rows(args: argparse.Namespace, real: RealData, n: int, score: Scorer, out_dir: Path,
+                 table: List[Dict[str, Any]], sweep: List[Dict[str, Any]], details: Dict[str, Any]) -> np.ndarray:
+    """Fit SynthER at ``--preset``, score its ``n`` rows (into ``table``), then the ``--sampler-sweep``
+    settings (into ``sweep``) and ``--relevance`` (PGR) rows; returns the plain model's rows."""
+    from synther_buffer import SynthERConfig
+    from synther_buffer.offline import make_model
+
+    cfg = SynthERConfig.preset(args.preset).replace(device=args.device, seed=args.seed, progress=args.progress)
+    if args.train_steps:
+        cfg = cfg.replace(train_steps=args.train_steps)
+    if args.precision:
+        cfg = cfg.replace(precision=args.precision)
+    model = make_model(real.layout, real.layout.dim, cfg)
+    _log(f"SynthER: preset {args.preset}, {model!r}, {cfg.train_steps} steps, "
+         f"sampler {cfg.sample_steps}-step {cfg.sampler}, precision {cfg.precision}")
+    fit = model.fit(real.train_rows)
+    _log(f"SynthER fit: {fit['seconds']:.1f}s, loss {fit['loss']:.4f}")
+    t = time.perf_counter()
+    rows = model.sample(n, seed=args.seed + 1)
+    dt = time.perf_counter() - t
+    details["synther"] = {"config": cfg.to_dict(), "fit": fit, "params": model.num_params}
+    table.append(score(f"{GENERATOR_LABELS['synther']} ({cfg.sample_steps}-step {cfg.sampler})", rows, {
+        "fit_s": fit["seconds"], "sample_s": dt, "samples_per_s": n / max(dt, 1e-9),
+        "train_steps": cfg.train_steps, "loss": fit["loss"]}))
+    if args.sampler_sweep:
+        sweep.extend(sampler_sweep(args, model, n, score))
+    if args.save_model:
+        model.save(out_dir / "synther_model.pt")
+    if args.relevance:   # Prioritized Generative Replay: guided vs unguided at the same preset
+        details["relevance"] = _relevance_rows(args, cfg, real.layout, real.train_rows, real.hold_rows[:n], rows,
+                                               score, table)
+    return rows
+
+
+def sampler_sweep(args: argparse.Namespace, model, n: int, score: Scorer) -> List[Dict[str, Any]]:
+    """The fitted ``model`` sampled with each of ``SWEEP_SETTINGS`` (Table 9's churn values unless the
+    setting says otherwise), each scored like a generator; the model's config is restored after each."""
+    from synther_buffer import SynthERConfig
+    from synther_buffer.edm import num_function_evals
+
+    base_cfg = model.config
+    table9 = {f: getattr(SynthERConfig.preset("paper"), f) for f in ("sigma_max", "s_churn", "s_tmin", "s_tmax",
+                                                                     "s_noise", "rho")}
+    sweep = []
+    for k, (sampler, steps, extra) in enumerate(SWEEP_SETTINGS):
+        model.config = base_cfg.replace(sampler=sampler, sample_steps=steps, **{**table9, **extra})
+        t = time.perf_counter()
+        try:
+            rows_k = model.sample(n, seed=args.seed + 100 + k)
+        finally:
+            model.config = base_cfg
+        dt = time.perf_counter() - t
+        label_k = sweep_label(sampler, steps, extra)
+        r = score(f"SynthER {label_k}", rows_k, {})
+        sweep.append({"setting": label_k, "sampler": sampler, "steps": steps, **extra,
+                      "nfe": num_function_evals(steps), "sample_s": dt, "samples_per_s": n / max(dt, 1e-9),
+                      **{key: r[key] for key in ("dynamics_mse", "dynamics_mse_se", "dynamics_mse_median",
+                                                 "reward_mse", "wasserstein", "corr_error", "nn_dist",
+                                                 "ks_complement", "corr_similarity")}})
+    return sweep
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the benchmark described by parsed CLI ``args``; writes the outputs and returns the result dict."""
+    _set_threads(args.threads)
+    t_start = time.perf_counter()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load_start = _loadavg()
+    gens = _generators(args)
+    num_eval = args.num_eval or min(args.num_synthetic, 10_000)
+    real = collect_real(args, num_eval)
+    oracle = make_oracle(args.env)
+    score = Scorer(args, real, oracle)
     table: List[Dict[str, Any]] = []
     sweep: List[Dict[str, Any]] = []
     details: Dict[str, Any] = {}
-    synther_rows = None
-    rng = np.random.default_rng(args.seed)
+    synther = None
+    rng = np.random.default_rng(args.seed)   # the augmentations' draws, in generator order
     n = args.num_synthetic
     try:
         for g in gens:
-            label = GENERATOR_LABELS[g]
-            _log(f"generator {label} ...")
-            if g == "real":
-                rows = hold_rows[:n]
-                table.append(evaluate(label, rows, {"fit_s": 0.0, "n_rows": len(rows)}))
-            elif g in ("additive", "multiplicative", "dynamics"):
-                t = time.perf_counter()
-                rows = augment(train_rows, layout, g, n, rng)
-                dt = time.perf_counter() - t
-                table.append(evaluate(label, rows, {"fit_s": 0.0, "sample_s": dt, "samples_per_s": n / max(dt, 1e-9)}))
-            elif g == "gmm":
-                t = time.perf_counter()
-                rows, backend = gmm_generate(train_rows, n, args.gmm_components, args.seed)
-                dt = time.perf_counter() - t
-                table.append(evaluate(label, rows, {"fit_s": dt, "backend": backend}))
-            elif g in ("tvae", "ctgan"):
-                res = ctgan_generate(g, train_rows, names, n, epochs=args.ctgan_epochs, seed=args.seed,
-                                     threads=args.threads, budget_s=args.ctgan_budget_s)
-                if res["rows"] is None:
-                    _log(f"{label}: {res['status']}")
-                    table.append({"generator": label, "status": res["status"]})
-                    details[g] = {k: v for k, v in res.items() if k != "rows"}
-                else:
-                    table.append(evaluate(label, res["rows"], {
-                        "fit_s": res["fit_s"], "sample_s": res["sample_s"],
-                        "samples_per_s": n / max(res["sample_s"], 1e-9), "epochs": args.ctgan_epochs}))
-            elif g == "synther":
-                cfg = SynthERConfig.preset(args.preset).replace(device=args.device, seed=args.seed,
-                                                                progress=args.progress)
-                if args.train_steps:
-                    cfg = cfg.replace(train_steps=args.train_steps)
-                if args.precision:
-                    cfg = cfg.replace(precision=args.precision)
-                model = make_model(layout, layout.dim, cfg)
-                _log(f"SynthER: preset {args.preset}, {model!r}, {cfg.train_steps} steps, "
-                     f"sampler {cfg.sample_steps}-step {cfg.sampler}, precision {cfg.precision}")
-                fit = model.fit(train_rows)
-                _log(f"SynthER fit: {fit['seconds']:.1f}s, loss {fit['loss']:.4f}")
-                t = time.perf_counter()
-                rows = model.sample(n, seed=args.seed + 1)
-                dt = time.perf_counter() - t
-                synther_rows = rows
-                details["synther"] = {"config": cfg.to_dict(), "fit": fit, "params": model.num_params}
-                table.append(evaluate(f"{label} ({cfg.sample_steps}-step {cfg.sampler})", rows, {
-                    "fit_s": fit["seconds"], "sample_s": dt, "samples_per_s": n / max(dt, 1e-9),
-                    "train_steps": cfg.train_steps, "loss": fit["loss"]}))
-                if args.sampler_sweep:
-                    base_cfg = model.config
-                    table9 = {f: getattr(SynthERConfig.preset("paper"), f)
-                              for f in ("sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise", "rho")}
-                    for k, (sampler, steps, extra) in enumerate(SWEEP_SETTINGS):
-                        model.config = base_cfg.replace(sampler=sampler, sample_steps=steps, **{**table9, **extra})
-                        t = time.perf_counter()
-                        try:
-                            rows_k = model.sample(n, seed=args.seed + 100 + k)
-                        finally:
-                            model.config = base_cfg
-                        dt = time.perf_counter() - t
-                        label_k = sweep_label(sampler, steps, extra)
-                        r = evaluate(f"SynthER {label_k}", rows_k, {})
-                        sweep.append({"setting": label_k, "sampler": sampler, "steps": steps, **extra,
-                                      "nfe": num_function_evals(steps), "sample_s": dt,
-                                      "samples_per_s": n / max(dt, 1e-9),
-                                      **{key: r[key] for key in ("dynamics_mse", "dynamics_mse_se",
-                                                                 "dynamics_mse_median", "reward_mse",
-                                                                 "wasserstein", "corr_error", "nn_dist",
-                                                                 "ks_complement", "corr_similarity")}})
-                if args.save_model:
-                    model.save(out_dir / "synther_model.pt")
-                if args.relevance:   # Prioritized Generative Replay: guided vs unguided at the same preset
-                    details["relevance"] = _relevance_rows(args, cfg, layout, train_rows, hold_rows[:n], rows,
-                                                           evaluate, table)
+            _log(f"generator {GENERATOR_LABELS[g]} ...")
+            if g == "synther":
+                synther = synther_rows(args, real, n, score, out_dir, table, sweep, details)
+            else:
+                table.append(baseline_row(g, args, real, n, rng, score, details))
     finally:
         oracle.close()
+    return _write_outputs(args, out_dir, real, table, sweep, details, synther, score.saved_rows,
+                          num_eval=num_eval, t_start=t_start, load_start=load_start)
 
-    # ---------------------------------------------------------------- outputs
-    png = out_dir / "marginals.png"
-    hist_cols = list(range(layout.obs_dim + layout.action_dim + 1))  # Figure 8: state, action, reward
-    plot_src = synther_rows if synther_rows is not None else (hold_rows[:n])
-    plot_marginals(png, eval_rows[:, hist_cols], plot_src[:, hist_cols], [names[i] for i in hist_cols],
-                   label="SynthER" if synther_rows is not None else "held-out real",
-                   title=f"{args.env}: {'SynthER' if synther_rows is not None else 'held-out real'} (blue) vs "
-                         f"held-out real (orange), {len(eval_rows):,} rows; dashed: real mean +- std")
-    if args.save_rows:  # every generator's rows + the real sets, to re-score later
-        keyname = lambda lab: "".join(c if c.isalnum() else "_" for c in lab).strip("_")
-        np.savez(out_dir / "rows.npz", train=train_rows, eval=eval_rows, holdout=hold_rows,
-                 columns=np.asarray(names), **{keyname(k): v for k, v in saved_rows.items()})
-    load_end = _loadavg()
+
+def _write_outputs(args: argparse.Namespace, out_dir: Path, real: RealData, table: List[Dict[str, Any]],
+                   sweep: List[Dict[str, Any]], details: Dict[str, Any], synther: Optional[np.ndarray],
+                   saved_rows: Dict[str, np.ndarray], *, num_eval: int, t_start: float,
+                   load_start: Optional[List[float]]) -> Dict[str, Any]:
+    """The marginals plot (Figure 8), ``--save-rows``' rows.npz, fidelity.csv / fidelity_sweep.csv and
+    fidelity.json; returns the result dict that fidelity.json holds."""
     import torch
+
+    n = args.num_synthetic
+    names = real.names
+    png = out_dir / "marginals.png"
+    hist_cols = list(range(real.layout.obs_dim + real.layout.action_dim + 1))  # Figure 8: state, action, reward
+    plot_src = synther if synther is not None else real.hold_rows[:n]
+    what = "SynthER" if synther is not None else "held-out real"
+    plot_marginals(png, real.eval_rows[:, hist_cols], plot_src[:, hist_cols], [names[i] for i in hist_cols],
+                   label=what, title=f"{args.env}: {what} (blue) vs held-out real (orange), {len(real.eval_rows):,} "
+                                     "rows; dashed: real mean +- std")
+    if args.save_rows:  # every generator's rows + the real sets, to re-score later
+        keyname = lambda lab: "".join(c if c.isalnum() else "_" for c in lab).strip("_")  # noqa: E731
+        np.savez(out_dir / "rows.npz", train=real.train_rows, eval=real.eval_rows, holdout=real.hold_rows,
+                 columns=np.asarray(names), **{keyname(k): v for k, v in saved_rows.items()})
     result = {
         "command": "python -m benchmarks.fidelity " + " ".join(args.argv) if getattr(args, "argv", None) is not None
         else None,
         "env": args.env, "preset": args.preset, "num_real": args.num_real, "num_synthetic": n, "num_eval": num_eval,
         "seed": args.seed, "threads": args.threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-        "loadavg_start": load_start, "loadavg_end": load_end,
-        "collect_seconds": collect_s, "total_seconds": time.perf_counter() - t_start,
-        "policy_mix": list(mix), "train_policy_mix": policy_counts, "obs_std": obs_std.tolist(), "reward_std": rew_std,
-        "columns": names, "table": table, "sampler_sweep": sweep, "details": details,
+        "loadavg_start": load_start, "loadavg_end": _loadavg(),
+        "collect_seconds": real.collect_seconds, "total_seconds": time.perf_counter() - t_start,
+        "policy_mix": list(real.mix), "train_policy_mix": real.policy_counts, "obs_std": real.obs_std.tolist(),
+        "reward_std": real.rew_std, "columns": names, "table": table, "sampler_sweep": sweep, "details": details,
         "png": str(png), "json": str(out_dir / "fidelity.json"), "csv": str(out_dir / "fidelity.csv"),
     }
     csv_keys = [k for k, _ in TABLE_COLUMNS] + ["dynamics_mse_position", "dynamics_mse_velocity", "reward_mse_se",
-                                                "reward_mse_median",
-                                                "wasserstein_max", "tv_complement", "sample_s", "n_scored",
-                                                "n_nonfinite", "action_clip_fraction"]
+                                                "reward_mse_median", "wasserstein_max", "tv_complement", "sample_s",
+                                                "n_scored", "n_nonfinite", "action_clip_fraction"]
     if args.relevance:
         csv_keys.append("relevance_mean")
     _write_csv(out_dir / "fidelity.csv", table, csv_keys)
