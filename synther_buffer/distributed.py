@@ -128,7 +128,7 @@ def _node_sees(path: str) -> Tuple[str, bool]:
     return socket.gethostname(), os.path.exists(path)
 
 
-def check_shared_dir(directory: Path, timeout_s: float = 60.0,
+def check_shared_dir(directory: Path, timeout_s: float = 300.0,
                      probe: Optional[Callable[[str], Tuple[str, bool]]] = None) -> None:
     """Make sure every alive Ray node sees ``directory`` (the shards write their parts there).
 
@@ -137,12 +137,14 @@ def check_shared_dir(directory: Path, timeout_s: float = 60.0,
 
     Args:
         directory: an existing directory.
-        timeout_s: how long to wait for the nodes' answers.
+        timeout_s: how long to wait for the nodes' answers (each answer needs a worker started on
+            its node, which takes long on a busy machine).
         probe: ``probe(path) -> (host, exists)``, run on each node (default: this module's
             ``_node_sees``, looked up at call time).
 
     Raises:
         ValueError: some node does not see the file (named in the message).
+        TimeoutError: some node did not answer within ``timeout_s`` (named in the message).
     """
     ray = require_ray("checking a shared directory")
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -154,7 +156,16 @@ def check_shared_dir(directory: Path, timeout_s: float = 60.0,
         remote = ray.remote(num_cpus=0)(probe if probe is not None else _node_sees)
         refs = [remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
                                runtime_env=worker_runtime_env()).remote(str(token)) for n in nodes]
-        answers = ray.get(refs, timeout=timeout_s)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        late = [n for n, r in zip(nodes, refs) if r not in ready]
+        if late:
+            for r in refs:
+                if r not in ready:
+                    ray.cancel(r, force=True)
+            raise TimeoutError(f"{len(late)} of {len(nodes)} Ray nodes did not answer the check that they see "
+                               f"{directory} within {timeout_s:g} s (no worker started there): "
+                               + ", ".join(n["NodeManagerAddress"] for n in late))
+        answers = ray.get(refs)
     finally:
         token.unlink(missing_ok=True)
     blind = [f"{host} ({n['NodeManagerAddress']})" for n, (host, ok) in zip(nodes, answers) if not ok]

@@ -143,6 +143,19 @@ class Raises:
         raise ValueError("injected shard failure")
 
 
+def _never_answers(path: str):
+    import time
+
+    time.sleep(600)
+    return "never", True
+
+
+def test_a_node_that_does_not_answer_the_shared_dir_check_is_a_named_timeout(ray_local, tmp_path):
+    with pytest.raises(TimeoutError, match=r"1 of 1 Ray nodes did not answer .* within 1 s .*: \S+"):
+        distributed.check_shared_dir(tmp_path, timeout_s=1, probe=_never_answers)
+    assert list(tmp_path.iterdir()) == []       # the probe file is gone
+
+
 @pytest.mark.parametrize("suffix", [".npz", ".hdf5", ".npy"])
 def test_a_failed_shard_leaves_no_output(ray_local, tmp_path, data, fitted, monkeypatch, suffix):
     faulty_shards(monkeypatch, 1, Raises)
