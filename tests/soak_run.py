@@ -48,6 +48,9 @@ def main() -> None:
     p.add_argument("--agent-work", type=int, default=256,
                    help="per env step the 'agent' multiplies two [N, N] matrices (a gradient step's worth of "
                         "kernel time, during which torch releases the GIL as a real agent's update does); 0 = none")
+    p.add_argument("--wait-each", action="store_true",
+                   help="async: wait for each background retrain before the next add, so every scheduled "
+                        "retrain runs whatever the machine's load (the count is then exact)")
     p.add_argument("--capacity", type=int, default=10_000,
                    help="real ring size; small, so the ring is full (its pages touched) long before the probe")
     args = p.parse_args()
@@ -75,7 +78,10 @@ def main() -> None:
     for step in range(args.adds):
         action = rng.uniform(-1, 1, act_dim).astype(np.float32)
         nxt = (0.9 * obs + 0.1 * np.pad(action, (0, obs_dim - act_dim))).astype(np.float32)
+        before = submitted[0]
         buf.add(obs, action, float(nxt.sum()), nxt, False)
+        if args.wait_each and submitted[0] != before:
+            buf.wait()
         obs = nxt if step % 1000 else rng.standard_normal(obs_dim).astype(np.float32)
         batch = buf.sample(256)
         if args.agent_work:
