@@ -4,6 +4,7 @@ and ``benchmarks.utd20 --dump-pool`` (the final pool scored by the simulator ora
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -111,7 +112,7 @@ def test_fixed_arm_is_opt_in_and_differs_from_synther_utd20_by_one_flag():
     assert cs["synther_utd20_fixed"]["train_steps_rows"] is None
     assert {k for k in cs["synther_utd20"] if cs["synther_utd20"][k] != cs["synther_utd20_fixed"][k]} <= \
         {"train_steps_rows"}
-    ruled = utd20.dataclasses.replace(p, synther_overrides={**p.synther_overrides, "train_steps_rows": 10_000})
+    ruled = dataclasses.replace(p, synther_overrides={**p.synther_overrides, "train_steps_rows": 10_000})
     cr = {arm: utd20.unit_settings(ruled, u(arm))["synther_config"] for arm in ("synther_utd20", "synther_utd20_fixed")}
     assert cr["synther_utd20"]["train_steps_rows"] == 10_000 and cr["synther_utd20_fixed"]["train_steps_rows"] is None
 

@@ -1,7 +1,8 @@
-"""benchmarks/utd20.py: smoke run, resume, report and the IQM / stratified bootstrap helpers."""
+"""benchmarks/utd20/: smoke run, resume, report and the IQM / stratified bootstrap helpers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import os
@@ -51,7 +52,7 @@ def test_aggregate_scores_numpy_backend_and_rliable_agree():
         assert ours[k]["iqm"] == pytest.approx(utd20.iqm(x[k]))
         assert ours[k]["mean"] == pytest.approx(x[k].mean())
         assert ours[k]["iqm_ci"][0] <= ours[k]["iqm"] <= ours[k]["iqm_ci"][1]
-    if utd20._rliable() is None:
+    if utd20.stats._rliable() is None:
         pytest.skip("rliable not installed")
     theirs = utd20.aggregate_scores(x, reps=300, use_rliable=True)
     for k in x:
@@ -94,7 +95,7 @@ def test_unit_status_done_stale_partial_todo(tmp_path):
     done = _fake_unit(tmp_path, p, "Pendulum-v1", "sac_utd1", 0, -1000.0)
     assert utd20.unit_status(p, done, tmp_path) == "done"
     # the same directory under other settings (another step budget) is stale, not done
-    p2 = utd20.dataclasses.replace(p, total_steps=300)
+    p2 = dataclasses.replace(p, total_steps=300)
     assert utd20.unit_status(p2, done, tmp_path) == "stale"
     # the SynthER arm also records its resolved SynthERConfig: a changed library preset makes it stale
     syn = _fake_unit(tmp_path, p, "Pendulum-v1", "synther_utd20", 0, -1000.0)
@@ -149,7 +150,7 @@ def test_precision_flag_reaches_the_synther_arms_only_and_is_part_of_their_setti
     assert sum(arm(key).synther for key in lines) == 5   # the smoke preset runs every arm: synther_utd20, async, warm, fixed, pgr
     # a unit finished in fp32 is stale under --precision bf16 (and done again without the flag)
     syn = _fake_unit(tmp_path, p, "Pendulum-v1", "synther_utd20", 0, -1000.0)
-    bf16 = utd20.dataclasses.replace(p, synther_overrides={**p.synther_overrides, "precision": "bf16"})
+    bf16 = dataclasses.replace(p, synther_overrides={**p.synther_overrides, "precision": "bf16"})
     assert utd20.unit_settings(bf16, syn)["synther_config"]["precision"] == "bf16"
     assert utd20.unit_status(bf16, syn, tmp_path) == "stale"
     assert utd20.unit_status(p, syn, tmp_path) == "done"
@@ -282,7 +283,7 @@ def test_sigterm_with_parallel_units_stops_their_children_promptly(tmp_path):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
     for pid in pids:
-        assert not utd20._pid_alive(pid) or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        assert not utd20.units.pid_alive(pid) or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     assert log.count("interrupted after") == 2 and "FAILED" not in log, log
     assert "seed1" not in log.split("interrupted after")[-1]      # nothing started after the signal
     assert not (out / "Pendulum-v1" / "sac_utd1" / "seed1").exists()
@@ -327,7 +328,7 @@ def test_separate_work_dir_keeps_only_small_files_in_out(tmp_path):
 
 
 def test_report_header_names_a_results_root_inside_the_repo_relatively():
-    assert utd20._shown(utd20.REPO / "benchmarks" / "results" / "cpu") == str(Path("benchmarks/results/cpu"))
+    assert utd20.units.repo_relative(utd20.REPO / "benchmarks" / "results" / "cpu") == str(Path("benchmarks/results/cpu"))
 
 
 def test_probability_of_improvement_known_numbers_and_ci():

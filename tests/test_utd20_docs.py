@@ -1,4 +1,4 @@
-"""The UTD=20 report's generated doc blocks (benchmarks/utd20_docs.py, utd20 --report-only)."""
+"""The UTD=20 report's generated doc blocks (benchmarks/utd20/docs.py, utd20 --report-only)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from benchmarks import utd20
-from benchmarks.utd20_docs import markers, replace_block
+from benchmarks.utd20.docs import markers, replace_block
 from tests.test_utd20 import _fake_unit
 
 BEGIN, END = markers("utd20:cpu")
@@ -46,7 +46,7 @@ def test_report_fills_the_docs_block_from_the_units(tmp_path):
     for doc in (readme, nested):
         doc.write_text(f"# Title\n\nkept above\n\n{BEGIN}\nstale table\n{END}\n\nkept below\n")
     untouched.write_text("no markers\n")
-    changed = utd20._update_docs(preset, out, summary, docs=[readme, nested, untouched, tmp_path / "missing.md"])
+    changed = utd20.cli._update_docs(preset, out, summary, docs=[readme, nested, untouched, tmp_path / "missing.md"])
     assert changed == [readme, nested]
     text = readme.read_text()
     assert text.startswith("# Title\n\nkept above\n\n" + BEGIN) and text.endswith(END + "\n\nkept below\n")
@@ -68,7 +68,7 @@ def test_report_fills_the_docs_block_from_the_units(tmp_path):
     assert "cheetah-run SAC (UTD=20) 347" in body                                   # the paper, for orientation
     assert "](cpu/curves_cheetah-run.png)" in body                              # relative to README.md
     assert "](../cpu/curves_cheetah-run.png)" in nested.read_text()             # relative to benchmarks/
-    assert utd20._update_docs(preset, out, summary, docs=[readme, nested]) == []   # nothing new: unchanged
+    assert utd20.cli._update_docs(preset, out, summary, docs=[readme, nested]) == []   # nothing new: unchanged
 
 
 def test_report_elsewhere_leaves_the_docs_alone(tmp_path):
@@ -76,7 +76,7 @@ def test_report_elsewhere_leaves_the_docs_alone(tmp_path):
     doc = tmp_path / "README.md"
     doc.write_text(f"{BEGIN}\nold\n{END}\n")
     other = dataclasses.replace(preset, default_out=str(tmp_path / "elsewhere" / "cpu"))   # same block name
-    assert utd20._update_docs(other, out, summary, docs=[doc]) == []
+    assert utd20.cli._update_docs(other, out, summary, docs=[doc]) == []
     assert doc.read_text() == f"{BEGIN}\nold\n{END}\n"
 
 
