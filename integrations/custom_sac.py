@@ -211,6 +211,7 @@ def main(argv=None) -> int:
     log_alpha = torch.zeros(1, requires_grad=True, device=device)
     alpha = log_alpha.exp().item()
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.lr)
+    agent_stats = {"alpha": alpha}  # recorded with each evaluation (+ the last actor batch's entropy estimate)
 
     def policy_fn(obs: np.ndarray) -> np.ndarray:  # deterministic, for evaluation
         with torch.no_grad():
@@ -270,7 +271,8 @@ def main(argv=None) -> int:
         a_optimizer.zero_grad()
         alpha_loss.backward()
         a_optimizer.step()
-        return log_alpha.exp().item()
+        agent_stats.update(alpha=log_alpha.exp().item(), policy_entropy=-log_prob.detach().mean().item())
+        return agent_stats["alpha"]
 
     start_step, loaded = 0, checkpoint.load() if args.resume else None
     if loaded:
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
             m.load_state_dict(state[k])
         with torch.no_grad():
             log_alpha.copy_(state["log_alpha"])
-        alpha = log_alpha.exp().item()
+        alpha = agent_stats["alpha"] = log_alpha.exp().item()
         buf = GenerativeReplay.load(ckpt_dir / "buffer", device=str(device))
         if args.relevance == "td":   # a score function is not saved with the buffer
             buf.set_relevance_fn(td_error)
@@ -304,6 +306,7 @@ def main(argv=None) -> int:
     results = Results(args.out, config=config, title=title)
     monitor = TrainingMonitor(results, args.total_steps, args.eval_every, args.eval_episodes, eval_env,
                               policy_fn=policy_fn, stats_fn=None if args.no_synther else buf.stats,
+                              agent_stats_fn=lambda: dict(agent_stats),
                               timing=timing, progress=not args.quiet, eval_at_start=not loaded)
     if loaded:
         monitor.load_state_dict(run["monitor"])

@@ -240,13 +240,19 @@ class Results:
         self._write_json()
 
     def add(self, env_step: int, returns: Sequence[float], retrains: int = 0,
-            wall_seconds: float = float("nan")) -> Dict[str, Any]:
-        """Record one evaluation (the episode returns at ``env_step``); returns the row."""
+            wall_seconds: float = float("nan"), agent: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+        """Record one evaluation (the episode returns at ``env_step``); returns the row.
+
+        ``agent``: the learner's state at this point (e.g. its entropy temperature), kept in the JSON row
+        under ``"agent"`` (the CSV's columns stay fixed).
+        """
         r = np.asarray(returns, dtype=np.float64)
         row = {"env_step": int(env_step), "mean_return": float(r.mean()), "std_return": float(r.std()),
                "min_return": float(r.min()), "max_return": float(r.max()), "episodes": int(r.size),
                "retrains": int(retrains), "wall_seconds": round(float(wall_seconds), 3),
                "returns": [float(x) for x in r]}
+        if agent:
+            row["agent"] = {k: float(v) for k, v in agent.items()}
         self.rows.append(row)
         with open(self.csv_path, "a", newline="") as f:
             csv.writer(f).writerow([row[k] for k in CSV_FIELDS])
@@ -345,6 +351,8 @@ class TrainingMonitor:
         eval_env: a separate env for evaluation.
         policy_fn: ``policy_fn(obs) -> action``, deterministic (called only during evaluation).
         stats_fn: the SynthER buffer's ``stats`` (``None`` for a plain buffer: no retrain tracking).
+        agent_stats_fn: ``() -> {name: float}``, the learner's state recorded with each evaluation (e.g.
+            SAC's entropy temperature); it must not draw random numbers (that would change the run).
         timing: a running ``TimingSplit`` (a new one is started if ``None``).
         progress: show the tqdm bar.
         eval_at_start: also evaluate at env step 0 (the untrained policy).
@@ -352,11 +360,12 @@ class TrainingMonitor:
 
     def __init__(self, results: Results, total_steps: int, eval_every: int, eval_episodes: int, eval_env,
                  policy_fn: Callable[[np.ndarray], Any], stats_fn: Optional[Callable[[], dict]] = None,
-                 timing: Optional[TimingSplit] = None, progress: bool = True, eval_at_start: bool = True):
+                 timing: Optional[TimingSplit] = None, progress: bool = True, eval_at_start: bool = True,
+                 agent_stats_fn: Optional[Callable[[], Dict[str, float]]] = None):
         non_negative_int("eval_every", eval_every)
         self.results, self.total_steps = results, int(total_steps)
         self.eval_every, self.eval_episodes = int(eval_every), int(eval_episodes)
-        self.eval_env, self.policy_fn = eval_env, policy_fn
+        self.eval_env, self.policy_fn, self.agent_stats_fn = eval_env, policy_fn, agent_stats_fn
         self.timing = timing if timing is not None else TimingSplit()
         self.retrains = RetrainTracker(stats_fn, self.timing)
         self.env_steps = 0
@@ -389,8 +398,9 @@ class TrainingMonitor:
         with self.timing.section("eval"):
             returns = evaluate(self.policy_fn, self.eval_env, self.eval_episodes)
         self.last_eval_step = env_steps
+        agent = self.agent_stats_fn() if self.agent_stats_fn is not None else None
         self.last_eval = self.results.add(env_steps, returns, retrains=self.retrains.count,
-                                          wall_seconds=self.timing.elapsed())
+                                          wall_seconds=self.timing.elapsed(), agent=agent)
         self._postfix()
         return self.last_eval
 

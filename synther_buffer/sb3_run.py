@@ -140,6 +140,15 @@ def retrain_mode_text(c: SynthERConfig) -> str:
     return "".join(f"; {p}" for p in parts)
 
 
+def sac_temperature(model) -> Dict[str, float]:
+    """``{"alpha": SAC's entropy temperature}`` (learned or fixed), ``{}`` for an agent without one."""
+    log_coef = getattr(model, "log_ent_coef", None)
+    if log_coef is not None:
+        return {"alpha": float(log_coef.detach().exp().item())}
+    coef = getattr(model, "ent_coef_tensor", None)
+    return {} if coef is None else {"alpha": float(coef.item())}
+
+
 class MonitorCallback(BaseCallback):
     """Hands every env step to the ``TrainingMonitor`` and writes the checkpoint when due.
 
@@ -265,7 +274,7 @@ class SB3Run:
         self.monitor = TrainingMonitor(
             results, args.total_steps, args.eval_every, args.eval_episodes, self.eval_env,
             policy_fn=lambda obs: model.predict(obs, deterministic=True)[0],
-            stats_fn=None if buffer is None else buffer.stats,
+            stats_fn=None if buffer is None else buffer.stats, agent_stats_fn=lambda: sac_temperature(model),
             timing=self.timing, progress=not args.quiet, eval_at_start=self.resumed_at is None)
         if self.resumed_at is not None:
             self.monitor.load_state_dict(self.monitor_state)

@@ -151,6 +151,8 @@ def test_sb3_sac_utd20_on_dmc_cheetah(sb3_sac, tmp_path):
     d = _check_outputs(out, [0, 220])
     assert d["retrain_count"] == 2                               # min_real 100: at 100 and 200
     assert all(0 <= e["mean_return"] <= 1000 for e in d["evals"])  # DMC rewards are in [0, 1]
+    # SAC's learned temperature with each evaluation: 1 before any update, lower after 20 x 20 of them
+    assert d["evals"][0]["agent"]["alpha"] == 1.0 and 0 < d["evals"][-1]["agent"]["alpha"] < 1.0
 
 
 def _wait_for_checkpoint(proc, run_json: Path, min_step: int, timeout: float = 240.0) -> int:
@@ -260,6 +262,9 @@ def test_custom_redq_utd20_on_dmc_cheetah(custom_sac, tmp_path, capsys):
                             "--out", str(out)]) == 0
     d = _check_outputs(out, [0, 250])
     assert d["config"]["num_q"] == 10 and d["retrains"][0]["env_step"] == 200
+    # the temperature (updated once per env step, as REDQ's code does) and the policy's entropy estimate
+    first, last = d["evals"][0]["agent"], d["evals"][-1]["agent"]
+    assert first == {"alpha": 1.0} and 0 < last["alpha"] < 1.0 and math.isfinite(last["policy_entropy"])
     assert all(0 <= e["mean_return"] <= 1000 for e in d["evals"])
     assert "REDQ (custom loop) + SynthER" in capsys.readouterr().out
 

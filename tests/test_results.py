@@ -76,3 +76,20 @@ def test_timing_split_load_adds_the_checkpointed_time():
     t.load_state_dict({"total": 100.0, "eval": 2.0, "rl": 90.0, "setup": 8.0})
     d = t.as_dict()
     assert d["eval"] == 3.5 and d["setup"] == 8.0 and d["rl"] >= 90.0 and 100.0 <= d["total"] < 101.0
+
+
+def test_monitor_records_the_agent_state_with_each_evaluation_in_the_json_only(tmp_path):
+    temperature = {"alpha": 1.0}
+    m = TrainingMonitor(Results(tmp_path), total_steps=20, eval_every=10, eval_episodes=1, eval_env=_Env(),
+                        policy_fn=lambda obs: 1.0, timing=TimingSplit(), progress=False,
+                        agent_stats_fn=lambda: dict(temperature))
+    for step in range(1, 21):
+        temperature["alpha"] = 1.0 / (1 + step)
+        m.step(step)
+    m.finish()
+    evals = json.loads((tmp_path / "results.json").read_text())["evals"]
+    assert [e["agent"]["alpha"] for e in evals] == [1.0, 1 / 11, 1 / 21]   # the value at each evaluation
+    with open(tmp_path / "eval_returns.csv") as f:
+        assert "alpha" not in f.readline()                                  # the CSV's columns stay fixed
+    m.results.restore([{k: v for k, v in e.items() if k != "agent"} for e in evals])  # rows from before
+    assert len(m.results.rows) == 3 and "agent" not in m.results.rows[0]
