@@ -271,7 +271,8 @@ def main(argv=None) -> int:
         a_optimizer.zero_grad()
         alpha_loss.backward()
         a_optimizer.step()
-        agent_stats.update(alpha=log_alpha.exp().item(), policy_entropy=-log_prob.detach().mean().item())
+        # the entropy estimate stays a tensor (no host sync per update): read only at an evaluation
+        agent_stats.update(alpha=log_alpha.exp().item(), policy_entropy=-log_prob.detach().mean())
         return agent_stats["alpha"]
 
     start_step, loaded = 0, checkpoint.load() if args.resume else None
@@ -306,7 +307,7 @@ def main(argv=None) -> int:
     results = Results(args.out, config=config, title=title)
     monitor = TrainingMonitor(results, args.total_steps, args.eval_every, args.eval_episodes, eval_env,
                               policy_fn=policy_fn, stats_fn=None if args.no_synther else buf.stats,
-                              agent_stats_fn=lambda: dict(agent_stats),
+                              agent_stats_fn=lambda: {k: float(v) for k, v in agent_stats.items()},
                               timing=timing, progress=not args.quiet, eval_at_start=not loaded)
     if loaded:
         monitor.load_state_dict(run["monitor"])
