@@ -129,7 +129,8 @@ def _node_sees(path: str) -> Tuple[str, bool]:
 
 
 def check_shared_dir(directory: Path, timeout_s: float = 300.0,
-                     probe: Optional[Callable[[str], Tuple[str, bool]]] = None) -> None:
+                     probe: Optional[Callable[[str], Tuple[str, bool]]] = None,
+                     why: str = "the generation tasks write their parts beside the output") -> None:
     """Make sure every alive Ray node sees ``directory`` (the shards write their parts there).
 
     Writes a probe file into ``directory``, runs ``probe`` on every alive node (pinned to it) and
@@ -141,6 +142,7 @@ def check_shared_dir(directory: Path, timeout_s: float = 300.0,
             its node, which takes long on a busy machine).
         probe: ``probe(path) -> (host, exists)``, run on each node (default: this module's
             ``_node_sees``, looked up at call time).
+        why: what is written there, for the error message.
 
     Raises:
         ValueError: some node does not see the file (named in the message).
@@ -171,8 +173,7 @@ def check_shared_dir(directory: Path, timeout_s: float = 300.0,
     blind = [f"{host} ({n['NodeManagerAddress']})" for n, (host, ok) in zip(nodes, answers) if not ok]
     if blind:
         raise ValueError(f"{directory} is not visible on {len(blind)} of {len(nodes)} Ray nodes: {', '.join(blind)}; "
-                         f"the generation tasks write their parts beside the output: put it on a filesystem "
-                         f"every node mounts")
+                         f"{why}: put it on a filesystem every node mounts (NFS, a shared volume)")
 
 
 # ---------------------------------------------------------------------------------------------- upsample

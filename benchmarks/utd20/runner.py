@@ -325,34 +325,17 @@ def ray_connect(address: Optional[str], num_cpus: Optional[int] = None) -> None:
         ray.init(address=address)
 
 
-def _node_sees(path: str) -> Tuple[str, bool]:
-    """(host name, whether ``path`` exists), run on one Ray node."""
-    import socket
-    return socket.gethostname(), os.path.exists(path)
-
-
-def check_shared_path(out: Path, timeout_s: float = 60.0, probe: Callable[[str], Tuple[str, bool]] = _node_sees
+def check_shared_path(out: Path, timeout_s: float = 300.0, probe: Optional[Callable[[str], Tuple[str, bool]]] = None
                       ) -> None:
     """Raise ``RuntimeError`` unless every alive Ray node sees ``out`` (a unit may run on any of them
-    and writes its files there, so ``out`` must be on a shared filesystem). ``probe`` runs on each node."""
-    ray = _ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    and writes its files there, so ``out`` must be on a shared filesystem). ``probe`` runs on each node
+    (default: :func:`synther_buffer.distributed.check_shared_dir`'s)."""
+    from synther_buffer.distributed import check_shared_dir
 
-    token = f".ray-check-{os.getpid()}-{time.time_ns()}"
-    (out / token).write_text("shared?")
-    remote = ray.remote(num_cpus=0)(probe)
     try:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        refs = [remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(out / token)) for n in nodes]
-        blind = [f"{host} ({n['NodeManagerAddress']})" for n, (host, ok)
-                 in zip(nodes, ray.get(refs, timeout=timeout_s)) if not ok]
-    finally:
-        (out / token).unlink(missing_ok=True)
-    if blind:
-        raise RuntimeError(f"--out {out} is not visible on {len(blind)} of {len(nodes)} Ray nodes: "
-                           f"{', '.join(blind)}. Units write their results there: use a path on a "
-                           f"filesystem every node mounts (NFS, a shared volume)")
+        check_shared_dir(out, timeout_s=timeout_s, probe=probe, why="units write their results there")
+    except (ValueError, TimeoutError) as err:
+        raise RuntimeError(f"--out: {err}") from err
 
 
 def _run_unit_task(*args, **kwargs) -> str:
