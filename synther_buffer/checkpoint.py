@@ -43,14 +43,26 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     The swap is two renames (``path`` -> ``path.old``, ``tmp`` -> ``path``); a kill between them
     leaves ``path.old``, which :func:`resolve_directory` returns. On an exception the temporary
     directory is removed and ``path`` is untouched.
+
+    An existing ``path`` is replaced only when it is empty or holds nothing but names the new
+    directory holds too (an earlier save of the same kind): a user's run directory with other files
+    in it is never swapped out and deleted.
+
+    Raises:
+        NotADirectoryError: ``path`` exists and is not a directory.
+        FileExistsError: ``path`` holds entries the new directory would not (named in the message);
+            ``path`` is left as it was.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory; save into a directory path")
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        _check_replaceable(path, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -59,6 +71,17 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_replaceable(path: Path, new: Path) -> None:
+    """Raise ``FileExistsError`` when ``path`` holds entries ``new`` does not (files the swap would delete)."""
+    if not path.is_dir():
+        return
+    foreign = sorted({p.name for p in path.iterdir()} - {p.name for p in new.iterdir()})
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{path} holds {shown}, which this save would not write; it replaces the whole "
+                              f"directory, so it refuses to delete them: save into a new or empty directory")
 
 
 def resolve_directory(path: PathLike) -> Optional[Path]:

@@ -214,7 +214,7 @@ class SynthERConfig:
             out[name] = positive_int(f"SynthERConfig.{name}", getattr(self, name))
         for name in ("batch_size", "sample_batch_size", "train_steps_rows", "max_train_steps"):
             out[name] = positive_int(f"SynthERConfig.{name}", getattr(self, name), optional=True)
-        out["seed"] = check_int("SynthERConfig.seed", self.seed)
+        out["seed"] = check_int("SynthERConfig.seed", self.seed, minimum=0)
         if self.rff_dim % 2:
             raise ValueError(f"SynthERConfig.rff_dim must be even, got {self.rff_dim!r}")
         for name in ("lr", "grad_clip", "sigma_min", "sigma_max", "sigma_data", "rho", "p_std", "s_noise"):

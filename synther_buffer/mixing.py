@@ -111,8 +111,8 @@ class MixingCore:
             synthetic rows are never terminal; pass ``True`` for an env that can terminate but
             rarely does early on.
         device: the device a None ``config`` is chosen for.
-        capacity: real transitions the owner can hold at most; ``min_real`` is clamped to it so that
-            a full buffer can always retrain. None: no clamp.
+        capacity: real transitions the owner can hold at most (>= 2); ``min_real`` is clamped to it so
+            that a full buffer can always retrain. None: no clamp.
         log_fn: ``log_fn(key, value)`` for retrain metrics.
         action_bounds: optional ``(low, high)``; synthetic actions are clipped to them.
 
@@ -134,7 +134,10 @@ class MixingCore:
         self.store_layout = RowLayout(obs_dim, action_dim, terminal=True)
         self.pool = SyntheticPool(self.store_layout.with_terminal(model_terminals is True), self.config, log_fn)
         if capacity is not None:  # a full buffer may always retrain
-            self.pool.min_real = min(self.config.min_real, _positive_int("capacity", capacity))
+            if _positive_int("capacity", capacity) < 2:
+                raise ValueError(f"capacity must be at least 2 (a retrain fits on two or more transitions), "
+                                 f"got {capacity!r}")
+            self.pool.min_real = min(self.config.min_real, int(capacity))
         if action_bounds is not None:
             self.pool.set_action_bounds(*action_bounds)
 

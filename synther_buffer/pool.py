@@ -210,6 +210,7 @@ class SyntheticPool:
     # ------------------------------------------------------------------ schedule
     @property
     def num_synthetic(self) -> int:
+        """Rows in the synthetic pool (0 before the first retrain)."""
         return 0 if self.pool is None else int(self.pool.shape[0])
 
     def step(self, n: int) -> None:
@@ -223,8 +224,10 @@ class SyntheticPool:
             num_real: real transitions stored now.
 
         Returns:
-            True when ``retrain_every`` env steps have passed since the last retrain and
-            ``num_real >= min_real`` (never while a background retrain is in flight).
+            True when the env-step count has reached the next point of the schedule's grid
+            (multiples of ``retrain_every``: with ``min_real`` above ``retrain_every`` the first retrain
+            waits for the data and the second comes at the next multiple, not ``retrain_every`` after
+            it) and ``num_real >= min_real`` (never while a background retrain is in flight).
         """
         self.poll()
         return (self._worker is None and self.env_steps >= self.next_retrain

@@ -203,6 +203,9 @@ class GenerativeReplay(HasBatchDevice, UsesMixingCore):
         Written to a temporary sibling directory first and swapped in, so a kill mid-save leaves the
         previous checkpoint intact. Everything loads with ``torch.load(weights_only=True)``. Waits for
         an in-flight background retrain first.
+
+        Raises:
+            FileExistsError: ``path`` holds files other than an earlier save's (nothing is deleted).
         """
         state = {**buffer_io.core_state(self, "GenerativeReplay"), "capacity": self.capacity,
                  "on_invalid": self.on_invalid, "pos": self.pos, "full": self.full, "num_dropped": self.num_dropped,

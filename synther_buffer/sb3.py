@@ -255,7 +255,10 @@ class GenerativeReplayBuffer(UsesMixingCore, ReplayBuffer):
         background retrain first.
 
         Args:
-            path: the directory (created; a previous one is replaced atomically).
+            path: the directory (created; a previous save there is replaced atomically).
+
+        Raises:
+            FileExistsError: ``path`` holds files other than an earlier save's (nothing is deleted).
         """
         from .checkpoint import write_weights_only
 

@@ -57,6 +57,9 @@ class WrappedReplay(HasBatchDevice, UsesMixingCore):
             each retrain warns when real actions lie outside them. None (default): no clipping.
         device: where batches go; None (default): where ``sample_real``'s tensors are (the CPU for
             numpy arrays), so tensors already there are never copied through the host.
+        capacity: the most transitions your buffer holds; ``min_real`` is clamped to it so that a
+            buffer smaller than ``config.min_real`` still retrains once full. None (default): no clamp,
+            and a buffer that stops growing below ``min_real`` gets a warning instead of retrains.
 
     Raises:
         ValueError: a bad argument (named in the message).
@@ -91,12 +94,16 @@ class WrappedReplay(HasBatchDevice, UsesMixingCore):
     def __init__(self, sample_real: Callable[[int], Sequence], real_data: Callable[[], Sequence],
                  obs_dim: int, action_dim: int, config: Optional[SynthERConfig] = None,
                  model_terminals: Union[bool, str] = "auto", log_fn: Optional[LogFn] = None,
-                 action_bounds: Optional[tuple] = None, device: Union[str, torch.device, None] = None):
+                 action_bounds: Optional[tuple] = None, device: Union[str, torch.device, None] = None,
+                 capacity: Optional[int] = None):
         self.core = MixingCore(obs_dim, action_dim, config, model_terminals, log_fn=log_fn or log_to_logging,
-                               action_bounds=action_bounds)
+                               action_bounds=action_bounds, capacity=capacity)
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
         self.sample_real, self.real_data = sample_real, real_data
         self.device = device
+        self.capacity = capacity
+        # a due check that finds fewer than min_real rows waits until the gap can have filled
+        self._retry_at, self._short_rows, self._warned_short = 0, None, False
 
     # ------------------------------------------------------------------ real data
     def real_rows(self) -> np.ndarray:
@@ -125,15 +132,31 @@ class WrappedReplay(HasBatchDevice, UsesMixingCore):
         """Count ``n`` env steps; retrain on ``real_data()`` when due. True if a retrain ran.
 
         The real count is known only from ``real_data()``, which is called only when the schedule
-        is due; with fewer than ``min_real`` rows the retrain waits (retried at the next step).
+        is due. With fewer than ``min_real`` rows the retrain waits, and ``real_data()`` is asked again
+        only once enough env steps have passed to fill the gap (each adds at most one row); a buffer
+        that has stopped growing below ``min_real`` gets one warning (pass ``capacity``).
 
         Raises:
             ValueError: ``real_data()`` returned bad fields (see ``real_rows``).
         """
-        if not self.core.step(n, self.core.min_real):
+        min_real = self.core.min_real
+        if not self.core.step(n, min_real) or self.core.pool.env_steps < self._retry_at:
             return False
         rows = self.real_rows()
-        return rows.shape[0] >= self.core.min_real and self.core.retrain(rows)
+        if rows.shape[0] >= min_real:
+            self._short_rows = None
+            return self.core.retrain(rows)
+        stalled = self._short_rows is not None and rows.shape[0] <= self._short_rows
+        if stalled and not self._warned_short:
+            self._warned_short = True
+            warnings.warn(f"real_data() still returns {rows.shape[0]} transitions, fewer than min_real={min_real}, "
+                          f"and has stopped growing: SynthER does not retrain. If your buffer holds at most "
+                          f"{rows.shape[0]}, pass capacity={rows.shape[0]} (or lower SynthERConfig.min_real).",
+                          UserWarning, stacklevel=2)
+        self._short_rows = rows.shape[0]
+        wait = self.core.config.retrain_every if stalled else min_real - rows.shape[0]
+        self._retry_at = self.core.pool.env_steps + wait
+        return False
 
     def retrain(self) -> bool:
         """Retrain now on ``real_data()``; as ``GenerativeReplay.retrain``."""
@@ -171,8 +194,11 @@ class WrappedReplay(HasBatchDevice, UsesMixingCore):
 
         The real transitions are your buffer's and are not written: save and restore them as you
         do without SynthER.
+
+        Raises:
+            FileExistsError: ``path`` holds files other than an earlier save's (nothing is deleted).
         """
-        buffer_io.write(path, buffer_io.core_state(self, "WrappedReplay"))
+        buffer_io.write(path, {**buffer_io.core_state(self, "WrappedReplay"), "capacity": self.capacity})
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], sample_real: Callable[[int], Sequence],
@@ -197,6 +223,7 @@ class WrappedReplay(HasBatchDevice, UsesMixingCore):
         path, state, _ = buffer_io.read(path, "WrappedReplay")
         with buffer_io.restoring("WrappedReplay", path):
             buf = cls(sample_real, real_data, state["obs_dim"], state["action_dim"],
-                      buffer_io.saved_config(state, device), state["model_terminals"], log_fn)
+                      buffer_io.saved_config(state, device), state["model_terminals"], log_fn,
+                      capacity=state.get("capacity"))
             buffer_io.restore_core(buf, state)
         return buf

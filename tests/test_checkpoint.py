@@ -33,12 +33,49 @@ def test_atomic_directory_swaps_whole_or_keeps_old(tmp_path):
     assert (path / "a.txt").read_text() == "one"                      # the old one is intact
     assert not path.with_name("ckpt.tmp").exists()
     with atomic_directory(path) as d:
+        (d / "a.txt").write_text("two")
         (d / "b.txt").write_text("two")
-    assert sorted(p.name for p in path.iterdir()) == ["b.txt"] and not path.with_name("ckpt.old").exists()
+    assert sorted(p.name for p in path.iterdir()) == ["a.txt", "b.txt"] and not path.with_name("ckpt.old").exists()
+    assert (path / "a.txt").read_text() == "two"
     # a kill between the swap's two renames leaves only ckpt.old: it is found
     path.rename(path.with_name("ckpt.old"))
     assert resolve_directory(path) == path.with_name("ckpt.old")
     assert resolve_directory(tmp_path / "missing") is None
+
+
+def test_atomic_directory_never_deletes_files_it_did_not_write(tmp_path):
+    """Saving into a user's run directory must not swap it out with their files in it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.csv").write_text("mine")
+    with pytest.raises(FileExistsError, match="results.csv"):
+        with atomic_directory(run) as d:
+            (d / "state.pt").write_text("new")
+    assert sorted(p.name for p in run.iterdir()) == ["results.csv"]      # untouched
+    assert not run.with_name("run.tmp").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_directory(empty) as d:                                  # an empty directory is fine
+        (d / "state.pt").write_text("new")
+    assert (empty / "state.pt").read_text() == "new"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        with atomic_directory(tmp_path / "afile") as d:
+            pass
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_buffer_save_refuses_a_directory_with_other_files(tmp_path):
+    from synther_buffer import GenerativeReplay, SynthERConfig
+
+    buf = GenerativeReplay(3, 2, capacity=10, config=SynthERConfig.preset("tiny"))
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        buf.save(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    buf.save(tmp_path / "buf")
+    buf.save(tmp_path / "buf")                                          # a second save replaces the first
+    assert GenerativeReplay.load(tmp_path / "buf").obs_dim == 3
 
 
 def test_rng_state_round_trip_through_json():

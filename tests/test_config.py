@@ -226,7 +226,7 @@ def test_replace_unknown_field_raises_naming_it():
     ("width", 2.5), ("train_steps", True), ("real_ratio", float("nan")), ("device", ""),
     ("compile", 1), ("compile", "yes"), ("async_retrain", 0), ("precision", "fp16"), ("precision", None),
     ("precision", "BF16"), ("gradients", "fast"), ("gradients", None), ("gradients", True),
-    ("param_layout", "packed"), ("param_layout", False), ("min_real", 0), ("seed", 1.5), ("outlier_std", 0.0),
+    ("param_layout", "packed"), ("param_layout", False), ("min_real", 0), ("seed", 1.5), ("seed", -1), ("outlier_std", 0.0),
 ])
 def test_invalid_values_raise_naming_field(field, value):
     with pytest.raises(ValueError, match=field):

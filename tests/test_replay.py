@@ -136,7 +136,7 @@ def test_ring_batch_crossing_boundary_and_oversized_batch():
 
 
 @settings(max_examples=60, deadline=None)
-@given(capacity=st.integers(1, 8), batches=st.lists(st.integers(1, 12), min_size=1, max_size=8))
+@given(capacity=st.integers(2, 8), batches=st.lists(st.integers(1, 12), min_size=1, max_size=8))
 def test_ring_keeps_newest(capacity, batches):
     buf = GenerativeReplay(OBS, ACT, capacity=capacity, config=NO_RETRAIN)
     t = 0
@@ -309,7 +309,7 @@ def test_sample_argument_checks():
             buf.sample(bad)
 
 
-@pytest.mark.parametrize("bad", [dict(capacity=0), dict(capacity=2.0), dict(on_invalid="ignore"),
+@pytest.mark.parametrize("bad", [dict(capacity=0), dict(capacity=1), dict(capacity=2.0), dict(on_invalid="ignore"),
                                  dict(config={"width": 8}), dict(config="tiny")])
 def test_constructor_rejects_bad_arguments(bad):
     kw = dict(capacity=10, config=NO_RETRAIN)

@@ -138,6 +138,56 @@ def test_warns_when_most_real_rows_are_all_zeros(tiny_cfg, fake_diffusion):
         assert fine.step(100)
 
 
+class CountingBuffer(ArrayBuffer):
+    """An ArrayBuffer that counts ``real_data()`` calls (each copies the whole buffer)."""
+
+    calls = 0
+
+    def all(self):
+        self.calls += 1
+        return super().all()
+
+
+def test_a_buffer_smaller_than_min_real_warns_once_and_is_not_copied_every_step(tiny_cfg, fake_diffusion):
+    cfg = tiny_cfg.replace(retrain_every=10, min_real=100)
+    mine = CountingBuffer(1000)
+    mine.store(transitions(50))                         # a buffer that holds 50 and stays at 50
+    synth = WrappedReplay(mine.sample, mine.all, OBS, ACT, config=cfg)
+    with pytest.warns(UserWarning, match=r"still returns 50 transitions, fewer than min_real=100.*capacity=50") as w:
+        ran = [synth.step() for _ in range(300)]
+    assert not any(ran) and synth.stats()["retrain_count"] == 0
+    assert len([x for x in w if "min_real" in str(x.message)]) == 1
+    assert mine.calls <= 300 // 10 + 1                  # at most once per retrain_every, not once per step
+    told = WrappedReplay(mine.sample, mine.all, OBS, ACT, config=cfg, capacity=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert any(told.step() for _ in range(10))      # capacity clamps min_real: the full buffer retrains
+
+
+def test_a_growing_buffer_retrains_as_soon_as_it_holds_min_real(tiny_cfg, fake_diffusion):
+    cfg = tiny_cfg.replace(retrain_every=10, min_real=100)
+    mine = CountingBuffer(1000)
+    synth = WrappedReplay(mine.sample, mine.all, OBS, ACT, config=cfg)
+    data = transitions(200)
+    for t in range(1, 201):
+        mine.store(tuple(f[t - 1:t] for f in data))
+        if synth.step():
+            break
+    assert t == 100 and mine.size == 100                # the first due step with 100 rows, as before
+    assert mine.calls == 2                              # at step 10 (10 rows: wait 90 steps) and step 100
+
+
+def test_capacity_is_saved_and_restored(tiny_cfg, tmp_path):
+    mine = filled()
+    synth = WrappedReplay(mine.sample, mine.all, OBS, ACT, config=tiny_cfg.replace(min_real=100), capacity=40)
+    assert synth.core.min_real == 40
+    synth.save(tmp_path / "w")
+    back = WrappedReplay.load(tmp_path / "w", mine.sample, mine.all)
+    assert back.capacity == 40 and back.core.min_real == 40
+    with pytest.raises(ValueError, match="capacity must be at least 2"):
+        WrappedReplay(mine.sample, mine.all, OBS, ACT, config=tiny_cfg, capacity=1)
+
+
 # ============================================================================ device
 def test_tensor_fields_make_no_host_round_trip(monkeypatch):
     mine = filled(torch_fields=True)
