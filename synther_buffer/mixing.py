@@ -276,9 +276,13 @@ class MixingCore:
                 ``model_terminals`` says; checkpoints of version 0.1.0 never say).
 
         Raises:
-            ValueError: the saved model's width does not match the layout.
+            ValueError: the saved model's width does not match the layout, or its terminal column
+                differs from a model this core already has (load into a fresh buffer).
         """
         if terminal_column is not None and bool(terminal_column) != self.model_layout.terminal:
+            if self.pool.model is not None or self.pool.retraining:
+                raise ValueError(f"the checkpoint's model {'has' if terminal_column else 'lacks'} the terminal column "
+                                 f"and this buffer's trained model does not: load into a fresh buffer")
             self.pool.set_layout(self.model_layout.with_terminal(terminal_column))
         self.pool.load_state_dict(pool_state)
         model = self.pool.model

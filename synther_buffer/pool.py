@@ -352,6 +352,14 @@ class SyntheticPool:
         return {"relevance": self.relevance, "scores": scores}
 
     def _install(self, result: dict) -> bool:
+        """Swap in a finished retrain's model and pool (or count a failed one); True if installed.
+
+        A pool the outlier filter emptied counts as failed: the previous model and pool stay, rather
+        than batches silently falling back to all real rows.
+        """
+        if result["error"] is None and len(result["pool"]) == 0:
+            result = {**result, "error": f"the outlier filter removed all {result['filtered']} generated rows "
+                                         f"(outlier_std={self.config.outlier_std})"}
         if result["error"] is not None:
             self.failed_retrains += 1
             log.warning("SynthER retrain at env step %d failed (%s); keeping the previous pool",

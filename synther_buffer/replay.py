@@ -76,11 +76,11 @@ class GenerativeReplay(HasBatchDevice, UsesMixingCore):
                  config: Optional[SynthERConfig] = None, model_terminals: Union[bool, str] = "auto",
                  on_invalid: str = "raise", log_fn: Optional[LogFn] = None,
                  action_bounds: Optional[tuple] = None, device: Union[str, torch.device, None] = None):
+        if on_invalid not in ON_INVALID:   # before the core, which may start a Ray actor
+            raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
         self.core = MixingCore(obs_dim, action_dim, config, model_terminals, capacity=capacity,
                                log_fn=log_fn or log_to_logging, action_bounds=action_bounds)
         self.device = CPU if device is None else device
-        if on_invalid not in ON_INVALID:
-            raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
         self.capacity = int(capacity)
         self.on_invalid = on_invalid

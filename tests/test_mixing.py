@@ -152,6 +152,15 @@ def test_core_layout_is_fixed_once_a_model_exists(tiny_cfg, fake_diffusion):
         core.pool.set_layout(core.model_layout.with_terminal(False))
     with pytest.raises(ValueError, match="widths"):
         MixingCore(OBS, ACT, small(tiny_cfg)).pool.set_layout(RowLayout(OBS + 1, ACT))
+    # a checkpoint without the terminal column cannot load into this trained core: a named ValueError
+    other = MixingCore(OBS, ACT, small(tiny_cfg), model_terminals=False)
+    assert other.retrain(rows) and not other.model_layout.terminal
+    state = other.state_dict()
+    with pytest.raises(ValueError, match="lacks the terminal column.*fresh buffer"):
+        core.load_state_dict(state["pool"], state["terminal_column"])
+    fresh = MixingCore(OBS, ACT, small(tiny_cfg))
+    fresh.load_state_dict(state["pool"], state["terminal_column"])     # a fresh core takes it
+    assert not fresh.model_layout.terminal and fresh.pool.num_synthetic == other.pool.num_synthetic
 
 
 def test_core_min_real_is_clamped_to_the_capacity(tiny_cfg):
@@ -159,6 +168,8 @@ def test_core_min_real_is_clamped_to_the_capacity(tiny_cfg):
     assert MixingCore(OBS, ACT, tiny_cfg.replace(min_real=500)).min_real == 500
     with pytest.raises(ValueError, match="capacity"):
         MixingCore(OBS, ACT, tiny_cfg, capacity=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        MixingCore(OBS, ACT, tiny_cfg, capacity=1)
 
 
 def test_core_batch_puts_real_rows_first_and_zero_terminals_where_not_modelled(tiny_cfg):

@@ -231,7 +231,7 @@ def _feed(buf, seed: int, n: int, term_p: float = 0.0):
         buf.add(obs[i], act[i], rew[i], nxt[i], term[i])
 
 
-@pytest.mark.parametrize("where", ["fit_loss", "samples"])
+@pytest.mark.parametrize("where", ["fit_loss", "samples", "all_outliers"])
 def test_nan_mid_retrain_keeps_old_pool_and_model(tiny_cfg, monkeypatch, caplog, where):
     caplog.set_level(logging.WARNING, logger="synther_buffer.pool")
     buf = GenerativeReplay(OBS, ACT, capacity=1000, config=small(tiny_cfg), model_terminals=False)
@@ -244,9 +244,9 @@ def test_nan_mid_retrain_keeps_old_pool_and_model(tiny_cfg, monkeypatch, caplog,
         for name in ("edm_loss_from_noise", "edm_loss_and_grads_unchecked"):   # autograd and manual paths
             real = getattr(diffusion_mod, name)
             monkeypatch.setattr(diffusion_mod, name, lambda *a, _real=real, **k: _real(*a, **k) * float("nan"))
-    else:
-        monkeypatch.setattr(diffusion_mod, "heun_sample",
-                            lambda denoise, x, *a, **k: torch.full_like(x, float("nan")))
+    else:   # NaN rows, or finite rows 1e6 stds out that the outlier filter removes, every one
+        bad = float("nan") if where == "samples" else 1e6
+        monkeypatch.setattr(diffusion_mod, "heun_sample", lambda denoise, x, *a, **k: torch.full_like(x, bad))
     _feed(buf, 1, 100)                                   # env step 200: the retrain fails
     s = buf.stats()
     assert s["failed_retrains"] == 1 and s["retrain_count"] == 1
