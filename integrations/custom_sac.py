@@ -53,6 +53,7 @@ from synther_buffer.train import add_warm_start_arguments
 from synther_buffer.checkpoint import RunCheckpoint, check_resume_settings, set_rng_state
 from synther_buffer.envs import can_terminate, make_env
 from synther_buffer.results import Results, TimingSplit, TrainingMonitor, format_summary
+from synther_buffer.validation import check_run_flags
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -103,8 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.num_min <= args.num_q:
         p.error(f"--num-min must be in [1, --num-q], got {args.num_min} with --num-q {args.num_q}")
-    if args.checkpoint_every < 0:
-        p.error("--checkpoint-every must be >= 0")
+    try:
+        check_run_flags(args)   # ranges of the run flags (--utd >= 1, --tau in (0, 1], ...)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -213,10 +216,10 @@ def main(argv=None) -> int:
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.lr)
     agent_stats = {"alpha": alpha}  # recorded with each evaluation (+ the last actor batch's entropy estimate)
 
-    def policy_fn(obs: np.ndarray) -> np.ndarray:  # deterministic, for evaluation
+    def policy_fn(obs: np.ndarray) -> np.ndarray:  # deterministic, for evaluation: draws no random number
         with torch.no_grad():
-            _, _, action = actor.get_action(torch.as_tensor(obs, device=device).unsqueeze(0))
-        return action[0].cpu().numpy()
+            mean, _ = actor(torch.as_tensor(obs, device=device).unsqueeze(0))
+        return torch.tanh(mean)[0].cpu().numpy()
 
     def td_error(batch) -> torch.Tensor:
         """|Q(s, a) - TD target| of each real transition (``--relevance td``), in chunks on the agent's device."""
@@ -280,6 +283,11 @@ def main(argv=None) -> int:
         ckpt_dir, run = loaded
         try:
             check_resume_settings(run["extra"]["args"], vars(args), may_change=RESUMABLE_FLAGS)
+            if args.total_steps > run["extra"]["args"]["total_steps"]:
+                raise ValueError(f"--total-steps {args.total_steps} is beyond the checkpointed run's "
+                                 f"{run['extra']['args']['total_steps']}: its buffer's capacity and (with "
+                                 f"--no-synther) its never-retrain schedule were sized for that; a resumed "
+                                 f"run may stop earlier, not later")
         except ValueError as e:
             raise SystemExit(f"--resume from {checkpoint.path}: {e}") from None
         state = torch.load(ckpt_dir / "agent.pt", map_location=device, weights_only=True)

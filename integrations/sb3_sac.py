@@ -20,7 +20,8 @@ This file holds what is yours to change (flags, SynthER config, the agent); the 
 ``--checkpoint-every N`` writes ``<out>/checkpoint/`` every N env steps and at the end (SB3's
 ``model.save`` + ``model.save_replay_buffer``, which for SynthER holds the diffusion model, the
 synthetic pool and the schedule; the evaluations so far; the RNG states). ``--resume`` continues
-from it: after a kill, or with a larger ``--total-steps`` to extend a finished run. The resumed run
+from it after a kill (the run's settings unchanged; ``--total-steps`` may only shrink: the buffer was sized for
+it, and a larger one is refused rather than overwriting the oldest real data). The resumed run
 starts a fresh episode and reseeds its envs from the step count, so it is deterministic but not
 bit-identical to a run that was never interrupted.
 
@@ -45,6 +46,7 @@ from synther_buffer.envs import can_terminate
 from synther_buffer.sb3 import GenerativeReplayBuffer
 from synther_buffer.sb3_run import SB3Run, synther_config
 from synther_buffer.train import add_relevance_arguments, add_warm_start_arguments
+from synther_buffer.validation import check_run_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,8 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint if there is one (else start from scratch)")
     args = p.parse_args(argv)
-    if args.checkpoint_every < 0:
-        p.error("--checkpoint-every must be >= 0")
+    try:
+        check_run_flags(args)   # ranges of the run flags (--utd >= 1, --tau in (0, 1], ...)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 

@@ -381,7 +381,12 @@ class TrainingMonitor:
             self.evaluate(0)
 
     def step(self, env_steps: int) -> None:
-        """Call after each env step (after the transition went into the buffer) with the env-step count."""
+        """Call once per env step with the env-step count; an evaluation that falls due runs here.
+
+        Where in the step it is called is the caller's choice: the custom loop calls it after the
+        transition is stored and the step's updates ran; SB3's callback (``_on_step``) before SB3 stores
+        the transition and updates, so an SB3 evaluation sees one env step's updates fewer.
+        """
         new_retrain = self.retrains.poll()
         if self.bar is not None:
             self.bar.update(env_steps - self.env_steps)

@@ -166,6 +166,7 @@ class MonitorCallback(BaseCallback):
         self.monitor, self.checkpoint, self.save_checkpoint, self.busy = monitor, checkpoint, save_checkpoint, busy
 
     def _on_step(self) -> bool:
+        # SB3 calls this right after env.step, before it stores the transition and runs the step's updates
         self.monitor.step(self.num_timesteps)
         return True
 

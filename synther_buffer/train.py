@@ -27,6 +27,7 @@ import sys
 from typing import Optional
 
 from .config import COMPILE_HELP, PRECISION_HELP, PRECISIONS, WARM_START_HELP, WARM_START_STEPS_HELP
+from .validation import check_run_flags
 
 DEFAULT_ENV = "dm_control/cheetah-run-v0"
 PRESETS = ("demo", "fast", "paper", "tiny")
@@ -122,16 +123,7 @@ def synther_config(args: argparse.Namespace):
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("total_steps", "utd", "batch_size", "eval_episodes"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("eval_every",):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.learning_starts is not None and args.learning_starts < 0:
-        raise ValueError(f"--learning-starts must be >= 0, got {args.learning_starts}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_run_flags(args)
 
 
 def run(args: argparse.Namespace) -> int:

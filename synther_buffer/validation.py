@@ -112,3 +112,34 @@ def _describe_range(low, high, low_open: bool, high_open: bool) -> str:
     if low is None:
         return f"a finite number {'<' if high_open else '<='} {high:g}"
     return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+# Training-run flags (``synther train``, integrations/*.py): flag name -> (lowest, highest, whether the
+# lowest is excluded); ``None`` = unbounded. Only the flags a parser defines are checked.
+RUN_FLAG_RANGES = {
+    "total_steps": (1, None, False), "utd": (1, None, False), "policy_updates": (1, None, False),
+    "batch_size": (1, None, False), "hidden": (1, None, False), "eval_episodes": (1, None, False),
+    "threads": (1, None, False), "buffer_size": (1, None, False), "eval_every": (0, None, False),
+    "learning_starts": (0, None, False), "checkpoint_every": (0, None, False), "seed": (0, None, False),
+    "real_ratio": (0.0, 1.0, False), "gamma": (0.0, 1.0, False), "tau": (0.0, 1.0, True), "lr": (0.0, None, True),
+}
+
+
+def check_run_flags(args: Any) -> None:
+    """Check a training script's parsed flags against ``RUN_FLAG_RANGES`` before anything is built.
+
+    Args:
+        args: an ``argparse.Namespace``; flags it lacks, or that are ``None`` (a preset's default),
+            are skipped.
+
+    Raises:
+        ValueError: the first flag out of range, named as on the command line (``--total-steps``).
+    """
+    for name, (low, high, low_open) in RUN_FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        below = value <= low if low_open else value < low
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            raise ValueError(f"{flag} must be {_describe_range(low, high, low_open, False)}, got {value}")

@@ -217,6 +217,26 @@ def test_sb3_sac_resume_refuses_other_settings(sb3_sac, tmp_path):
         sb3_sac.parse_args(["--checkpoint-every", "-1"])
 
 
+@pytest.mark.parametrize("script", ["sb3_sac", "custom_sac"])
+@pytest.mark.parametrize("flag,value", [("--utd", "0"), ("--utd", "-1"), ("--total-steps", "0"), ("--batch-size", "0"),
+                                        ("--learning-starts", "-5"), ("--threads", "0"), ("--eval-episodes", "0"),
+                                        ("--eval-every", "-5"), ("--real-ratio", "2"), ("--real-ratio", "nan"),
+                                        ("--seed", "-1"), ("--checkpoint-every", "-1")])
+def test_scripts_refuse_out_of_range_flags_before_building_anything(script, flag, value, request, capsys):
+    mod = request.getfixturevalue(script)
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args([flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--tau", "2"), ("--tau", "0"), ("--gamma", "1.5"), ("--policy-updates", "0"),
+                                        ("--lr", "0")])
+def test_custom_sac_refuses_out_of_range_agent_flags(custom_sac, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        custom_sac.parse_args([flag, value])
+    assert flag in capsys.readouterr().err
+
+
 def test_custom_sac_script_subprocess(tmp_path):
     out = tmp_path / "custom"
     r = subprocess.run([sys.executable, str(SCRIPTS / "custom_sac.py"), *PENDULUM, *TINY, "--out", str(out)],
@@ -253,6 +273,8 @@ def test_custom_sac_resumes_after_kill(custom_sac, tmp_path, capsys):
     assert agent["q_optimizer"]["state"][0]["step"].item() == (total - 100) * 2   # UTD 2 after 100 random steps
     with pytest.raises(SystemExit, match="--num-q 2 .now 3"):
         custom_sac.main([*flags, "--total-steps", str(total), "--resume", "--num-q", "3"])
+    with pytest.raises(SystemExit, match="beyond the checkpointed run's"):   # its buffer holds `total` rows
+        custom_sac.main([*flags, "--total-steps", str(total + 100), "--resume"])
 
 
 def test_custom_redq_utd20_on_dmc_cheetah(custom_sac, tmp_path, capsys):
