@@ -196,6 +196,19 @@ def test_report_with_two_envs_has_aggregates(tmp_path):
     assert "IQM" in (tmp_path / "summary.md").read_text()
 
 
+def test_report_leaves_out_units_finished_under_other_settings(tmp_path):
+    p = utd20.PRESETS["cpu"]
+    for seed in (0, 1):
+        _fake_unit(tmp_path, p, "cheetah-run", "sac_utd20", seed, 100.0 + seed)
+    old = dataclasses.replace(p, total_steps=5000)                 # seed 2 ran under another budget
+    _fake_unit(tmp_path, old, "cheetah-run", "sac_utd20", 2, 999.0)
+    assert utd20.write_report(tmp_path, reps=50)["final_returns"][0]["n"] == 3    # no preset: all of them
+    s = utd20.write_report(tmp_path, reps=50, preset=p)
+    assert s["final_returns"][0]["n"] == 2 and s["final_returns"][0]["mean"] == pytest.approx(100.5)
+    assert [(u["arm"], u["seed"]) for u in s["stale"]] == [("sac_utd20", 2)]
+    assert "Finished under other settings" in (tmp_path / "summary.md").read_text()
+
+
 # ------------------------------------------------------------------------------------ end to end
 def _bench(out: Path, *extra: str) -> str:
     cmd = [sys.executable, "-m", "benchmarks.utd20", "--preset", "smoke", "--envs", "Pendulum-v1",

@@ -65,7 +65,7 @@ See benchmarks/UTD20.md for the presets' budgets and their arithmetic.
 """
 
 from .cli import DOCS, build_parser, main
-from .report import LATE_EVALS, PAPER_100K, collect, late_return, write_report
+from .report import LATE_EVALS, PAPER_100K, collect, late_return, split_stale, write_report
 from .runner import check_shared_path, ray_connect, run_unit, run_units_on_ray, score_pool
 from .stats import (GYM_REFERENCE, aggregate_scores, iqm, normaliser, probability_of_improvement,
                     probability_of_improvement_ci, stratified_bootstrap_ci)
@@ -78,5 +78,5 @@ __all__ = ["ARMS", "Arm", "DOCS", "GYM_REFERENCE", "LATE_EVALS", "PAPER_100K", "
            "UNIT_FILE", "Unit", "aggregate_scores", "build_parser", "check_shared_path", "collect", "env_dirname",
            "iqm", "late_return", "main", "normaliser", "plan", "probability_of_improvement",
            "probability_of_improvement_ci", "ray_connect", "resume_first", "run_unit", "run_units_on_ray",
-           "score_pool", "settings_match", "stratified_bootstrap_ci", "unit_args", "unit_settings", "unit_status",
+           "score_pool", "settings_match", "split_stale", "stratified_bootstrap_ci", "unit_args", "unit_settings", "unit_status",
            "write_report"]

@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = _root(args.out, preset.default_out)
     work = _root(args.work, preset.default_work) if (args.work or (preset.default_work and not args.out)) else out
     if args.report_only:
-        s = write_report(out, reps=args.bootstrap_reps, work=work)
+        s = write_report(out, reps=args.bootstrap_reps, work=work, preset=preset)
         print((out / "summary.md").read_text())
         if not args.no_docs:
             _update_docs(preset, out, s, total_steps=args.total_steps)
@@ -143,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             CHILDREN.stop_all()
             try:
-                s = write_report(out, reps=args.bootstrap_reps, work=work)
+                s = write_report(out, reps=args.bootstrap_reps, work=work, preset=preset)
                 log(f"report: {out / 'summary.md'}")
                 if not args.no_docs:
                     _update_docs(preset, out, s, total_steps=args.total_steps)

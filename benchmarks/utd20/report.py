@@ -14,8 +14,8 @@ import numpy as np
 
 from .docs import md_table
 from .stats import aggregate_scores, normaliser, probability_of_improvement, probability_of_improvement_ci
-from .units import (ARMS, POOL_FIDELITY_FILE, RUNNING_FILE, UNIT_FILE, cmdline_mentions, env_dirname,
-                    last_eval, pid_alive, read_json, repo_relative, write_json)
+from .units import (ARMS, POOL_FIDELITY_FILE, RUNNING_FILE, UNIT_FILE, Preset, Unit, cmdline_mentions, env_dirname,
+                    last_eval, pid_alive, read_json, repo_relative, settings_match, unit_settings, write_json)
 
 # Published 100K-env-step DMC returns (5 seeds, the SynthER and PGR papers' tables), for orientation
 # beside ours: a different budget (10x our cpu preset's), code and hardware. "SAC" is the papers' SAC row.
@@ -250,16 +250,31 @@ def _pool_fidelity(done: List[Dict[str, Any]], arms: List[str]) -> Section:
     return records, header, rows
 
 
-def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Dict[str, Any]:
+def split_stale(done: List[Dict[str, Any]], preset: Preset) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """``(current, stale)``: finished units (``collect``'s) whose recorded settings do, or do not, equal
+    what ``preset`` would run for them now (a changed library preset, flag or budget). An arm this
+    version does not know is kept: there is nothing to compare it with."""
+    current, stale = [], []
+    for u in done:
+        if u["arm"] in ARMS and not settings_match(u["settings"], unit_settings(preset, Unit(u["env"], u["arm"], u["seed"]))):
+            stale.append(u)
+        else:
+            current.append(u)
+    return current, stale
+
+
+def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None,
+                 preset: Optional[Preset] = None) -> Dict[str, Any]:
     """Tables, plots and aggregates from the units under ``out``; returns the summary dict.
 
     Writes ``summary.md`` / ``summary.json``, ``final_returns.{md,csv}``, ``timing.csv``, ``aggregate.csv``
-    and one ``curves_<env>.png`` per env into ``out``.
+    and one ``curves_<env>.png`` per env into ``out``. With ``preset``, units finished under other
+    settings than it gives now are left out of the tables and listed (a campaign run re-runs them).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = collect(out, work)
-    done = data["done"]
+    done, stale = (data["done"], []) if preset is None else split_stale(data["done"], preset)
     envs = sorted({u["env"] for u in done})
     arms = _arm_order(u["arm"] for u in done)
     final_json, final_header, final_rows = _final_returns(done, envs, arms)
@@ -302,6 +317,10 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
         md += ["## Final synthetic pool fidelity (--dump-pool: the last pool replayed in the simulator; errors "
                "in units of the std of the unit's own real transitions, lower is better)", "",
                md_table(pool_header, pool_rows), ""]
+    if stale:
+        md += ["## Finished under other settings (not in the tables: the campaign re-runs them)", "",
+               md_table(["env", "arm", "seed", "final return"],
+                        [[u["env"], u["arm"], u["seed"], _fmt(u["final_return"])] for u in stale]), ""]
     if data["partial"]:
         prow = [[p["env"], p["arm"], p["seed"], "running" if p["alive"] else "interrupted",
                  p["last_eval_step"] if p["last_eval_step"] is not None else "-",
@@ -312,6 +331,7 @@ def write_report(out: Path, reps: int = 2000, work: Optional[Path] = None) -> Di
     (out / "summary.md").write_text("\n".join(md) + "\n")
     summary = {"out": str(out), "final_returns": final_json, "timing": timing_json, "aggregate": agg_json,
                "probability_of_improvement": poi_json, "pool_fidelity": pool_json,
+               "stale": [{k: u[k] for k in ("env", "arm", "seed", "dir", "final_return")} for u in stale],
                "normalisation": norms, "pngs": pngs,
                "units": [{k: u[k] for k in ("env", "arm", "seed", "dir", "final_return", "final_step",
                                             "unit_wall_seconds", "timing", "retrains", "settings")} for u in done],
