@@ -42,6 +42,7 @@ import numpy as np
 
 SPEEDUP_TARGET = 3.0     # fit seconds: cold / warm, at every retrain after the first
 DYN_TARGET = 1.10        # dynamics MSE: warm / cold, at every retrain
+RETRAIN_SEEDING = "seedsequence"   # pool.retrain_seed; files of the older seed + i scheme lack this key
 CSV_KEYS = ("retrain", "rows", "arm", "steps", "warm", "fit_s", "first_loss", "loss", "dynamics_mse",
             "dynamics_mse_se", "reward_mse", "reward_mse_se", "n_scored", "speedup", "dyn_ratio")
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Run the sequence described by parsed CLI ``args``; writes the outputs and returns the result dict."""
     from synther_buffer import SynthERConfig
     from synther_buffer.datasets import from_rows, to_rows
-    from synther_buffer.pool import model_for
+    from synther_buffer.pool import model_for, retrain_seed
 
     from .fidelity.cli import _parse_mix, _set_threads
     from .fidelity.oracles import KEYS, collect_transitions, make_oracle, safe_std, score_transitions
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     reuse = {} if not args.reuse_cold else reused_cold(args.reuse_cold, {
         "env": args.env, "sizes": sizes, "order": args.order, "seed": args.seed,
         "num_synthetic": args.num_synthetic, "policy_mix": args.policy_mix,
-        "episode_seconds": args.episode_seconds}, cfg)
+        "episode_seconds": args.episode_seconds, "retrain_seeding": RETRAIN_SEEDING}, cfg)
     oracle = make_oracle(args.env)
     cells: List[Dict[str, Any]] = []
 
@@ -150,18 +151,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     try:
         chains: Dict[int, Any] = {}
         for i in range(len(sizes)):
-            # the seed SyntheticPool gives retrain i: config.seed + i
+            # the seed SyntheticPool gives retrain i
             if i in reuse:   # the same fit measured by an earlier run (--reuse-cold)
                 cells.append(reuse[i])
                 _log(f"retrain {i} ({sizes[i]:,} rows) cold: reused from {args.reuse_cold}")
             else:
-                cold = model_for(layout, cfg.replace(seed=args.seed + i))
+                cold = model_for(layout, cfg.replace(seed=retrain_seed(args.seed, i)))
                 fit_and_score("cold", i, cold, None, warm=False)
             for k in sweep:
                 if i == 0:   # the first retrain is a full fit: every chain starts from the cold model
                     chains[k] = cold
                     continue
-                warm = model_for(layout, cfg.replace(seed=args.seed + i, warm_start=True,
+                warm = model_for(layout, cfg.replace(seed=retrain_seed(args.seed, i), warm_start=True,
                                                      warm_start_steps=None if k == "default" else k))
                 if not warm.warm_start_from(chains[k]):
                     raise RuntimeError("warm start refused: the chain's previous model does not match")
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "command": "python -m benchmarks.warm_start " + " ".join(args.argv) if getattr(args, "argv", None) else None,
         "env": args.env, "preset": args.preset, "config": cfg.to_dict(), "sizes": sizes, "warm_steps": sweep,
         "order": args.order, "num_synthetic": args.num_synthetic, "seed": args.seed, "threads": args.threads,
+        "retrain_seeding": RETRAIN_SEEDING,
         "policy_mix": args.policy_mix, "episode_seconds": args.episode_seconds, "reuse_cold": args.reuse_cold,
         "torch": torch.__version__, "obs_std": obs_std.tolist(), "reward_std": rew_std,
         "cells": cells, "summary": summarize(cells, sweep), "total_seconds": time.perf_counter() - t_start,

@@ -59,6 +59,18 @@ def check_action_bounds(low, high, action_dim: int, name: str = "action") -> Tup
     return low, high
 
 
+def retrain_seed(seed: int, retrain_index: int) -> int:
+    """The seed of retrain ``retrain_index`` of a run seeded ``seed`` (weights, batches, sampling noise).
+
+    ``seed`` itself for the first retrain; after it, a number from numpy's ``SeedSequence((seed, index))``,
+    so that no two (run seed, retrain) pairs share a stream (with ``seed + index``, run 1's first
+    retrain would repeat run 0's second, and seeds of a benchmark would not be independent).
+    """
+    if retrain_index == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(retrain_index)]).generate_state(1)[0])
+
+
 def model_for(layout: RowLayout, config: SynthERConfig, conditional: bool = False) -> TransitionDiffusion:
     """A fresh ``TransitionDiffusion`` for rows of ``layout``.
 
@@ -576,7 +588,7 @@ def build_pool(config: SynthERConfig, rows: np.ndarray, retrain_index: int, env_
     actor (``synther_buffer.distributed``) given the same arguments.
 
     Args:
-        config: the pool's config; the model is seeded with ``config.seed + retrain_index``.
+        config: the pool's config; the model is seeded with ``retrain_seed(config.seed, retrain_index)``.
         rows: [N, layout.dim] real rows (read only).
         retrain_index: how many retrains were installed before this one (picks the seed).
         env_step: the env step the retrain was submitted at (recorded with the result).
@@ -595,7 +607,7 @@ def build_pool(config: SynthERConfig, rows: np.ndarray, retrain_index: int, env_
         when the fit diverged, the samples were not finite or the relevance model failed (the caller
         keeps its previous pool).
     """
-    cfg = config.replace(seed=config.seed + retrain_index)
+    cfg = config.replace(seed=retrain_seed(config.seed, retrain_index))
     model = model_for(layout, cfg, conditional=relevance is not None)
     if previous is not None and config.warm_start:
         model.warm_start_from(previous)   # False (a layout change): the fit below is a full one

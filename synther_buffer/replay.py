@@ -88,7 +88,7 @@ class GenerativeReplay(HasBatchDevice, UsesMixingCore):
         self.pos = 0
         self.full = False
         self.num_dropped = 0
-        self.rng = np.random.default_rng(self.config.seed + 1)
+        self.rng = np.random.default_rng([self.config.seed, 1])   # real draws: not the pool's stream, nor run seed + 1's
 
     # ------------------------------------------------------------------ adding
     def __len__(self) -> int:

@@ -286,6 +286,22 @@ def test_same_seed_same_pool(tiny_cfg):
     assert not torch.equal(other.pool.pool, bufs[0].pool.pool)
 
 
+def test_runs_with_neighbouring_seeds_share_no_retrain_stream(tiny_cfg):
+    """Run seed 1's first retrain is not run seed 0's second (as it was with ``seed + retrain_index``)."""
+    from synther_buffer.pool import build_pool, retrain_seed
+
+    seeds = {retrain_seed(s, k) for s in range(10) for k in range(30)}
+    assert len(seeds) == 300 and retrain_seed(7, 0) == 7            # distinct; the first retrain keeps the seed
+    layout = RowLayout(OBS, ACT, terminal=False)
+    rows = np.ascontiguousarray(layout.join(*transitions(100, seed=4)))
+    cfg = small(tiny_cfg.replace(async_retrain=False))
+    run0_second = build_pool(cfg, rows, 1, 200, layout)
+    run1_first = build_pool(cfg.replace(seed=1), rows, 0, 200, layout)
+    again = build_pool(cfg, rows, 1, 200, layout)
+    assert np.array_equal(run0_second["pool"], again["pool"])      # deterministic
+    assert not np.array_equal(run0_second["pool"], run1_first["pool"])
+
+
 # ============================================================================ state round-trips
 def test_state_dict_roundtrip_weights_only(tiny_cfg, fake_diffusion, tmp_path):
     pool = SyntheticPool(RowLayout(OBS, ACT, True), small(tiny_cfg))
