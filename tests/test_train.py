@@ -87,7 +87,7 @@ def test_train_bad_inputs_exit_2(tmp_path, capsys):
     assert cli.main(["train", "--total-steps", "0", "--out", str(tmp_path / "y")]) == 2
     assert "--total-steps" in capsys.readouterr().err
     assert cli.main(["train", *TINY, "--real-ratio", "1.5", "--out", str(tmp_path / "z")]) == 2
-    assert "real_ratio" in capsys.readouterr().err
+    assert "--real-ratio must be a number in [0, 1]" in capsys.readouterr().err
 
 
 DESIGN = Path(__file__).resolve().parents[1].parent / "shared" / "DESIGN.md"   # beside the repository
