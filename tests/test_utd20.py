@@ -133,6 +133,8 @@ def test_unit_args_per_arm():
     assert flag(a["synther_utd20"], "--preset") == "fast" and flag(a["synther_utd20"], "--retrain-every") == "2250"
     assert flag(a["redq_utd20"], "--num-q") == "10" and flag(a["redq_utd20"], "--num-min") == "2"
     assert "--no-synther" in a["redq_utd20"] and flag(a["redq_utd20"], "--utd") == "20"
+    assert "--policy-updates" not in a["redq_utd20"]                           # REDQ's own schedule: the script's 1
+    assert flag(a["redq_utd20_pu20"], "--policy-updates") == "20" and flag(a["redq_utd20_pu20"], "--num-q") == "10"
     assert a["synther_utd20_async"] == a["synther_utd20"] + ["--async-retrain"]
     assert "synther_utd20_async" not in utd20.PRESETS["paper"].arms and "--async-retrain" not in a["synther_utd20"]
     assert a["synther_utd20_warm"] == a["synther_utd20"] + ["--warm-start"]          # issue 18, opt-in

@@ -35,6 +35,10 @@ ARMS: Dict[str, Arm] = {a.name: a for a in (
     Arm("synther_utd20", "SAC (SynthER, UTD=20)", "integrations/sb3_sac.py", high_utd=True, synther=True),
     Arm("redq_utd20", "REDQ (UTD=20)", "integrations/custom_sac.py", high_utd=True, synther=False,
         extra=("--num-q", "10", "--num-min", "2")),
+    # REDQ's critics with SAC's actor/temperature schedule (20 updates per env step): separates REDQ's
+    # ensemble from its once-per-env-step temperature, which barely moves in 10K env steps (opt-in).
+    Arm("redq_utd20_pu20", "REDQ (UTD=20, 20 actor updates per env step)", "integrations/custom_sac.py",
+        high_utd=True, synther=False, extra=("--num-q", "10", "--num-min", "2", "--policy-updates", "20")),
     # Issue 6's wall-clock comparison: the SynthER arm with retrains in a background thread (opt-in).
     Arm("synther_utd20_async", "SAC (SynthER, UTD=20, async retrain)", "integrations/sb3_sac.py", high_utd=True,
         synther=True, extra=("--async-retrain",)),
