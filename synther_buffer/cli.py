@@ -176,6 +176,12 @@ def cmd_upsample(args: argparse.Namespace) -> int:
         raise ValueError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
     if args.max_retries < 0:
         raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}")
+    if args.load_model:   # the saved model's own config fits and samples: flags that set another one would be ignored
+        ignored = [flag for flag, given in (("--preset", args.preset is not None), ("--train-steps", args.train_steps),
+                                            ("--compile", args.compile), ("--precision", args.precision)) if given]
+        if ignored:
+            raise ValueError(f"--load-model samples with the saved model's own config; {', '.join(ignored)} would "
+                             f"be ignored: drop {'it' if len(ignored) == 1 else 'them'}")
     cfg, preset = _config(args)
     model = None
     if args.load_model:
@@ -222,6 +228,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from . import report
 
+    if args.max_rows < 1:
+        raise ValueError(f"--max-rows must be >= 1, got {args.max_rows}")
     out = args.out
     if out is None:
         syn = Path(args.synthetic)

@@ -310,11 +310,13 @@ def to_rows(data: Mapping[str, Any], *, model_terminals: Optional[bool] = None) 
     return rows, layout
 
 
-def from_rows(rows: np.ndarray, layout: RowLayout, *, timeouts: Optional[np.ndarray] = None) -> Transitions:
+def from_rows(rows: np.ndarray, layout: RowLayout, *, timeouts: Optional[np.ndarray] = None,
+              terminals: Optional[np.ndarray] = None) -> Transitions:
     """Split rows [N, D] back into ``observations``, ``actions``, ``rewards``, ``next_observations``, ``terminals``.
 
-    Terminals are 0 when the layout does not model them. ``timeouts`` is added when the layout has
-    it (the given array, or zeros: synthetic rows never end an episode by time limit).
+    Where the layout does not model terminals they come from ``terminals`` (real rows' flags), else
+    are 0. ``timeouts`` is added when the layout has it (the given array, or zeros: synthetic rows
+    never end an episode by time limit).
     """
     rows = np.asarray(rows)
     if rows.ndim != 2 or rows.shape[1] != layout.dim:
@@ -325,8 +327,11 @@ def from_rows(rows: np.ndarray, layout: RowLayout, *, timeouts: Optional[np.ndar
     out: Transitions = {k: np.ascontiguousarray(rows[:, s], dtype=np.float32)
                         for k, s in sl.items() if k != "terminals"}
     out["rewards"] = out["rewards"].reshape(n)
-    out["terminals"] = ((rows[:, sl["terminals"]].reshape(n) > 0.5) if layout.terminal
-                        else np.zeros(n, dtype=bool)).astype(tdt)
+    if layout.terminal:
+        out["terminals"] = (rows[:, sl["terminals"]].reshape(n) > 0.5).astype(tdt)
+    else:
+        out["terminals"] = (np.zeros(n, dtype=tdt) if terminals is None
+                            else (np.asarray(terminals).reshape(n) > 0.5).astype(tdt))
     if layout.timeouts:
         out["timeouts"] = (np.zeros(n, dtype=tdt) if timeouts is None
                            else np.asarray(timeouts).reshape(n).astype(tdt))

@@ -292,7 +292,7 @@ class ShardedGeneration:
             if str(device).startswith("cuda") and gpus == 0:
                 raise ValueError(f"device {device!r}, but the Ray cluster has no GPUs")
             self.nodes = sum(1 for n in self.ray.nodes() if n.get("Alive"))
-            if self.nodes > 1:
+            if self.nodes > 1 or not self.started:   # a remote cluster, even of one node, may not see it
                 check_shared_dir(Path(shared_dir))
         except BaseException:
             self.shutdown()
@@ -334,6 +334,8 @@ class ShardedGeneration:
             num_cpus=self.cpus_per_worker, num_gpus=1 if self.use_gpus else 0, max_retries=self.max_retries,
             retry_exceptions=False, scheduling_strategy="SPREAD", runtime_env=worker_runtime_env())
         self.owner = [0] * n_chunks
+        self.results = [None] * shards
+        self.offset = [0] * shards
         for i in range(shards):
             shard_plan = []
             for c in range(bounds[i], bounds[i + 1]):
@@ -341,8 +343,6 @@ class ShardedGeneration:
                 shard_plan.append((c, end - start - r))
                 self.owner[c] = i
             self.refs.append(task.remote(state_ref, i, shard_plan, spec, str(self.parts_dir), self.use_gpus))
-        self.results = [None] * shards
-        self.offset = [0] * shards
         return self
 
     def _wait_for(self, shard: int) -> None:
@@ -384,17 +384,22 @@ class ShardedGeneration:
                 raise RuntimeError(f"shard {i} drew {self.results[i]['rows']} rows, the merge used {self.offset[i]}")
         self._remove_parts()
 
-    def abort(self, settle_s: float = 600.0) -> None:
-        """On failure: let the shards still running settle (up to ``settle_s``), then remove the part files.
+    def abort(self, settle_s: float = 60.0) -> None:
+        """On failure or Ctrl-C: cancel the shards still running, let them settle (up to ``settle_s``),
+        and remove the part files whatever happens meanwhile (a second Ctrl-C included).
 
-        No ``ray.cancel(force=True)``: force-cancelling a task that is just completing trips an internal
-        check in Ray 2.60 that aborts the driver process. Waiting also means no shard writes into the
-        parts directory after it is removed.
+        The cancel is not forced (``ray.cancel(force=True)`` on a task that is just completing trips an
+        internal check in Ray 2.60 that aborts the driver process): a running shard gets a
+        ``KeyboardInterrupt``. Waiting means no shard writes into the parts directory after it is removed.
         """
-        pending = [ref for i, ref in enumerate(self.refs) if self.results[i] is None]
-        if pending:
-            self.ray.wait(pending, num_returns=len(pending), timeout=settle_s)  # failures are not raised here
-        self._remove_parts()
+        try:
+            pending = [ref for i, ref in enumerate(self.refs) if self.results[i] is None]
+            for ref in pending:
+                self.ray.cancel(ref, force=False)
+            if pending:
+                self.ray.wait(pending, num_returns=len(pending), timeout=settle_s)  # failures are not raised here
+        finally:
+            self._remove_parts()
 
     def _remove_parts(self) -> None:
         self.open = {}

@@ -64,7 +64,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -218,16 +218,17 @@ class _RealIndexStream:
 
 
 class _RealRows:
-    """The real rows a mixture draws, chunk by chunk, without replacement until every row was used (seed E.2)."""
+    """The real rows a mixture draws, chunk by chunk, without replacement until every row was used (seed E.2),
+    with the flag columns the rows do not hold (``timeouts``; ``terminals`` where they are not modelled)."""
 
-    def __init__(self, rows: np.ndarray, timeouts: Optional[np.ndarray], rng: np.random.Generator):
-        self.rows, self.timeouts, self.rng = rows, timeouts, rng
+    def __init__(self, rows: np.ndarray, flags: Dict[str, np.ndarray], rng: np.random.Generator):
+        self.rows, self.flags, self.rng = rows, flags, rng
         self.index = _RealIndexStream(len(rows), rng)
 
-    def take(self, k: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """``k`` real rows and their timeouts (None without)."""
+    def take(self, k: int) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """``k`` real rows and their flags."""
         idx = self.index.take(k)
-        return self.rows[idx], (None if self.timeouts is None else np.asarray(self.timeouts)[idx])
+        return self.rows[idx], {name: np.asarray(v)[idx] for name, v in self.flags.items()}
 
 
 def chunk_plan(num_samples: int, num_real: int, chunk_size: int) -> List[Tuple[int, int, int]]:
@@ -385,7 +386,8 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
                          max_retries)
     num_samples, mix = int(num_samples), float(mix)
     cfg = _upsample_config(config, seed, train_steps, progress)
-    rows, layout, real_timeouts, source_name = _load_rows(source, out, model, model_terminals)
+    _check_not_the_source(source, out)
+    rows, layout, real_flags, source_name = _load_rows(source, out, model, model_terminals)
     if action_bounds is not None:
         if layout is None:
             raise ValueError("action_bounds needs transition data (a plain array has no action columns)")
@@ -424,18 +426,19 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
                              action_low=action_low if action_bounds is not None else None,
                              action_high=action_high if action_bounds is not None else None)
         rng = np.random.default_rng([cfg.seed, 0x5EED])
-        real = _RealRows(rows, real_timeouts, rng) if num_real else None
+        real = _RealRows(rows, real_flags, rng) if num_real else None
         attrs = {"synther_num_real": num_real, "synther_num_synthetic": num_synth, "synther_mix": mix}
         writer = _Writer(out, _output_specs(layout, kind, num_samples, dim), chunk_size, attrs=attrs)
         t_gen = time.perf_counter()
         bar = tqdm(total=num_samples, desc=f"upsample -> {out.name}", unit="row", unit_scale=True,
                    disable=not progress, dynamic_ncols=True)
-        source = _InProcessSynthetic(model, spec) if sharded is None else sharded.start(model, spec, plan, out, bar)
-        try:
+        source = None
+        try:   # the shards' start inside: a failure there also cancels what was submitted and removes the parts
+            source = _InProcessSynthetic(model, spec) if sharded is None else sharded.start(model, spec, plan, out, bar)
             for c, (start, end, r) in enumerate(plan):
-                chunk, timeouts = _fill_chunk(c, end - start, r, dim, source, real, real_timeouts is not None)
+                chunk, flags = _fill_chunk(c, end - start, r, dim, source, real, tuple(real_flags))
                 writer.write(start, {"rows": chunk} if layout is None or kind == "npy"
-                             else from_rows(chunk, layout, timeouts=timeouts))
+                             else from_rows(chunk, layout, **flags))
                 bar.update(end - start)
             source.close()
             bar.close()
@@ -443,7 +446,8 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
         except BaseException:
             bar.close()
             try:
-                source.abort()
+                if source is not None or sharded is not None:
+                    (source if source is not None else sharded).abort()
             finally:
                 writer.abort()
             raise
@@ -526,10 +530,23 @@ def _upsample_config(config: Optional[SynthERConfig], seed: Optional[int], train
     return cfg
 
 
+def _check_not_the_source(source: Any, out: Path) -> None:
+    """``ValueError`` when writing ``out`` would replace the dataset being read (the same file, or a file
+    of a dataset directory such as Minari's)."""
+    if isinstance(source, (np.ndarray, Mapping)) or not out.exists():
+        return
+    src = Path(source)
+    same = src.exists() and (os.path.samefile(src, out) if src.is_file()
+                             else out.resolve().is_relative_to(src.resolve()))
+    if same:
+        raise ValueError(f"the output {out} would overwrite the dataset being upsampled ({source}): write to another path")
+
+
 def _load_rows(source: Any, out: Path, model: Optional[TransitionDiffusion], model_terminals: Optional[bool]
-               ) -> Tuple[np.ndarray, Optional[RowLayout], Optional[np.ndarray], str]:
+               ) -> Tuple[np.ndarray, Optional[RowLayout], Dict[str, np.ndarray], str]:
     """The real rows of ``source`` as float32 [N, D], their layout (None for a plain array), the real
-    ``timeouts`` (None unless the layout keeps them) and the source's name for messages."""
+    rows' flag columns the rows do not hold (``timeouts`` when the layout keeps them, ``terminals`` when
+    it does not model them: a mixture's real rows keep both) and the source's name for messages."""
     data, source_name = _coerce(source)
     if isinstance(data, np.ndarray):
         if output_kind(out) != "npy":
@@ -537,11 +554,14 @@ def _load_rows(source: Any, out: Path, model: Optional[TransitionDiffusion], mod
         rows = np.ascontiguousarray(data, dtype=np.float32)
         if not np.isfinite(rows).all():   # finite as loaded, but float64 beyond float32's range
             raise ValueError(f"{source_name}: the array has values beyond float32's range")
-        return rows, None, None, source_name
+        return rows, None, {}, source_name
     if model is not None and model_terminals is None:  # follow the given model's layout
         model_terminals = bool(model.normalizer.terminal_dims)
     rows, layout = to_rows(data, model_terminals=model_terminals)   # validated: finite, 0/1 terminals
-    return rows, layout, (data.get("timeouts") if layout.timeouts else None), source_name
+    flags = {"timeouts": data["timeouts"]} if layout.timeouts else {}
+    if not layout.terminal:
+        flags["terminals"] = data["terminals"]
+    return rows, layout, flags, source_name
 
 
 def _fit_or_reuse(model: Optional[TransitionDiffusion], layout: Optional[RowLayout], rows: np.ndarray,
@@ -573,23 +593,24 @@ def _output_specs(layout: Optional[RowLayout], kind: str, num_samples: int, dim:
     return specs
 
 
-def _fill_chunk(c: int, b: int, r: int, dim: int, source: Any, real: Optional["_RealRows"], with_timeouts: bool
-                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def _fill_chunk(c: int, b: int, r: int, dim: int, source: Any, real: Optional["_RealRows"], flags: Sequence[str]
+                ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
     """Output chunk ``c``: ``b - r`` synthetic rows from ``source`` and ``r`` real rows, shuffled together
-    when there are real ones (seed E.2); with its timeouts (real rows keep theirs, synthetic get 0)."""
+    when there are real ones (seed E.2); with the flag columns named in ``flags`` (real rows keep
+    theirs, synthetic rows get 0: they never end an episode by time limit, and where terminals are
+    not modelled no synthetic row is terminal)."""
     chunk = np.empty((b, dim), dtype=np.float32)
-    timeouts = np.zeros(b, dtype=np.float32) if with_timeouts else None
+    out = {name: np.zeros(b, dtype=np.float32) for name in flags}
     if b - r:
         chunk[r:] = source.take(c, b - r)
     if r:
-        chunk[:r], real_timeouts = real.take(r)
-        if timeouts is not None:
-            timeouts[:r] = real_timeouts
+        chunk[:r], real_flags = real.take(r)
+        for name in flags:
+            out[name][:r] = real_flags[name]
         perm = real.rng.permutation(b)
         chunk = chunk[perm]
-        if timeouts is not None:
-            timeouts = timeouts[perm]
-    return chunk, timeouts
+        out = {name: v[perm] for name, v in out.items()}
+    return chunk, out
 
 
 # ---------------------------------------------------------------------------------------------- compression

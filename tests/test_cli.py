@@ -50,6 +50,13 @@ def test_upsample_then_report_end_to_end(dataset, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert rc == 0 and "20 real, 20 synthetic" in text
 
+    # flags that only shape a new fit are refused with --load-model, not silently ignored
+    for flag in (["--preset", "paper"], ["--train-steps", "50"], ["--precision", "bf16"], ["--compile"]):
+        rc = cli.main(["upsample", str(dataset / "real.npz"), "--num-samples", "40", "--out",
+                       str(dataset / "no.npz"), "--load-model", str(model), *flag, "--quiet"])
+        assert rc == 2 and f"{flag[0]} would be ignored" in capsys.readouterr().err
+    assert not (dataset / "no.npz").exists()
+
     # --action-bounds clips the synthetic actions (negative numbers parse as values) and says how many
     rc = cli.main(["upsample", str(dataset / "real.npz"), "--num-samples", "30", "--out", str(dataset / "clip.npz"),
                    "--load-model", str(model), "--action-bounds", "-0.25", "0.25", "--quiet"])
@@ -58,6 +65,9 @@ def test_upsample_then_report_end_to_end(dataset, capsys, monkeypatch):
     assert (np.abs(load_transitions(dataset / "clip.npz")["actions"]) <= 0.25).all()
     assert json.loads((dataset / "clip.compression.json").read_text())["action_bounds"] == [[-0.25] * 2, [0.25] * 2]
 
+    for bad in ("0", "-5"):
+        assert cli.main(["report", str(dataset / "real.npz"), str(out), "--max-rows", bad]) == 2
+        assert "--max-rows must be >= 1" in capsys.readouterr().err
     rc = cli.main(["report", str(dataset / "real.npz"), str(out), "--env-id", "Hopper-v5"])
     text = capsys.readouterr().out
     assert rc == 0

@@ -165,6 +165,16 @@ def test_a_failed_shard_leaves_no_output(ray_local, tmp_path, data, fitted, monk
     assert list(tmp_path.iterdir()) == []     # no output, no .tmp, no part directory
 
 
+def test_a_failure_while_the_shards_start_leaves_no_output(ray_local, tmp_path, data, fitted, monkeypatch):
+    """Ctrl-C (or a full object store) while the model goes to the object store: nothing stays behind."""
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        offline.upsample(data, tmp_path / "o.hdf5", model=fitted, workers=2, **KW)
+    monkeypatch.setattr(ray, "put", real_put)
+    assert list(tmp_path.iterdir()) == []     # no output, no .tmp, no part directory
+
+
 def test_a_killed_shard_past_its_retries_fails_cleanly(ray_local, tmp_path, data, fitted, monkeypatch):
     marker = tmp_path / "killed"
     faulty_shards(monkeypatch, 0, lambda spec: KillOnSecondChunk(spec, str(marker)))

@@ -378,6 +378,38 @@ def test_mixture_ratio(tmp_path, fitted, data, mix, num_samples, chunk):
     assert got["timeouts"][~is_real].sum() == 0
 
 
+def test_mixture_real_rows_keep_their_terminals_where_the_model_has_none(tmp_path, data):
+    """A model without the terminal column (``model_terminals=False``) must not erase the real rows' flags."""
+    rows, layout = to_rows(data, model_terminals=False)
+    model = offline.make_model(layout, rows.shape[1], tiny_config())
+    model.fit(rows)
+    out = tmp_path / "mix.npz"
+    upsample(data, out, num_samples=600, model=model, mix=0.5, chunk_size=64, progress=False, write_json=False)
+    got = load_transitions(out)
+    got_rows, _ = to_rows(got, model_terminals=False)
+    by_row = {r.tobytes(): (t, o) for r, t, o in zip(rows, data["terminals"], data["timeouts"])}
+    is_real = np.array([r.tobytes() in by_row for r in got_rows])
+    assert is_real.sum() == 300
+    flags = np.array([by_row[r.tobytes()] for r in got_rows[is_real]])
+    np.testing.assert_array_equal(got["terminals"][is_real], flags[:, 0])     # each real row its own terminal
+    np.testing.assert_array_equal(got["timeouts"][is_real], flags[:, 1])
+    assert got["terminals"][is_real].sum() == data["terminals"].sum() == 30
+    assert got["terminals"][~is_real].sum() == 0                               # synthetic: not modelled, 0
+
+
+def test_upsample_refuses_to_overwrite_its_input(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(TransitionDiffusion, "fit", lambda *a, **k: pytest.fail("refused before training"))
+    src = tmp_path / "data.npz"
+    np.savez(src, **data)
+    before = src.read_bytes()
+    with pytest.raises(ValueError, match="would overwrite the dataset"):
+        upsample(src, src, num_samples=10, config=tiny_config(), progress=False)
+    (tmp_path / "link.npz").symlink_to(src)
+    with pytest.raises(ValueError, match="would overwrite the dataset"):
+        upsample(tmp_path / "link.npz", src, num_samples=10, config=tiny_config(), progress=False)
+    assert src.read_bytes() == before
+
+
 # ------------------------------------------------------------------------------------------- compression
 def test_compression_matches_hand_count(tmp_path, fitted):
     model, rows, layout = fitted
