@@ -43,6 +43,8 @@ __all__ = ["SynthERTransform"]
 
 log = logging.getLogger(__name__)
 
+READ_CHUNK = 4096   # storage entries read at once when collecting the real rows for a retrain
+
 
 def _as_key(*parts) -> Union[str, tuple]:
     """A tensordict key from ``parts`` (strings or nested keys): ``"observation"`` or ``("next", "reward")``."""
@@ -140,11 +142,14 @@ class SynthERTransform(Transform):
         n = len(self.storage)
         if n == 0:
             return np.zeros((0, self.core.store_layout.dim), dtype=np.float32)
-        data = self.storage.get(torch.arange(n))
-        if isinstance(data, (list, tuple)):  # a ListStorage returns its items
-            data = torch.stack(list(data))
-        fields = self._fields(data.reshape(-1), "storage")
-        return torch.cat([f.detach().to("cpu", torch.float32) for f in fields], dim=1).numpy()
+        parts = []
+        for start in range(0, n, READ_CHUNK):   # chunks: other entries (pixels, ...) are read a chunk at a time
+            data = self.storage.get(torch.arange(start, min(n, start + READ_CHUNK)))
+            if isinstance(data, (list, tuple)):  # a ListStorage returns its items
+                data = torch.stack(list(data))
+            fields = self._fields(data.reshape(-1), "storage")
+            parts.append(torch.cat([f.detach().to("cpu", torch.float32) for f in fields], dim=1).numpy())
+        return np.concatenate(parts)
 
     def _fields(self, td: TensorDictBase, where: str) -> list:
         """The five fields of ``td`` flattened to [N, width] (obs, action, reward, next_obs, terminal)."""

@@ -97,6 +97,17 @@ def test_every_later_batch_is_half_synthetic(filled):
     assert filled["synther"].stats()["env_steps"] == 250 and filled["synther"].stats()["num_real"] == 250
 
 
+def test_real_rows_read_in_chunks_equal_one_read(filled, monkeypatch):
+    import synther_buffer.torchrl as synther_torchrl
+
+    synther, storage = filled["synther"], filled["storage"]
+    whole = synther.real_rows()
+    monkeypatch.setattr(synther_torchrl, "READ_CHUNK", 7)         # 250 rows: 36 chunks, the last of 5
+    np.testing.assert_array_equal(synther.real_rows(), whole)
+    obs = storage.get(torch.arange(len(storage)))["observation"].numpy()
+    np.testing.assert_array_equal(whole[:, :3], obs)              # storage order, every row once
+
+
 def test_extend_names_a_missing_or_misshaped_entry():
     env = GymEnv("Pendulum-v1")
     storage = LazyTensorStorage(100)
