@@ -124,8 +124,10 @@ def _check_array(x: np.ndarray, source: str) -> np.ndarray:
 def _require_keys(data: Mapping[str, Any], available: Sequence[str], source: Path) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
+        hint = (" (a D4RL HDF5 file without next_observations needs timeouts to derive them)"
+                if missing == ["next_observations"] else "")
         raise ValueError(f"{source}: missing key(s) {missing}; a transition dataset needs {list(REQUIRED_KEYS)} "
-                         f"(found {sorted(available)})")
+                         f"(found {sorted(available)}){hint}")
 
 
 def _open_hdf5(p: Path):
