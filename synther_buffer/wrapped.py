@@ -101,7 +101,7 @@ class WrappedReplay(HasBatchDevice, UsesMixingCore):
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
         self.sample_real, self.real_data = sample_real, real_data
         self.device = device
-        self.capacity = capacity
+        self.capacity = None if capacity is None else int(capacity)
         # a due check that finds fewer than min_real rows waits until the gap can have filled
         self._retry_at, self._short_rows, self._warned_short = 0, None, False
 
