@@ -122,14 +122,10 @@ def synther_config(args: argparse.Namespace):
     return apply_flags(SynthERConfig.preset(args.preset), args)
 
 
-def _check(args: argparse.Namespace) -> None:
-    check_run_flags(args)
-
-
 def run(args: argparse.Namespace) -> int:
     """Train, evaluate, write the results and print the table. Returns the exit status (2: bad inputs)."""
     try:
-        _check(args)
+        check_run_flags(args)
         setup = _setup(args)
     except ValueError as e:
         print(f"synther train: error: {e}", file=sys.stderr)
