@@ -56,7 +56,7 @@ class SynthERConfig:
         lr: Adam learning rate, cosine-annealed to 0 over the fit's steps.
         ema_decay: largest decay of the EMA of the weights that sampling uses (``ema.EMA``: it copies
             the weights for a warm-up, then its decay grows towards this value).
-        ema_every: the EMA is updated every ``ema_every`` training steps.
+        ema_every: the EMA is updated every ``ema_every`` training steps, and after a fit's last.
         grad_clip: max global gradient norm (reference code: 1.0).
         compile: run the training step's loss and gradients through ``torch.compile``. Opt-in: the
             first fit of a process pays a one-off compilation (later fits of the same shapes reuse it);
@@ -227,6 +227,9 @@ class SynthERConfig:
         if out["max_train_steps"] is not None and out["max_train_steps"] < out["train_steps"]:
             raise ValueError(f"SynthERConfig.max_train_steps ({self.max_train_steps}) must be >= train_steps "
                              f"({self.train_steps})")
+        if out["s_tmin"] > out["s_tmax"]:   # an empty window: churn silently off
+            raise ValueError(f"SynthERConfig.s_tmin ({self.s_tmin}) must be <= s_tmax ({self.s_tmax}); "
+                             "s_churn=0 turns churn off")
         if not out["sigma_min"] < out["sigma_max"]:
             raise ValueError(f"SynthERConfig.sigma_min ({self.sigma_min}) must be < sigma_max ({self.sigma_max})")
         out["ema_decay"] = finite_float("SynthERConfig.ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
@@ -256,6 +259,10 @@ class SynthERConfig:
         out["guidance_scale"] = finite_float("SynthERConfig.guidance_scale", self.guidance_scale, low=0.0)
         out["cond_dropout"] = finite_float("SynthERConfig.cond_dropout", self.cond_dropout, low=0.0, high=1.0,
                                            high_open=True)
+        if out["cond_dropout"] == 0.0 and out["guidance_scale"] != 1.0:
+            raise ValueError(f"SynthERConfig.cond_dropout=0 never trains the unconditional branch that "
+                             f"guidance_scale={self.guidance_scale} samples with: use cond_dropout > 0, or "
+                             "guidance_scale=1 (the conditional model alone)")
         out["relevance_top_frac"] = finite_float("SynthERConfig.relevance_top_frac", self.relevance_top_frac,
                                                  low=0.0, high=1.0, low_open=True)
         out["relevance_train_steps"] = positive_int("SynthERConfig.relevance_train_steps",

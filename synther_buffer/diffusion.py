@@ -24,7 +24,7 @@ from .ema import EMA, EMA_WARMUP, ema_decay_at  # noqa: F401  (ema_decay_at, EMA
 from .guidance import (ConditionalEDMPrecond, GuidedDenoiser, build_conditional_denoiser, cond_edm_loss_from_noise,
                        dropout_keep)
 from .manual_grad import edm_loss_and_grads_unchecked
-from .normalizer import Normalizer
+from .normalizer import Normalizer, constant_columns
 from .relevance import ScoreStats, check_scores, draw_conditions, top_fraction
 from .train_step import choose_train_step, compiled, matmul_autocast  # noqa: F401  (compiled: old home)
 from .validation import positive_int, non_negative_int
@@ -126,6 +126,10 @@ def warm_normalizer(previous: Normalizer, x: np.ndarray) -> Normalizer:
     and outputs mean what they meant: the previous model's function, on any data, is where the fit
     starts), with the constant columns found again in ``x`` (``sample`` writes those back exactly).
 
+    A column constant in ``x`` takes the mean and std a full fit gives it, so it trains on 0 as in a
+    full fit: under the kept ones its one value could sit any number of old stds away, a target that
+    would dominate the loss although ``sample`` overwrites the column anyway.
+
     Refitting the mean and std instead measured worse: the EMA, continued from the previous one, then
     averages weights that worked in two different coordinate systems (benchmarks/WARM_START.md).
 
@@ -139,6 +143,8 @@ def warm_normalizer(previous: Normalizer, x: np.ndarray) -> Normalizer:
     out = copy.deepcopy(previous)
     fresh = copy.deepcopy(previous).fit(x)
     out.constant, out.constant_value = fresh.constant, fresh.constant_value
+    out.mean = np.where(fresh.constant, fresh.mean, out.mean).astype(np.float32)
+    out.std = np.where(fresh.constant, fresh.std, out.std).astype(np.float32)
     return out
 
 
@@ -161,7 +167,7 @@ def normalizer_drift(normalizer: Normalizer, x: np.ndarray) -> Optional[str]:
     std = x.std(axis=0, dtype=np.float64) / normalizer.std
     judged = np.ones(normalizer.dim, dtype=bool)
     judged[list(normalizer.terminal_dims) + list(normalizer.skip_dims)] = False
-    judged &= x.max(axis=0) > x.min(axis=0)
+    judged &= ~constant_columns(x)   # warm_normalizer gives these a full fit's mean and std
     for j in np.flatnonzero(judged):
         if abs(mean[j]) > WARM_MAX_MEAN:
             return f"column {j}'s mean moved {mean[j]:+.2f} stds (limit {WARM_MAX_MEAN:g})"
@@ -276,8 +282,9 @@ class TransitionDiffusion:
 
         Returns:
             ``{"loss", "seconds", "steps", "batch_size", "compiled", "gradients", "warm", "warm_skipped",
-            "first_loss"}``: loss is the mean over the last logging window, first_loss the first
-            step's; compiled whether ``config.compile`` took effect; gradients ``"manual"``
+            "first_loss", "ema_steps"}``: loss is the mean over the last logging window, first_loss the
+            first step's; ema_steps the EMA schedule's step count after this fit (a warm fit continues
+            the previous one's); compiled whether ``config.compile`` took effect; gradients ``"manual"``
             (``synther_buffer/manual_grad.py``) or ``"autograd"``; warm whether this fit continued
             from the previous model; warm_skipped, when a warm fit was asked for and the data had
             drifted from the normaliser, why (in words; else None).
@@ -379,7 +386,7 @@ class TransitionDiffusion:
                 train.first_loss = float(loss)   # one host sync per fit: where training started from
             loss_sum += loss
             window += 1
-            ema.update(step, train.params)
+            ema.update(step, train.params, last=step == steps)
             if step % log_every == 0 or step == steps:
                 last_loss = (loss_sum / window).item()  # the one host sync per logging window
                 loss_sum.zero_()
@@ -716,6 +723,11 @@ class TransitionDiffusion:
         if not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x))[0]
             raise ValueError(f"x has non-finite values (first at row {bad[0]}, column {bad[1]})")
+        too_big = np.abs(x) > np.finfo(np.float32).max   # finite here, inf once cast for training
+        if too_big.any():
+            bad = np.argwhere(too_big)[0]
+            raise ValueError(f"x has values beyond float32's range, which the model trains in (first at row "
+                             f"{bad[0]}, column {bad[1]}: {x[bad[0], bad[1]]:g})")
         return x
 
     def __repr__(self) -> str:

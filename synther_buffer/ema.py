@@ -39,13 +39,14 @@ def ema_decay_at(step: int, max_decay: float, warmup: int = EMA_WARMUP) -> float
 class EMA:
     """A frozen copy of a network whose weights follow the trained ones as an exponential average.
 
-    Every ``every``-th step, ``update(step, source)`` moves each averaged tensor towards its source:
+    Every ``every``-th step, and on a fit's last (``last=True``), ``update(step, source)`` moves each
+    averaged tensor towards its source:
     ema <- decay * ema + (1 - decay) * source, with decay = ``ema_decay_at(step, max_decay, warmup)``.
 
     Args:
         model: the network being trained; the EMA starts as a deep copy of it (taken now).
         max_decay: the largest decay (``SynthERConfig.ema_decay``), in [0, 1).
-        every: update on steps that are multiples of ``every`` only (``SynthERConfig.ema_every``).
+        every: update on steps that are multiples of ``every`` (``SynthERConfig.ema_every``), and the last.
         warmup: steps during which the update copies the weights.
         flat: keep the copy's parameters in one flat buffer (``flat.flatten_parameters``), so that an
             update is one op against a flat ``source`` of the same layout.
@@ -72,14 +73,18 @@ class EMA:
         """``ema_decay_at(start_step + step, max_decay, warmup)``."""
         return ema_decay_at(self.start_step + step, self.max_decay, self.warmup)
 
-    def update(self, step: int, source: Sequence[torch.Tensor]) -> None:
-        """After training step ``step``: average ``source`` in (a no-op unless ``every`` divides ``step``).
+    def update(self, step: int, source: Sequence[torch.Tensor], *, last: bool = False) -> None:
+        """After training step ``step``: average ``source`` in (a no-op unless ``every`` divides ``step``
+        or ``last``).
 
         Args:
             step: the training step just taken (1-based).
             source: the trained tensors, matching ``params`` one to one (same shapes and layout).
+            last: the fit's final step, averaged in whatever ``every`` says: a fit shorter than
+                ``every`` would otherwise sample with weights it never trained, and any fit would drop
+                its last ``step % every`` steps.
         """
-        if step % self.every == 0:
+        if last or step % self.every == 0:
             with torch.no_grad():
                 torch._foreach_lerp_(self.params, list(source), 1.0 - self.decay_at(step))
 

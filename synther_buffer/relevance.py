@@ -333,7 +333,9 @@ class CuriosityRelevance(Relevance):
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("net", "opt")})
         new.net = copy.deepcopy(self.net)
         new.opt = torch.optim.Adam(new.net.parameters(), lr=CURIOSITY_LR)
-        new.opt.load_state_dict(self.opt.state_dict())
+        # load_state_dict keeps the tensors it is given: copy them, or prepare() on the copy moves this
+        # model's Adam moments (a failed retrain must leave the previous relevance model as it was)
+        new.opt.load_state_dict(copy.deepcopy(self.opt.state_dict()))
         new.obs_mean, new.obs_std = self.obs_mean.copy(), self.obs_std.copy()
         return new
 

@@ -266,6 +266,20 @@ def test_sigma_min_must_be_below_sigma_max():
         SynthERConfig(sigma_min=10.0, sigma_max=1.0)
 
 
+def test_churn_window_must_not_be_empty():
+    with pytest.raises(ValueError, match="s_tmin"):
+        SynthERConfig(s_tmin=60.0, s_tmax=50.0)
+    assert SynthERConfig(s_tmin=50.0, s_tmax=50.0).s_tmin == 50.0   # one noise level is a window
+
+
+def test_guidance_needs_a_trained_unconditional_branch():
+    with pytest.raises(ValueError, match="cond_dropout=0"):
+        SynthERConfig(cond_dropout=0.0, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="cond_dropout=0"):
+        SynthERConfig(cond_dropout=0.0, guidance_scale=0.0)    # w = 0 is the unconditional model alone
+    assert SynthERConfig(cond_dropout=0.0, guidance_scale=1.0).cond_dropout == 0.0   # conditional alone
+
+
 @FUZZ
 @given(st.one_of(st.floats(max_value=-1e-9, allow_nan=False),
                  st.floats(min_value=1.0 + 1e-9, allow_nan=False),

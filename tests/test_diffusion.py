@@ -304,7 +304,8 @@ def test_sample_before_fit_raises(tmp_path):
     np.array([[0.0, 1.0, np.nan]] * 5, np.float32),            # NaN
     np.array([[0.0, np.inf, 1.0]] * 5, np.float32),            # inf
     np.array([["a", "b", "c"]] * 5),                           # not numeric
-], ids=["1d", "width", "3d", "one-row", "nan", "inf", "strings"])
+    np.array([[0.0, 1e39, 1.0]] * 5, np.float64),              # finite, but inf in float32
+], ids=["1d", "width", "3d", "one-row", "nan", "inf", "strings", "beyond-float32"])
 def test_fit_bad_input_raises(x):
     model = TransitionDiffusion(3, _tiny())
     with pytest.raises(ValueError):

@@ -99,6 +99,30 @@ def test_update_only_on_multiples_of_every():
         torch.testing.assert_close(p, 0.5 * b + 1.5)
 
 
+def test_the_last_step_always_updates():
+    model = nn.Linear(2, 2).double()
+    ema = EMA(model, 0.5, every=EVERY, warmup=0)
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    target = [torch.full_like(p, 3.0) for p in model.parameters()]
+    ema.update(3, target)              # step 3 of a longer fit: no update
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), before))
+    ema.update(3, target, last=True)   # step 3 of a 3-step fit: averaged in at step 3's decay
+    decay = ema.decay_at(3)
+    assert decay == 0.5
+    for p, b in zip(ema.module.parameters(), before):
+        torch.testing.assert_close(p, decay * b + (1 - decay) * 3.0)
+
+
+def test_a_fit_shorter_than_ema_every_samples_with_trained_weights():
+    from synther_buffer import SynthERConfig, TransitionDiffusion
+    cfg = SynthERConfig.preset("tiny").replace(ema_every=10, progress=False, device="cpu")
+    model = TransitionDiffusion(3, cfg)
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    model.fit(x, steps=4)   # inside the EMA warm-up: the average is a copy of the trained weights
+    for a, b in zip(model.ema.parameters(), model.model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("kwargs,match", [(dict(max_decay=1.0), "max_decay"), (dict(max_decay=-0.1), "max_decay"),
                                           (dict(every=0), "every"), (dict(warmup=-1), "warmup")])
 def test_bad_arguments_raise(kwargs, match):

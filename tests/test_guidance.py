@@ -103,7 +103,7 @@ def test_condition_dropout_rate_and_unconditional_branch(monkeypatch):
     losses = {}
     for p in (0.0, 0.5):
         masks.clear()
-        model = TransitionDiffusion(DIM, tiny(cond_dropout=p, train_steps=400), conditional=True)
+        model = TransitionDiffusion(DIM, tiny(cond_dropout=p, guidance_scale=2.0 if p else 1.0, train_steps=400), conditional=True)
         model.fit(x, cond=s)
         dropped = 1.0 - torch.cat(masks).mean().item()
         n = sum(m.numel() for m in masks)

@@ -1,5 +1,6 @@
 """Relevance functions (synther_buffer/relevance.py) and relevance-guided pools in the buffers."""
 
+import copy
 import pickle
 
 import numpy as np
@@ -69,6 +70,23 @@ def test_curiosity_learns_and_scores_novel_transitions_higher():
     back = CuriosityRelevance(OBS, ACT, hidden=64, steps=300, seed=5)
     back.load_state_dict(trained.state_dict())
     assert np.array_equal(back.score(rows, LAYOUT), seen)
+
+
+def test_curiosity_prepare_leaves_a_trained_model_and_its_optimiser_untouched():
+    # the second retrain: prepare() on a model that already has Adam moments must not move them
+    obs, act, rew, nxt, _ = transitions(500)
+    rows = LAYOUT.join(obs, act, rew, nxt, None)
+    first = CuriosityRelevance(OBS, ACT, hidden=32, steps=20, seed=0).prepare(rows, LAYOUT, seed=1)
+    opt_before = copy.deepcopy(first.opt.state_dict())
+    net_before = {k: v.clone() for k, v in first.net.state_dict().items()}
+    second = first.prepare(rows, LAYOUT, seed=2)
+    assert second.trained_steps == 40 and first.trained_steps == 20
+    assert all(torch.equal(net_before[k], v) for k, v in first.net.state_dict().items())
+    state = first.opt.state_dict()["state"]
+    assert state.keys() == opt_before["state"].keys() and state
+    for i, moments in state.items():
+        for name, t in moments.items():
+            assert torch.equal(t, opt_before["state"][i][name]), (i, name)
 
 
 # ------------------------------------------------------------------ buffers

@@ -129,20 +129,18 @@ def test_warm_fit_leaves_the_previous_model_untouched(fitted):
 def test_warm_ema_continues_from_the_previous_ema(fitted):
     model, x_old = fitted
     every = model.config.ema_every
-    warm = TransitionDiffusion(2, model.config)
-    warm.warm_start_from(model)
-    warm.fit(x_old, steps=every - 1)                        # no EMA update yet: the previous average
-    assert torch.equal(params(warm.ema), params(model.ema))
-    assert not torch.equal(params(warm.model), params(model.model))
-    # one update, at the decay where the last fit left the schedule (not a warm-up copy of the weights)
-    warm2 = TransitionDiffusion(2, model.config)
-    warm2.warm_start_from(model)
-    warm2.fit(x_old, steps=every)
-    decay = diffusion_mod.ema_decay_at(model.last_fit["ema_steps"] + every, model.config.ema_decay)
-    assert decay > 0.9
-    expected = decay * params(model.ema) + (1 - decay) * params(warm2.model)
-    torch.testing.assert_close(params(warm2.ema), expected, rtol=1e-5, atol=1e-6)
-    assert warm2.last_fit["ema_steps"] == model.last_fit["ema_steps"] + every
+    # one update, at the decay where the last fit left the schedule (not a warm-up copy of the weights):
+    # on the every-th step, or on the last step of a shorter fit
+    for steps in (every, every - 1):
+        warm2 = TransitionDiffusion(2, model.config)
+        warm2.warm_start_from(model)
+        warm2.fit(x_old, steps=steps)
+        assert not torch.equal(params(warm2.model), params(model.model))
+        decay = diffusion_mod.ema_decay_at(model.last_fit["ema_steps"] + steps, model.config.ema_decay)
+        assert decay > 0.9
+        expected = decay * params(model.ema) + (1 - decay) * params(warm2.model)
+        torch.testing.assert_close(params(warm2.ema), expected, rtol=1e-5, atol=1e-6)
+        assert warm2.last_fit["ema_steps"] == model.last_fit["ema_steps"] + steps
 
 
 def _first_batch_loss(model: TransitionDiffusion, x: np.ndarray) -> float:
@@ -207,6 +205,30 @@ def test_data_far_from_the_normaliser_gets_a_full_fit(fitted, caplog):
     warm.warm_start_from(model)
     out = warm.fit(x_old, steps=5)
     assert out["warm"] and out["warm_skipped"] is None
+
+
+def test_a_column_constant_in_new_data_trains_on_zero_as_in_a_full_fit():
+    """A column constant at a new value: the kept mean would put it 50 old stds away (the loss's whole
+    target); the warm normaliser gives it a full fit's mean and std, and keeps every other column's."""
+    rng = np.random.default_rng(0)
+    old = rng.normal(size=(200, 3)).astype(np.float32)
+    old[:, 2] = 0.0                                            # constant at 0 ...
+    previous = Normalizer(3).fit(old)
+    new = rng.normal(size=(200, 3)).astype(np.float32)
+    new[:, 2] = 50.0                                           # ... then at 50
+    assert diffusion_mod.normalizer_drift(previous, new) is None   # not drift: the column is not modelled
+    warm = diffusion_mod.warm_normalizer(previous, new)
+    assert np.array_equal(warm.normalize(new)[:, 2], np.zeros(200, dtype=np.float32))
+    np.testing.assert_array_equal(warm.mean[:2], previous.mean[:2])
+    np.testing.assert_array_equal(warm.std[:2], previous.std[:2])
+    assert warm.constant.tolist() == [False, False, True] and warm.constant_value[2] == 50.0
+    assert np.all(warm.unnormalize(rng.normal(size=(5, 3)).astype(np.float32))[:, 2] == 50.0)
+    # and a fit on it stays at a full fit's loss scale (the old normaliser gave ~80 here)
+    cfg = SynthERConfig.preset("tiny").replace(train_steps=40, warm_start=True, progress=False, device="cpu")
+    model = TransitionDiffusion(3, cfg)
+    model.fit(old)
+    out = model.fit(new, steps=40)
+    assert out["warm"] and out["loss"] < 5.0
 
 
 def test_a_buffer_reports_a_warm_retrain_that_took_a_full_fit(tiny_cfg):
