@@ -297,6 +297,7 @@ def main(argv=None) -> int:
             log_alpha.copy_(state["log_alpha"])
         alpha = agent_stats["alpha"] = log_alpha.exp().item()
         buf = GenerativeReplay.load(ckpt_dir / "buffer", device=str(device))
+        buf.set_progress(not args.quiet)   # --quiet may differ from the saved run's
         if args.relevance == "td":   # a score function is not saved with the buffer
             buf.set_relevance_fn(td_error)
         start_step = run["env_steps"]

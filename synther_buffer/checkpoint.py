@@ -228,7 +228,9 @@ class RunCheckpoint:
         with atomic_directory(self.path) as tmp:
             write_agent(tmp)
             with open(tmp / RUN_FILE, "w") as f:
-                json.dump(run, f, allow_nan=False)
+                # NaN / inf allowed (Python's json reads them back): a diverged evaluation or temperature
+                # must reach the resumed run as it was, not end this one at its checkpoint
+                json.dump(run, f)
         self.last_saved = int(env_steps)
         return self.path
 

@@ -74,9 +74,9 @@ def _add_upsample(sub: argparse._SubParsersAction) -> None:
                    help="with --workers: the Ray cluster ('auto' = RAY_ADDRESS / `ray start`, host:port, "
                         "ray://...); default: start a local Ray instance. The output's directory must be on a "
                         "filesystem every node mounts")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+    p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="with --workers: CPUs (and torch threads) each generation task takes (default 1)")
-    p.add_argument("--max-retries", type=int, default=3,
+    p.add_argument("--max-retries", type=int, default=None,
                    help="with --workers: reruns of a task whose worker or node died (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -170,11 +170,13 @@ def cmd_upsample(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1 (omit it to generate in this process), got {args.workers}")
-    if args.ray_address is not None and args.workers is None:
-        raise ValueError("--ray needs --workers N (the number of generation tasks)")
-    if not args.cpus_per_worker > 0:
+    for flag, value in (("--ray", args.ray_address), ("--cpus-per-worker", args.cpus_per_worker),
+                        ("--max-retries", args.max_retries)):
+        if value is not None and args.workers is None:
+            raise ValueError(f"{flag} needs --workers N (the number of generation tasks)")
+    if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
         raise ValueError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
-    if args.max_retries < 0:
+    if args.max_retries is not None and args.max_retries < 0:
         raise ValueError(f"--max-retries must be >= 0, got {args.max_retries}")
     if args.load_model:   # the saved model's own config fits and samples: flags that set another one would be ignored
         ignored = [flag for flag, given in (("--preset", args.preset is not None), ("--train-steps", args.train_steps),
@@ -193,8 +195,9 @@ def cmd_upsample(args: argparse.Namespace) -> int:
                          seed=args.seed, train_steps=args.train_steps, save_model=args.save_model, model=model,
                          chunk_size=args.chunk_size, progress=not args.quiet,
                          action_bounds=tuple(args.action_bounds) if args.action_bounds else None,
-                         workers=args.workers, ray_address=args.ray_address, cpus_per_worker=args.cpus_per_worker,
-                         max_retries=args.max_retries)
+                         workers=args.workers, ray_address=args.ray_address,
+                         cpus_per_worker=1.0 if args.cpus_per_worker is None else args.cpus_per_worker,
+                         max_retries=3 if args.max_retries is None else args.max_retries)
     fit = s["fit"]
     print(f"data: {s['dataset_rows']:,} rows x {s['dim']} dims"
           + (" (terminals modelled)" if s["model_terminals"] else ""))

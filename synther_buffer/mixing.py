@@ -303,6 +303,11 @@ class MixingCore:
         self.pool.to_device(device)
         self.config = self.pool.config
 
+    def set_progress(self, show: bool) -> None:
+        """Show or hide the progress bars of later retrains (``SyntheticPool.set_progress``)."""
+        self.pool.set_progress(show)
+        self.config = self.pool.config
+
     def __setstate__(self, state: dict) -> None:
         """Unpickle; the config follows the pool's, which moves to the CPU where CUDA is missing."""
         self.__dict__.update(state)
@@ -334,6 +339,11 @@ class UsesMixingCore:
     def wait(self) -> bool:
         """Block until a background retrain (``config.async_retrain``) finishes; True if a pool was swapped in."""
         return self.core.pool.wait()
+
+    def set_progress(self, show: bool) -> None:
+        """Show or hide the diffusion progress bars of later retrains (``config.progress``), e.g. after
+        a ``load`` or unpickle, which restores the saved setting."""
+        self.core.set_progress(show)
 
     def synthetic_transitions(self) -> Dict[str, np.ndarray]:
         """The whole synthetic pool as a transition dataset: ``observations``, ``actions``, ``rewards``,

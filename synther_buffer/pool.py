@@ -552,6 +552,14 @@ class SyntheticPool:
         self.min_real = d.get("min_real", self.min_real)   # absent in pickles of version 0.1.0
         self.load_state_dict(d["state"])
 
+    def set_progress(self, show: bool) -> None:
+        """Show or hide the progress bars of later retrains (fit and generation): ``config.progress``
+        for this pool and its current model. Waits for an in-flight background retrain first."""
+        self.wait()
+        self.config = self.config.replace(progress=bool(show))
+        if self.model is not None:
+            self.model.config = self.model.config.replace(progress=bool(show))
+
     def to_device(self, device: str) -> None:
         """Move the model and the pool to ``device`` and make it the config's (a run resumed elsewhere).
 

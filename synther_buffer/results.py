@@ -156,9 +156,12 @@ class RetrainTracker:
 
     Works with ``GenerativeReplay``, ``WrappedReplay`` and the SB3 ``GenerativeReplayBuffer``: it reads
     ``retrain_count``, ``failed_retrains``, ``last_fit_seconds``, ``last_generate_seconds``,
-    ``last_train_loss``, ``env_steps``, ``num_synthetic``, ``num_real``, ``last_fit_warm`` and ``last_warm_skipped``
-    (when present). Poll at
-    least once per env step (one add triggers at most one retrain) so every retrain's seconds are seen.
+    ``last_train_loss``, ``env_steps``, ``last_retrain_env_step``, ``num_synthetic``, ``num_real``,
+    ``last_fit_warm`` and ``last_warm_skipped`` (when present). Poll at least once per env step (one add
+    triggers at most one retrain) so every retrain's seconds are seen.
+
+    Each event's ``env_step`` is where the new pool was first seen (for ``async_retrain``, the swap),
+    ``data_env_step`` the env step whose data the model was trained on (equal without ``async_retrain``).
     """
 
     def __init__(self, stats_fn: Optional[Callable[[], dict]], timing: Optional[TimingSplit] = None):
@@ -182,6 +185,7 @@ class RetrainTracker:
         fit, gen = float(s.get("last_fit_seconds", 0.0)), float(s.get("last_generate_seconds", 0.0))
         # Normally exactly one new retrain; if polls were missed only the last one's seconds are known.
         self.events.append({"retrain": count, "env_step": int(s.get("env_steps", -1)),
+                            "data_env_step": int(s.get("last_retrain_env_step", s.get("env_steps", -1))),
                             "loss": _finite_or_none(s.get("last_train_loss")),
                             "fit_seconds": fit, "generate_seconds": gen,
                             "num_real": s.get("num_real"), "num_synthetic": s.get("num_synthetic"),

@@ -232,8 +232,9 @@ class SB3Run:
             raise ValueError(f"--resume from {self.checkpoint.path}: {e}") from None
         model = agent_class.load(directory / "agent.zip", env=self.env, device=self.args.device)
         model.load_replay_buffer(directory / "replay_buffer.pkl")
-        if isinstance(model.replay_buffer, GenerativeReplayBuffer):   # --device may differ from the saved run's
+        if isinstance(model.replay_buffer, GenerativeReplayBuffer):   # --device, --quiet may differ from the saved run's
             model.replay_buffer.core.to_device(self.args.device)
+            model.replay_buffer.set_progress(not self.args.quiet)
         capacity = model.replay_buffer.buffer_size * model.replay_buffer.n_envs
         if capacity < buffer_size:
             raise ValueError(f"--resume: the checkpoint's replay buffer holds {capacity:,} transitions; "

@@ -112,14 +112,20 @@ def add_warm_start_arguments(g) -> None:
     g.add_argument("--warm-start-steps", type=int, default=None, help=WARM_START_STEPS_HELP)
 
 
-def synther_config(args: argparse.Namespace):
-    """The ``SynthERConfig`` for ``args``: preset (``demo`` = fast + DEMO_OVERRIDES), then the flags."""
+def preset_config(args: argparse.Namespace):
+    """``--preset``'s ``SynthERConfig`` (``demo`` = fast + DEMO_OVERRIDES), before the other flags."""
     from .config import SynthERConfig
-    from .sb3_run import synther_config as apply_flags
 
     if args.preset == "demo":
-        return apply_flags(SynthERConfig.preset("fast").replace(**DEMO_OVERRIDES), args)
-    return apply_flags(SynthERConfig.preset(args.preset), args)
+        return SynthERConfig.preset("fast").replace(**DEMO_OVERRIDES)
+    return SynthERConfig.preset(args.preset)
+
+
+def synther_config(args: argparse.Namespace):
+    """The ``SynthERConfig`` for ``args``: ``preset_config(args)``, then the flags."""
+    from .sb3_run import synther_config as apply_flags
+
+    return apply_flags(preset_config(args), args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,7 +151,7 @@ def _setup(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     cfg = None if args.no_synther else synther_config(args)
-    min_real = cfg.min_real if cfg is not None else 1_000
+    min_real = (cfg or preset_config(args)).min_real   # the baseline starts where the SynthER run would
     learning_starts = args.learning_starts
     if learning_starts is None:  # start updating when the first synthetic pool can exist
         learning_starts = min_real if min_real < args.total_steps else args.total_steps // 2

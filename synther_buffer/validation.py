@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Collection, Optional
 
 
@@ -125,21 +126,49 @@ RUN_FLAG_RANGES = {
 }
 
 
+# Flags that shape only the SynthER buffer: a ``--no-synther`` baseline trains no diffusion model.
+SYNTHER_ONLY_FLAGS = ("retrain_every", "real_ratio", "train_steps", "num_generate", "precision", "compile",
+                      "async_retrain", "fixed_budget", "warm_start", "warm_start_steps", "relevance",
+                      "guidance_scale", "save_pool")
+# flag -> the flag without which it does nothing (no preset turns the latter on)
+RUN_FLAG_NEEDS = {"warm_start_steps": "warm_start", "guidance_scale": "relevance"}
+
+
 def check_run_flags(args: Any) -> None:
-    """Check a training script's parsed flags against ``RUN_FLAG_RANGES`` before anything is built.
+    """Check a training script's parsed flags before anything is built: ranges (``RUN_FLAG_RANGES``),
+    and no flag that the run would take and then ignore.
 
     Args:
         args: an ``argparse.Namespace``; flags it lacks, or that are ``None`` (a preset's default),
             are skipped.
 
     Raises:
-        ValueError: the first flag out of range, named as on the command line (``--total-steps``).
+        ValueError: the first flag out of range, or one given without the flag it needs
+            (``RUN_FLAG_NEEDS``: ``--warm-start-steps`` without ``--warm-start``), named as on the
+            command line (``--total-steps``).
+
+    Warns:
+        UserWarning: ``--no-synther`` with flags only the SynthER buffer reads (``SYNTHER_ONLY_FLAGS``).
     """
+    if getattr(args, "no_synther", False):
+        ignored = [_flag(n) for n in SYNTHER_ONLY_FLAGS if getattr(args, n, None) not in (None, False)]
+        if ignored:
+            warnings.warn(f"--no-synther trains no diffusion model: {', '.join(ignored)} ignored", UserWarning,
+                          stacklevel=2)
+    else:
+        for name, needed in RUN_FLAG_NEEDS.items():
+            if getattr(args, name, None) is not None and not getattr(args, needed, None):
+                raise ValueError(f"{_flag(name)} does nothing without {_flag(needed)}")
     for name, (low, high, low_open) in RUN_FLAG_RANGES.items():
         value = getattr(args, name, None)
         if value is None:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = _flag(name)
         below = value <= low if low_open else value < low
         if not math.isfinite(value) or below or (high is not None and value > high):
             raise ValueError(f"{flag} must be {_describe_range(low, high, low_open, False)}, got {value}")
+
+
+def _flag(name: str) -> str:
+    """``total_steps`` -> ``--total-steps``."""
+    return "--" + name.replace("_", "-")

@@ -103,6 +103,18 @@ def test_run_checkpoint_schedule_save_load(tmp_path):
     assert not RunCheckpoint(tmp_path / "x", every=0).due(10 ** 6)
 
 
+def test_run_checkpoint_keeps_non_finite_monitor_values(tmp_path):
+    """A diverged run (NaN return, inf temperature) checkpoints and resumes with the values it had."""
+    class Diverged:
+        def state_dict(self):
+            return {"evals": [{"env_step": 100, "mean_return": float("nan"), "alpha": float("inf")}]}
+
+    ckpt = RunCheckpoint(tmp_path / "checkpoint", every=100)
+    ckpt.save(100, Diverged(), lambda d: None)
+    row = ckpt.load()[1]["monitor"]["evals"][0]
+    assert np.isnan(row["mean_return"]) and row["alpha"] == float("inf")
+
+
 def test_run_checkpoint_rejects_bad_input(tmp_path):
     for bad in (-1, 1.5, True, "10"):
         with pytest.raises(ValueError, match="every"):

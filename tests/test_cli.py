@@ -153,6 +153,8 @@ def test_bad_worker_flags_exit_2_before_training(dataset, tmp_path, capsys, monk
     base = ["upsample", str(dataset / "real.npz"), "--out", str(tmp_path / "o.npz")] + TINY
     for extra, msg in ((["--workers", "0"], "--workers must be >= 1"), (["--workers", "-2"], "--workers must be >= 1"),
                        (["--ray", "auto"], "--ray needs --workers"),
+                       (["--cpus-per-worker", "2"], "--cpus-per-worker needs --workers"),
+                       (["--max-retries", "1"], "--max-retries needs --workers"),
                        (["--workers", "2", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0"),
                        (["--workers", "2", "--cpus-per-worker", "nan"], "--cpus-per-worker must be > 0"),
                        (["--workers", "2", "--max-retries", "-1"], "--max-retries must be >= 0")):

@@ -143,14 +143,14 @@ def test_sb3_run_checkpoint_saved_for_cuda_resumes_with_device_cpu(tmp_path, mon
         m.setattr(MonitorCallback, "_on_step", interrupted_after_200)
         assert sb3_sac.main([*flags, "--total-steps", "300", "--device", "cpu"]) == 130
 
-    # rewrite the checkpoint as a CUDA run would have written it
+    # rewrite the checkpoint as a CUDA run would have written it (one without --quiet: progress bars on)
     ck = out / "checkpoint"
     buf = load_from_pkl(ck / "replay_buffer.pkl")
     pool = buf.core.pool
     assert pool.config.device == "cpu" and pool.retrain_count == 2 and json.loads(
         (ck / "run.json").read_text())["env_steps"] == 200
-    buf.core.config = pool.config = pool.config.replace(device=saved_device)
-    pool.model.config = pool.model.config.replace(device=saved_device)
+    buf.core.config = pool.config = pool.config.replace(device=saved_device, progress=True)
+    pool.model.config = pool.model.config.replace(device=saved_device, progress=True)
     buf.device = torch.device("cuda")
     save_to_pkl(ck / "replay_buffer.pkl", buf)
     run = json.loads((ck / "run.json").read_text())
@@ -164,4 +164,6 @@ def test_sb3_run_checkpoint_saved_for_cuda_resumes_with_device_cpu(tmp_path, mon
     assert [e["env_step"] for e in d["retrains"]] == [100, 200, 300]   # the schedule went on, on the CPU
     resumed = load_from_pkl(ck / "replay_buffer.pkl")                  # the final checkpoint
     assert resumed.config.device == resumed.core.pool.config.device == resumed.model.config.device == "cpu"
+    # --quiet, which a resumed run may change, reached the buffer and its model
+    assert resumed.config.progress is resumed.core.pool.config.progress is resumed.model.config.progress is False
     assert resumed.stats()["retrain_count"] == 3 and resumed.stats()["env_steps"] == 300

@@ -147,6 +147,7 @@ def test_a_killed_actor_keeps_the_old_pool_counts_the_failure_and_the_next_retra
     feed(buf, 100, 200, fields)                     # retrain 2 in flight on the actor
     assert buf.pool.retraining
     time.sleep(0.5)                                 # let it start training (1500 steps take seconds)
+    assert first["pid"] != os.getpid()               # the actor's process, never the test run's
     os.kill(first["pid"], signal.SIGKILL)
     with caplog.at_level("WARNING"):
         assert buf.wait() is False

@@ -99,12 +99,15 @@ class KillOnSecondChunk:
     """Wraps the shard's SyntheticSpec: on its second chunk the first attempt SIGKILLs its own Ray worker
     (after one chunk is already in the part file), leaving ``marker`` behind; a rerun goes through."""
 
-    def __init__(self, spec, marker: str):
+    def __init__(self, spec, marker: str, test_pid: int):
         self.spec, self.marker, self.calls = spec, marker, 0
+        self.test_pid = test_pid   # the test run's process: never the one to kill
 
     def generate(self, model, chunk, n):
         self.calls += 1
         if self.calls == 2 and not os.path.exists(self.marker):
+            if os.getpid() == self.test_pid:   # never SIGKILL the test run itself
+                raise AssertionError("the shard ran in the test process, not in a Ray worker")
             Path(self.marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
         return self.spec.generate(model, chunk, n)
@@ -123,8 +126,8 @@ def faulty_shards(monkeypatch, victim: int, wrap) -> None:
 def test_a_killed_shard_is_rerun_and_the_output_equals_one_worker(ray_local, tmp_path, data, fitted, monkeypatch):
     kw = dict(KW, mix=0.3, model=fitted)
     one = offline.upsample(data, tmp_path / "one.npz", workers=1, **kw)
-    marker = tmp_path / "killed"
-    faulty_shards(monkeypatch, 1, lambda spec: KillOnSecondChunk(spec, str(marker)))
+    marker, test_pid = tmp_path / "killed", os.getpid()   # the pid read here, in the test process
+    faulty_shards(monkeypatch, 1, lambda spec: KillOnSecondChunk(spec, str(marker), test_pid))
     s = offline.upsample(data, tmp_path / "two.npz", workers=2, **kw)
     assert marker.exists(), "the shard was never killed"
     assert int(marker.read_text()) != os.getpid()                  # a Ray worker died, not this process
@@ -176,8 +179,8 @@ def test_a_failure_while_the_shards_start_leaves_no_output(ray_local, tmp_path, 
 
 
 def test_a_killed_shard_past_its_retries_fails_cleanly(ray_local, tmp_path, data, fitted, monkeypatch):
-    marker = tmp_path / "killed"
-    faulty_shards(monkeypatch, 0, lambda spec: KillOnSecondChunk(spec, str(marker)))
+    marker, test_pid = tmp_path / "killed", os.getpid()   # the pid read here, in the test process
+    faulty_shards(monkeypatch, 0, lambda spec: KillOnSecondChunk(spec, str(marker), test_pid))
     with pytest.raises(ray.exceptions.WorkerCrashedError):
         offline.upsample(data, tmp_path / "o.npz", model=fitted, workers=2, max_retries=0, **KW)
     assert [p.name for p in tmp_path.iterdir()] == ["killed"]

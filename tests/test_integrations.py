@@ -88,6 +88,9 @@ def test_sb3_sac_async_retrain(sb3_sac, tmp_path):
     assert d["config"]["synther"]["async_retrain"] is True
     assert d["retrain_count"] == 3 and d["buffer_stats"]["retrain_count"] == 3
     assert d["concurrent_sections"] == ["diffusion_fit", "diffusion_sample"]
+    # each retrain trained on the data of its scheduled step and was swapped in then or later
+    assert [e["data_env_step"] for e in d["retrains"]] == [100, 200, 300]
+    assert all(e["env_step"] >= e["data_env_step"] for e in d["retrains"])
     assert json.loads((out / "checkpoint" / "run.json").read_text())["env_steps"] == 300
 
 

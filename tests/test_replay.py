@@ -527,6 +527,19 @@ def test_save_load_roundtrip_and_schedule_continues(tiny_cfg, tmp_path):
     np.testing.assert_array_equal(back.real_rows(), buf.real_rows())
 
 
+def test_set_progress_after_load_reaches_later_retrains(tiny_cfg, tmp_path):
+    """A buffer saved with progress bars on, loaded by a run that wants none (a resumed ``--quiet``)."""
+    buf = GenerativeReplay(OBS, ACT, capacity=300, config=small(tiny_cfg, min_real=50, progress=True))
+    buf.add(*transitions(100, seed=0))                  # one retrain
+    buf.save(tmp_path / "ckpt")
+    back = GenerativeReplay.load(tmp_path / "ckpt")
+    assert back.config.progress and back.model.config.progress
+    back.set_progress(False)
+    assert not (back.config.progress or back.pool.config.progress or back.model.config.progress)
+    back.add(*transitions(100, seed=1))                 # the next retrain builds its model from the pool's config
+    assert back.stats()["retrain_count"] == 2 and back.model.config.progress is False
+
+
 def test_load_recovers_from_kill_between_renames(tmp_path):
     buf = GenerativeReplay(OBS, ACT, capacity=20, config=NO_RETRAIN)
     buf.add(*transitions(7))

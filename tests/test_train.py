@@ -16,6 +16,7 @@ import pytest
 
 from synther_buffer import cli, results
 from synther_buffer import train as train_mod
+from synther_buffer.validation import check_run_flags
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Tiny, fast settings: Pendulum (200-step episodes), UTD 2, a 200-step diffusion fit.
@@ -88,6 +89,32 @@ def test_train_bad_inputs_exit_2(tmp_path, capsys):
     assert "--total-steps" in capsys.readouterr().err
     assert cli.main(["train", *TINY, "--real-ratio", "1.5", "--out", str(tmp_path / "z")]) == 2
     assert "--real-ratio must be a number in [0, 1]" in capsys.readouterr().err
+    # a flag the run would take and ignore
+    assert cli.main(["train", *TINY, "--warm-start-steps", "50", "--out", str(tmp_path / "w")]) == 2
+    assert "--warm-start-steps does nothing without --warm-start" in capsys.readouterr().err
+    assert cli.main(["train", *TINY, "--guidance-scale", "3", "--out", str(tmp_path / "g")]) == 2
+    assert "--guidance-scale does nothing without --relevance" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("w", "g"))
+
+
+def test_no_synther_baseline_warns_of_synther_flags_and_starts_where_synther_would(monkeypatch):
+    p = argparse.ArgumentParser()
+    train_mod.add_arguments(p)
+    with pytest.warns(UserWarning, match="--retrain-every, --warm-start ignored"):
+        check_run_flags(p.parse_args(["--no-synther", "--retrain-every", "50", "--warm-start"]))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_run_flags(p.parse_args(["--no-synther", "--preset", "tiny"]))   # --preset: see below
+    # the baseline's learning_starts is the preset's min_real, as the SynthER run's (tiny: 100)
+    import synther_buffer.sb3_run as sb3_run
+
+    seen = []
+    monkeypatch.setattr(sb3_run, "SB3Run", lambda *a, extra_config, **k: seen.append(extra_config["learning_starts"]))
+    for flags in ([], ["--no-synther"]):
+        train_mod._setup(p.parse_args(["--env", "Pendulum-v1", "--preset", "tiny", "--total-steps", "300",
+                                       "--device", "cpu", *flags]))
+    assert seen == [100, 100]
 
 
 DESIGN = Path(__file__).resolve().parents[1].parent / "shared" / "DESIGN.md"   # beside the repository
@@ -226,10 +253,12 @@ def test_retrain_tracker_sums_each_retrain():
     assert not tr.poll()
     stats.update(retrain_count=1, env_steps=1000, last_fit_seconds=2.0, last_generate_seconds=1.0, last_train_loss=0.5)
     assert tr.poll() and not tr.poll()
-    stats.update(retrain_count=2, env_steps=1500, last_fit_seconds=3.0, last_generate_seconds=0.5)
+    stats.update(retrain_count=2, env_steps=1530, last_fit_seconds=3.0, last_generate_seconds=0.5,
+                 last_retrain_env_step=1500)   # a background retrain on data up to 1,500, swapped in at 1,530
     assert tr.poll()
     assert tr.count == 2 and tr.fit_seconds == 5.0 and tr.generate_seconds == 1.5
-    assert [e["env_step"] for e in tr.events] == [1000, 1500] and tr.events[0]["loss"] == 0.5
+    assert [e["env_step"] for e in tr.events] == [1000, 1530] and tr.events[0]["loss"] == 0.5
+    assert [e["data_env_step"] for e in tr.events] == [1000, 1500]
     assert timing.sections["diffusion_fit"] == 5.0 and timing.sections["diffusion_sample"] == 1.5
     assert not results.RetrainTracker(None).poll()
 

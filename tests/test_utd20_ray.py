@@ -39,6 +39,7 @@ def _run_killing_victim(out: Path, kill_parent: bool, *extra: str) -> str:
             pid = json.loads((out / VICTIM / "running.json").read_text())["pid"]
             if kill_parent:   # the Ray worker: its child (the script) gets SIGTERM through PR_SET_PDEATHSIG
                 pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert pid not in (1, os.getpid(), proc.pid), pid   # a unit's own process, nothing above it
             os.kill(pid, signal.SIGKILL)
             killed = True
         time.sleep(0.01)
