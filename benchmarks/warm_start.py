@@ -6,8 +6,9 @@
 Replays the schedule of an online run: real transitions (``benchmarks.fidelity.collect_transitions``, one
 collection whose prefixes are the data at each retrain) grow retrain by retrain, and at each retrain
 
-* **cold**: a fresh model is fitted from scratch at the preset's ``train_steps`` (the paper's schedule,
-  seed D.2), with the seed the online pool gives that retrain;
+* **cold**: a fresh model is fitted from scratch with the preset's budget for that many rows
+  (``train_steps_for(rows)``: ``train_steps``, grown with the data where the preset has a rule), with the
+  seed the online pool gives that retrain;
 * **warm k** (one chain per swept ``k``): the model continues the chain's previous model
   (``TransitionDiffusion.warm_start_from`` + ``fit``, i.e. ``SynthERConfig.warm_start=True,
   warm_start_steps=k``) for ``k`` steps. Retrain 0 is the cold fit for every chain: the first retrain is
@@ -226,8 +227,10 @@ def format_result(result: Mapping[str, Any]) -> str:
     """The markdown tables of a :func:`run` result."""
     arms = ["cold"] + [f"warm {k}" for k in result["warm_steps"]]
     by = {(c["retrain"], c["arm"]): c for c in result["cells"]}
-    lines = [f"### Warm start: {result['env']}, preset {result['preset']} ({result['config']['train_steps']:,} "
-             f"steps cold), {result['num_synthetic']:,} synthetic rows per model, order {result['order']}", "",
+    cold_steps = [c["steps"] for c in result["cells"] if c["arm"] == "cold"]
+    cold = f"{min(cold_steps):,}" + (f"-{max(cold_steps):,}" if max(cold_steps) != min(cold_steps) else "")
+    lines = [f"### Warm start: {result['env']}, preset {result['preset']} ({cold} steps cold), "
+             f"{result['num_synthetic']:,} synthetic rows per model, order {result['order']}", "",
              "Each cell: fit seconds / dynamics MSE +- s.e. / reward MSE (real-std units).", "",
              "| retrain (real rows) | " + " | ".join(arms) + " |", "| --- |" + " --- |" * len(arms)]
     for i, n in enumerate(result["sizes"]):

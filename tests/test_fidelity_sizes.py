@@ -78,3 +78,25 @@ def test_cells_resume_and_report(tmp_path, monkeypatch):
     assert by[(400, "short")]["dyn_x_additive"] == pytest.approx(
         short["dynamics_mse"] / by[(400, "additive")]["dynamics_mse"])
     assert (out / "sizes.csv").read_text().splitlines()[0].startswith("env,size,variant")
+
+
+def test_collected_data_is_cached_per_policy_mix(tmp_path, monkeypatch):
+    """Another --policy-mix (or reference size) is other data: a new collection, never the cached one."""
+    import numpy as np
+
+    import benchmarks.fidelity.oracles as oracles
+
+    calls = []
+
+    def fake_collect(env, n, seed, policy_probs):
+        calls.append(tuple(policy_probs))
+        return {k: np.full((n, 2), float(sum(policy_probs) * 10 + seed), np.float32) for k in oracles.KEYS}
+
+    monkeypatch.setattr(oracles, "collect_transitions", fake_collect)
+    a = S.load_or_collect("HalfCheetah-v5", 5, 3, 0, tmp_path, (1.0, 0.0, 0.0))
+    b = S.load_or_collect("HalfCheetah-v5", 5, 3, 0, tmp_path, (1.0, 1.0, 0.0))
+    assert not np.array_equal(a["train"]["actions"], b["train"]["actions"])
+    again = S.load_or_collect("HalfCheetah-v5", 5, 3, 0, tmp_path, (1.0, 0.0, 0.0))
+    assert np.array_equal(again["train"]["actions"], a["train"]["actions"]) and len(calls) == 6   # cached
+    S.load_or_collect("HalfCheetah-v5", 5, 4, 0, tmp_path, (1.0, 0.0, 0.0))
+    assert len(calls) == 9 and len(list(tmp_path.glob("data_*.npz"))) == 3

@@ -99,12 +99,13 @@ def load_or_collect(env: str, n: int, n_ref: int, seed: int, out_dir: Path,
                     policy_mix: Sequence[float]) -> Dict[str, Dict[str, np.ndarray]]:
     """The training rows (``n``), the reference set and the held-out set (``n_ref`` each).
 
-    Cached in ``OUT/data_<env>_<n>_s<seed>.npz`` (ignored by git) so a resumed sweep scores against
-    the same data.
+    Cached in ``OUT/data_<env>_<n>_r<n_ref>_m<policy mix>_s<seed>.npz`` (ignored by git) so a resumed
+    sweep scores against the same data; every setting the collection depends on is in the name.
     """
     from .oracles import KEYS, collect_transitions
 
-    path = out_dir / f"data_{env.replace('/', '_')}_{n}_s{seed}.npz"
+    mix = "-".join(f"{p:g}" for p in policy_mix)
+    path = out_dir / f"data_{env.replace('/', '_')}_{n}_r{n_ref}_m{mix}_s{seed}.npz"
     if path.exists():
         z = np.load(path)
         return {part: {k: z[f"{part}/{k}"] for k in KEYS} for part in ("train", "ref", "hold")}
