@@ -465,10 +465,20 @@ class TransitionDiffusion:
         ema.load_state_dict(state["ema"])
         self.model, self.ema = model.eval(), ema.eval()
         self.normalizer = Normalizer.from_state_dict(state["normalizer"])
+        self._load_scores(state)   # a conditional model samples before its next fit as the previous one did
         self.fitted = True
         self.fit_count = int(state["fit_count"])
         self.last_fit = dict(state["last_fit"])
         return True
+
+    def _load_scores(self, state: dict) -> None:
+        """A conditional model's fitted score normalisation and top scores from ``state`` (a ``state_dict()``)."""
+        if not self.conditional:
+            return
+        stats = state.get("score_stats")
+        self.score_stats = None if stats is None else ScoreStats(stats["mean"], stats["std"])
+        top = state.get("top_scores")
+        self.top_scores = None if top is None else top.numpy().astype(np.float32)
 
     def _warm_mismatch(self, state: dict) -> Optional[str]:
         """Why ``state`` (a ``state_dict()``) cannot seed a warm fit of this model; None when it can."""
@@ -673,11 +683,7 @@ class TransitionDiffusion:
         obj = cls(state["dim"], cfg, terminal_dims=norm.terminal_dims, skip_dims=norm.skip_dims,
                   conditional=bool(state.get("conditional", False)))
         obj.normalizer = norm
-        if obj.conditional:
-            stats = state.get("score_stats")
-            obj.score_stats = None if stats is None else ScoreStats(stats["mean"], stats["std"])
-            top = state.get("top_scores")
-            obj.top_scores = None if top is None else top.numpy().astype(np.float32)
+        obj._load_scores(state)
         obj.model.load_state_dict(state["model"])
         obj.ema.load_state_dict(state["ema"])
         obj.model.eval()

@@ -189,3 +189,13 @@ def test_cond_errors_are_clear_and_keep_the_model():
     plain.fit(x)
     with pytest.raises(ValueError, match="conditional"):
         plain.sample(5, cond=1.0)
+
+
+def test_a_conditional_model_samples_right_after_warm_start_from():
+    """warm_start_from carries the fitted scores too: the copy samples as the model it copied."""
+    x, s = data()
+    fitted = TransitionDiffusion(DIM, tiny(train_steps=50), conditional=True)
+    fitted.fit(x, cond=s)
+    copy = TransitionDiffusion(DIM, tiny(train_steps=50), conditional=True)
+    assert copy.warm_start_from(fitted)
+    np.testing.assert_array_equal(copy.sample(64, seed=3), fitted.sample(64, seed=3))
