@@ -94,8 +94,8 @@ def save_pool(buffer: GenerativeReplayBuffer, path) -> Optional[Tuple[Path, Path
 
     Score the pool with ``synther report <path's .real.npz> <path> --env-id ENV`` or
     ``oracle.score_transitions(env, load_transitions(path), reference=load_transitions(real))`` (errors
-    in units of the real data's std). Each file is written to a temporary name and renamed: a kill
-    leaves the previous file or none. Waits for a background retrain first.
+    in units of the real data's std). Both files are written to temporary names, then renamed: a kill
+    while writing leaves the previous pair (or none). Waits for a background retrain first.
 
     Returns:
         The two paths, or None (nothing written) when the pool is empty (no retrain yet).
@@ -109,10 +109,15 @@ def save_pool(buffer: GenerativeReplayBuffer, path) -> Optional[Tuple[Path, Path
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     real_path = real_pool_path(path)
-    for target, data in ((path, synthetic), (real_path, buffer.real_transitions())):
-        tmp = target.with_name(target.name + ".tmp.npz")
-        np.savez(tmp, **data)
-        os.replace(tmp, target)
+    pairs = [(target, target.with_name(target.name + ".tmp.npz")) for target in (path, real_path)]
+    try:
+        for (_, tmp), data in zip(pairs, (synthetic, buffer.real_transitions())):
+            np.savez(tmp, **data)
+        for target, tmp in pairs:   # both written before either replaces: a failed write leaves the old pair
+            os.replace(tmp, target)
+    finally:
+        for _, tmp in pairs:
+            tmp.unlink(missing_ok=True)
     return path, real_path
 
 

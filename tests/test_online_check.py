@@ -208,3 +208,41 @@ def test_score_pool_notes_what_it_could_not_score(tmp_path):
     np.savez(real_pool_path(tmp_path / utd20.POOL_FILE), **rows)
     f = utd20.score_pool(u, tmp_path)   # Pendulum's observation does not determine the simulator state
     assert f["fidelity"] is None and "fidelity scoring skipped" in f["note"]
+
+
+def test_save_pool_failing_midway_keeps_the_previous_pair(tmp_path, monkeypatch):
+    """The synthetic and real files replace the old ones only once both are written."""
+    import synther_buffer.sb3_run as sb3_run
+
+    def rows(value):
+        return {k: np.full((3, 2), value, np.float32) for k in ("observations", "actions", "next_observations")} | {
+            "rewards": np.full(3, value, np.float32), "terminals": np.zeros(3, np.float32)}
+
+    class Buffer:
+        def __init__(self, value):
+            self.value = value
+
+        def wait(self):
+            return False
+
+        def synthetic_transitions(self):
+            return rows(self.value)
+
+        def real_transitions(self):
+            return rows(-self.value)
+
+    pool = tmp_path / "final_pool.npz"
+    assert sb3_run.save_pool(Buffer(1.0), pool) == (pool, real_pool_path(pool))
+    real_savez, calls = np.savez, []
+
+    def failing_savez(file, **arrays):
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_savez(file, **arrays)
+
+    monkeypatch.setattr(sb3_run.np, "savez", failing_savez)
+    with pytest.raises(OSError, match="disk full"):
+        sb3_run.save_pool(Buffer(2.0), pool)
+    assert load_transitions(pool)["rewards"][0] == 1.0 and load_transitions(real_pool_path(pool))["rewards"][0] == -1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_pool.npz", "final_pool.real.npz"]
