@@ -160,10 +160,7 @@ def check_shared_dir(directory: Path, timeout_s: float = 300.0,
                                runtime_env=worker_runtime_env()).remote(str(token)) for n in nodes]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         late = [n for n, r in zip(nodes, refs) if r not in ready]
-        if late:
-            for r in refs:
-                if r not in ready:
-                    ray.cancel(r, force=True)
+        if late:   # left to finish (no CPU held): ray.cancel can abort this process (see ShardedGeneration.abort)
             raise TimeoutError(f"{len(late)} of {len(nodes)} Ray nodes did not answer the check that they see "
                                f"{directory} within {timeout_s:g} s (no worker started there): "
                                + ", ".join(n["NodeManagerAddress"] for n in late))
@@ -177,6 +174,14 @@ def check_shared_dir(directory: Path, timeout_s: float = 300.0,
 
 
 # ---------------------------------------------------------------------------------------------- upsample
+# ShardedGeneration.abort writes this file into the parts directory; a shard stops before its next chunk.
+ABORT_FILE = "ABORT"
+
+
+class ShardAborted(RuntimeError):
+    """A generation task stopped because its upsample was aborted (``ABORT_FILE`` appeared)."""
+
+
 def generate_shard(state: dict, shard: int, plan: Sequence[Tuple[int, int]], spec, parts_dir: str,
                    use_gpu: bool) -> Dict[str, Any]:
     """The body of one generation task: draw the synthetic rows of ``plan``'s chunks into a part file.
@@ -185,7 +190,8 @@ def generate_shard(state: dict, shard: int, plan: Sequence[Tuple[int, int]], spe
     with ``spec.generate`` (the seed is the chunk's) and appends them to
     ``parts_dir/shard-XXXX.npy.tmp``, renamed to ``shard-XXXX.npy`` once complete. A rerun (Ray's
     retry after the worker died) starts the file over. ``shard-XXXX.json`` beside it records the
-    attempt, host and pid as the attempt starts.
+    attempt, host and pid as the attempt starts. Before each chunk it looks for ``parts_dir/ABORT``
+    (``ShardedGeneration.abort``) and stops there: the cooperative cancel of an aborted upsample.
 
     Args:
         state: ``TransitionDiffusion.state_dict()`` with CPU tensors (from the object store).
@@ -202,6 +208,7 @@ def generate_shard(state: dict, shard: int, plan: Sequence[Tuple[int, int]], spe
 
     Raises:
         FileNotFoundError: ``parts_dir`` does not exist on this node.
+        ShardAborted: the upsample was aborted (its partial part file removed).
     """
     from .offline import _NpyStream
 
@@ -238,6 +245,8 @@ def generate_shard(state: dict, shard: int, plan: Sequence[Tuple[int, int]], spe
     sample_seconds = 0.0
     try:
         for chunk, n in plan:
+            if (parts / ABORT_FILE).exists():
+                raise ShardAborted(f"shard {shard} stopped before chunk {chunk}: the upsample was aborted")
             if n:
                 t1 = time.perf_counter()
                 rows, o, c = spec.generate(model, chunk, n)
@@ -385,18 +394,19 @@ class ShardedGeneration:
         self._remove_parts()
 
     def abort(self, settle_s: float = 60.0) -> None:
-        """On failure or Ctrl-C: cancel the shards still running, let them settle (up to ``settle_s``),
-        and remove the part files whatever happens meanwhile (a second Ctrl-C included).
+        """On failure or Ctrl-C: tell the shards still running to stop, let them settle (up to
+        ``settle_s``), and remove the part files whatever happens meanwhile (a second Ctrl-C included).
 
-        The cancel is not forced (``ray.cancel(force=True)`` on a task that is just completing trips an
-        internal check in Ray 2.60 that aborts the driver process): a running shard gets a
-        ``KeyboardInterrupt``. Waiting means no shard writes into the parts directory after it is removed.
+        The stop is cooperative: ``ABORT_FILE`` in the parts directory, which each shard checks before its
+        next chunk. Not ``ray.cancel``: cancelling a task whose reply is in flight (forced or not) trips
+        an internal check in Ray 2.60 that aborts the driver process ("Tried to complete task that was not
+        pending"; seen here in the tests). Waiting means no shard writes into the parts directory after
+        it is removed.
         """
         try:
             pending = [ref for i, ref in enumerate(self.refs) if self.results[i] is None]
-            for ref in pending:
-                self.ray.cancel(ref, force=False)
-            if pending:
+            if pending and self.parts_dir is not None:
+                (self.parts_dir / ABORT_FILE).touch()
                 self.ray.wait(pending, num_returns=len(pending), timeout=settle_s)  # failures are not raised here
         finally:
             self._remove_parts()

@@ -433,7 +433,7 @@ def upsample(source: Union[PathLike, Mapping[str, Any], np.ndarray], out: PathLi
         bar = tqdm(total=num_samples, desc=f"upsample -> {out.name}", unit="row", unit_scale=True,
                    disable=not progress, dynamic_ncols=True)
         source = None
-        try:   # the shards' start inside: a failure there also cancels what was submitted and removes the parts
+        try:   # the shards' start inside: a failure there also stops what was submitted and removes the parts
             source = _InProcessSynthetic(model, spec) if sharded is None else sharded.start(model, spec, plan, out, bar)
             for c, (start, end, r) in enumerate(plan):
                 chunk, flags = _fill_chunk(c, end - start, r, dim, source, real, tuple(real_flags))

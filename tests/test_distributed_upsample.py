@@ -168,6 +168,41 @@ def test_a_failed_shard_leaves_no_output(ray_local, tmp_path, data, fitted, monk
     assert list(tmp_path.iterdir()) == []     # no output, no .tmp, no part directory
 
 
+class SlowChunks:
+    """Wraps a shard's spec: one second per chunk, each chunk logged as a line of ``log``."""
+
+    def __init__(self, spec, log: str):
+        self.spec, self.log = spec, log
+
+    def generate(self, model, chunk, n):
+        import time
+
+        time.sleep(1.0)
+        with open(self.log, "a") as f:
+            f.write(f"{chunk}\n")
+        return self.spec.generate(model, chunk, n)
+
+
+def test_a_failed_shard_stops_the_others_without_ray_cancel(ray_local, tmp_path, data, fitted, monkeypatch):
+    """Shard 0 fails at once; shard 1 (7 chunks of a second each) stops before its next chunk once the abort
+    file appears, and the driver never calls ray.cancel (which can abort it: Ray 2.60's cancel race)."""
+    log = tmp_path / "chunks.log"
+    real = distributed.generate_shard
+
+    def shard_fn(state, shard, plan, spec, parts_dir, use_gpu):
+        wrapped = Raises(spec) if shard == 0 else SlowChunks(spec, str(log))
+        return real(state, shard, plan, wrapped, parts_dir, use_gpu)
+
+    monkeypatch.setattr(distributed, "generate_shard", shard_fn)
+    monkeypatch.setattr(ray, "cancel", lambda *a, **k: pytest.fail("ray.cancel called"))
+    out = tmp_path / "o.npz"
+    with pytest.raises(Exception, match="injected shard failure"):
+        offline.upsample(data, out, model=fitted, workers=2, **KW)
+    done = log.read_text().split() if log.exists() else []
+    assert len(done) < 6, done                  # shard 1's plan is chunks 6-12: it stopped early
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["chunks.log"] if done else [])   # no parts, no output
+
+
 def test_a_failure_while_the_shards_start_leaves_no_output(ray_local, tmp_path, data, fitted, monkeypatch):
     """Ctrl-C (or a full object store) while the model goes to the object store: nothing stays behind."""
     real_put = ray.put
