@@ -196,8 +196,8 @@ def cmd_upsample(args: argparse.Namespace) -> int:
                          chunk_size=args.chunk_size, progress=not args.quiet,
                          action_bounds=tuple(args.action_bounds) if args.action_bounds else None,
                          workers=args.workers, ray_address=args.ray_address,
-                         cpus_per_worker=1.0 if args.cpus_per_worker is None else args.cpus_per_worker,
-                         max_retries=3 if args.max_retries is None else args.max_retries)
+                         **{k: v for k, v in (("cpus_per_worker", args.cpus_per_worker),
+                                              ("max_retries", args.max_retries)) if v is not None})
     fit = s["fit"]
     print(f"data: {s['dataset_rows']:,} rows x {s['dim']} dims"
           + (" (terminals modelled)" if s["model_terminals"] else ""))

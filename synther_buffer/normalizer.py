@@ -65,7 +65,7 @@ class Normalizer:
         mean = x.mean(axis=0, dtype=np.float64)
         std = x.std(axis=0, dtype=np.float64)
         lo, hi = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
-        constant = constant_columns(x)
+        constant = _constant(lo, hi)
         # the mean is the value itself for an exact constant; kept inside [min, max] otherwise
         self.constant_value = np.where(constant, np.clip(mean, lo, hi), 0.0).astype(np.float32)
         self.constant = constant
@@ -151,7 +151,11 @@ class Normalizer:
 
 def constant_columns(x: np.ndarray) -> np.ndarray:
     """Which columns of rows ``x`` [N, D] are constant: range within ``CONSTANT_RTOL`` of their magnitude."""
-    lo, hi = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
+    return _constant(x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64))
+
+
+def _constant(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``constant_columns`` from the columns' float64 minima and maxima."""
     return hi - lo <= CONSTANT_RTOL * np.maximum(np.abs(lo), np.abs(hi))
 
 
